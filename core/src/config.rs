@@ -1,0 +1,405 @@
+//! Shoal's configuration: one TOML file, every field documented and defaulted, overridable by
+//! `SHOAL_*` environment variables (`SHOAL_MIRROR__LISTEN=127.0.0.1:7000`, `__` between sections).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where the config file is looked for when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shoal/shoal.toml";
+
+/// The whole configuration of a Shoal process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the content store and other state.
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// The registry mirror containerd talks to.
+    pub mirror: MirrorConfig,
+    /// The admin endpoint: `/metrics`, `/healthz`, `/status`.
+    pub admin: AdminConfig,
+    /// The local content store.
+    pub store: StoreConfig,
+    /// How blobs are downloaded from the origin.
+    pub download: DownloadConfig,
+    /// Per-registry settings, keyed by registry host as containerd names it (`docker.io`, `127.0.0.1:5000`).
+    pub registry: BTreeMap<String, RegistryConfig>,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `shoal_agent=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Registry mirror settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Address the mirror listens on. containerd's `hosts.toml` points here.
+    pub listen: SocketAddr,
+    /// Registry used when a request carries no `?ns=` parameter (containerd always sends one).
+    pub default_registry: Option<String>,
+    /// When true, only registries listed under `[registry."<host>"]` may be reached through the mirror.
+    pub only_configured_registries: bool,
+    /// How long a successful access check (client credentials may read a repository) is reused, in seconds.
+    pub auth_cache_seconds: u64,
+    /// How many manifests fetched by digest are kept in memory.
+    pub manifest_cache_entries: usize,
+}
+
+/// Admin endpoint settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin endpoint at all.
+    pub enabled: bool,
+    /// Address serving `/metrics` (Prometheus), `/healthz` and `/status` (JSON).
+    pub listen: SocketAddr,
+}
+
+/// Content store settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most bytes the store may hold, as a number of bytes or with a unit (`20GiB`, `512MiB`).
+    pub quota: ByteSize,
+    /// When a new task would take usage above this fraction of the quota, eviction starts.
+    pub high_watermark: f64,
+    /// Eviction removes least recently used, unused, completed tasks until usage is below this fraction.
+    pub low_watermark: f64,
+}
+
+/// Origin download settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// Seconds allowed to open a connection to a registry.
+    pub connect_timeout_seconds: u64,
+    /// Seconds a registry may stay silent mid-response before the request is retried.
+    pub read_timeout_seconds: u64,
+    /// How many times a failed request to a registry is retried (with exponential backoff).
+    pub retries: u32,
+    /// Cap on the bytes per second this node downloads from origins, summed over all tasks; 0 = no cap.
+    pub rate_limit: ByteSize,
+}
+
+/// Settings for one registry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Where the registry really is, when not at `https://<host>` (e.g. `https://registry-1.docker.io`).
+    pub endpoint: Option<String>,
+    /// Speak plain HTTP. Defaults to true for loopback hosts (as Docker treats localhost), false otherwise.
+    pub plain_http: Option<bool>,
+    /// Accept any TLS certificate. Only for testing.
+    pub insecure_skip_verify: bool,
+    /// A PEM file with extra CA certificates to trust, on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// User name used when a client sends no credentials of its own.
+    pub username: Option<String>,
+    /// Password (or token) for `username`.
+    pub password: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: default_data_dir(),
+            log: LogConfig::default(),
+            mirror: MirrorConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+            download: DownloadConfig::default(),
+            registry: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+impl Default for MirrorConfig {
+    fn default() -> MirrorConfig {
+        MirrorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 65001)),
+            default_registry: None,
+            only_configured_registries: false,
+            auth_cache_seconds: 60,
+            manifest_cache_entries: 1024,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 65002)) }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig { quota: ByteSize(20 << 30), high_watermark: 0.9, low_watermark: 0.7 }
+    }
+}
+
+impl Default for DownloadConfig {
+    fn default() -> DownloadConfig {
+        DownloadConfig { connect_timeout_seconds: 10, read_timeout_seconds: 60, retries: 3, rate_limit: ByteSize(0) }
+    }
+}
+
+impl DownloadConfig {
+    /// The connect timeout as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_seconds)
+    }
+
+    /// The read timeout as a duration.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_secs(self.read_timeout_seconds)
+    }
+}
+
+/// `/var/lib/shoal` for root (a node agent); `$HOME/.local/share/shoal` otherwise, so `shoal up`
+/// works for a developer without any setup.
+fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    match std::env::var_os("HOME") {
+        Some(home) if !root => Path::new(&home).join(".local/share/shoal"),
+        _ => PathBuf::from("/var/lib/shoal"),
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Check(String),
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (if `path` is given it must exist; otherwise
+    /// [`DEFAULT_CONFIG_PATH`] is read when present), then `SHOAL_*` environment variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+                figment = figment.merge(Toml::string(&text));
+            }
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => figment = figment.merge(Toml::file(DEFAULT_CONFIG_PATH)),
+            None => {}
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("SHOAL_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rejects values that parse but make no sense.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        if !(0.0 < s.low_watermark && s.low_watermark <= s.high_watermark && s.high_watermark <= 1.0) {
+            return Err(ConfigError::Check(format!(
+                "store watermarks must satisfy 0 < low_watermark ({}) <= high_watermark ({}) <= 1",
+                s.low_watermark, s.high_watermark
+            )));
+        }
+        Ok(())
+    }
+
+    /// The settings for registry `host`, or the defaults.
+    pub fn registry(&self, host: &str) -> RegistryConfig {
+        self.registry.get(host).cloned().unwrap_or_default()
+    }
+}
+
+/// A byte count that reads and writes as `20GiB`, `512MiB`, `64KiB`, `1000` (bytes) or a bare integer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if self.0 != 0 && self.0 % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 512MiB or 20GiB)"))?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "KiB" | "K" | "KB" => 10,
+            "MiB" | "M" | "MB" => 20,
+            "GiB" | "G" | "GB" => 30,
+            "TiB" | "T" | "TB" => 40,
+            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)")),
+        };
+        n.checked_mul(1 << shift).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The default configuration as a commented TOML file (`shoal agent --print-default-config`).
+pub const DEFAULT_CONFIG_TOML: &str = r#"# Shoal configuration. Every field is optional; these are the defaults.
+# Any field can be overridden by an environment variable: SHOAL_<SECTION>__<FIELD>, e.g.
+# SHOAL_MIRROR__LISTEN=127.0.0.1:7000 or SHOAL_STORE__QUOTA=50GiB.
+
+# Directory holding the content store and other state.
+# Default: /var/lib/shoal for root, $HOME/.local/share/shoal for other users.
+# data_dir = "/var/lib/shoal"
+
+[log]
+# "text" for people, "json" for log pipelines.
+format = "text"
+# A tracing filter such as "info" or "shoal_agent=debug,info"; RUST_LOG overrides it.
+level = "info"
+
+[mirror]
+# Address the registry mirror listens on; containerd's hosts.toml points here.
+listen = "127.0.0.1:65001"
+# Registry used when a request has no ?ns= parameter (containerd always sends one).
+# default_registry = "docker.io"
+# When true, only registries listed under [registry."<host>"] may be reached through the mirror.
+only_configured_registries = false
+# Seconds a successful access check (these credentials may read this repository) is reused.
+auth_cache_seconds = 60
+# Manifests fetched by digest kept in memory.
+manifest_cache_entries = 1024
+
+[admin]
+# Serve the admin endpoint at all.
+enabled = true
+# Address serving /metrics (Prometheus), /healthz and /status (JSON).
+listen = "127.0.0.1:65002"
+
+[store]
+# Most bytes the content store may hold (B, KiB, MiB, GiB, TiB).
+quota = "20GiB"
+# Eviction starts when a new task would take usage above this fraction of the quota...
+high_watermark = 0.9
+# ...and removes least recently used, unused, completed tasks until usage is below this fraction.
+low_watermark = 0.7
+
+[download]
+# Seconds allowed to open a connection to a registry.
+connect_timeout_seconds = 10
+# Seconds a registry may stay silent mid-response before the request is retried.
+read_timeout_seconds = 60
+# Retries of a failed registry request, with exponential backoff.
+retries = 3
+# Cap on bytes per second downloaded from origins by this node, over all tasks; 0 = no cap.
+rate_limit = 0
+
+# Per-registry settings, keyed by the host containerd uses for the image.
+# [registry."docker.io"]
+# endpoint = "https://registry-1.docker.io"   # where the registry really is
+# plain_http = false                           # default: true for loopback hosts, false otherwise
+# insecure_skip_verify = false                 # accept any TLS certificate (testing only)
+# ca_file = "/etc/shoal/registry-ca.pem"       # extra CA certificates, PEM
+# username = "robot"                           # used when a client sends no credentials of its own
+# password = "secret"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_text_matches_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        assert_eq!("20GiB".parse::<ByteSize>().unwrap(), ByteSize(20 << 30));
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!("17".parse::<ByteSize>().unwrap(), ByteSize(17));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(3 << 20).to_string(), "3MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn file_and_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.toml");
+        std::fs::write(&path, "[store]\nquota = \"1GiB\"\n[registry.\"127.0.0.1:5000\"]\nusername = \"u\"\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SHOAL_MIRROR__LISTEN", "127.0.0.1:7000");
+            let c = Config::load(Some(&path)).map_err(|e| e.to_string())?;
+            assert_eq!(c.store.quota, ByteSize(1 << 30));
+            assert_eq!(c.mirror.listen.port(), 7000);
+            assert_eq!(c.registry("127.0.0.1:5000").username.as_deref(), Some("u"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(toml::from_str::<Config>("[mirror]\nlisten_port = 1\n").is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! What every Shoal process shares: digests and task ids, piece math, the OCI registry client,
+//! the content store, configuration and the metrics registry.
+
+pub mod config;
+pub mod digest;
+pub mod metrics;
+pub mod piece;
+pub mod reference;
+pub mod registry;
+pub mod store;
+
+pub use digest::{Digest, TaskId};
