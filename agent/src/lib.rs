@@ -1,1 +1,11 @@
-//! The node agent.
+//! The Shoal node agent: the registry mirror containerd pulls through, the download engine behind
+//! it, and the admin endpoint.
+
+pub mod admin;
+pub mod daemon;
+pub mod engine;
+pub mod mirror;
+mod ratelimit;
+pub mod serve;
+
+pub use daemon::{run, StartError};

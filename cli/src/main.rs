@@ -1,1 +1,117 @@
-fn main() {}
+//! `shoal`: one binary, roles as subcommands. Parses arguments, loads the config, calls the library
+//! crates.
+
+mod get;
+mod logging;
+mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shoal_core::config::{Config, DEFAULT_CONFIG_TOML};
+use tokio_util::sync::CancellationToken;
+
+/// Shoal gets container images onto every node of a cluster fast. Run it on each node as
+/// containerd's registry mirror.
+#[derive(Parser)]
+#[command(version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything one machine needs, with no config file: the registry mirror on
+    /// 127.0.0.1:65001 and the admin endpoint on 127.0.0.1:65002.
+    Up(DaemonArgs),
+    /// Run the node agent: the registry mirror containerd pulls through, and the admin endpoint.
+    Agent(DaemonArgs),
+    /// Show what the local agent is doing: store usage and downloads in progress.
+    Status(status::StatusArgs),
+    /// Download an image (as an OCI layout directory) or one blob (to a file) through Shoal.
+    Get(get::GetArgs),
+}
+
+/// Options shared by the long-running roles.
+#[derive(Args)]
+struct DaemonArgs {
+    /// Config file (TOML). Default: /etc/shoal/shoal.toml when it exists; every field is optional.
+    #[arg(long, short, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the default config, documented field by field, and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Address for the registry mirror (overrides [mirror] listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address for /metrics, /healthz and /status (overrides [admin] listen).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// State directory (overrides data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log lines as JSON (overrides [log] format).
+    #[arg(long)]
+    json_logs: bool,
+}
+
+impl DaemonArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(l) = self.listen {
+            config.mirror.listen = l;
+        }
+        if let Some(l) = self.admin_listen {
+            config.admin.listen = l;
+        }
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if self.json_logs {
+            config.log.format = shoal_core::config::LogFormat::Json;
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) | Command::Agent(args) => daemon(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Get(args) => get::run(args).await,
+        }
+    })
+}
+
+async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    let config = args.load()?;
+    logging::init(&config.log);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    shoal_agent::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -221,7 +221,7 @@ impl Config {
             None => {}
         }
         let config: Config = figment
-            .merge(Env::prefixed("SHOAL_").split("__"))
+            .merge(Env::prefixed("SHOAL_").ignore(&["config"]).split("__"))
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.check()?;

@@ -91,6 +91,13 @@ impl Bitmap {
         }
     }
 
+    /// Marks piece `n` missing.
+    pub fn unset(&mut self, n: u32) {
+        if n < self.len {
+            self.bits[(n / 8) as usize] &= !(1 << (n % 8));
+        }
+    }
+
     /// Number of pieces present.
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()

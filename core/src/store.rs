@@ -37,6 +37,8 @@ pub enum StoreError {
     DiskFull { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("data_dir {path} is in use by another shoal process (stop it, or give this one another data_dir)")]
+    Locked { path: PathBuf },
 }
 
 impl StoreError {
@@ -102,6 +104,8 @@ pub struct Store {
 }
 
 struct Inner {
+    /// Held (with an exclusive `flock`) for as long as the store is open.
+    _lock: File,
     dir: PathBuf,
     quota: u64,
     high: u64,
@@ -132,6 +136,12 @@ impl Store {
     pub fn open(data_dir: &Path, quota: u64, high_watermark: f64, low_watermark: f64) -> Result<Store, StoreError> {
         let dir = data_dir.join("tasks");
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let lock_path = data_dir.join("lock");
+        let lock = File::create(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Locked { path: data_dir.into() });
+        }
         let mut found: Vec<(std::time::SystemTime, TaskId, Entry)> = Vec::new();
         for dirent in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
             let dirent = dirent.map_err(|e| StoreError::io(&dir, e))?;
@@ -171,6 +181,7 @@ impl Store {
         info!(dir = %dir.display(), tasks = state.entries.len(), used = state.used, quota, "content store opened");
         Ok(Store {
             inner: Arc::new(Inner {
+                _lock: lock,
                 dir,
                 quota,
                 high: (quota as f64 * high_watermark) as u64,
@@ -529,6 +540,7 @@ mod tests {
             let t = s.open_task(&task(1), layout).unwrap();
             t.write_at(1 << 20, &[7u8; 1 << 20]).unwrap();
             t.piece_written(1, "ab".into()).unwrap();
+            t.flush().unwrap();
         }
         let s = store(dir.path(), 100 << 20);
         assert_eq!(s.usage().tasks, 1);
@@ -588,6 +600,15 @@ mod tests {
         assert!(matches!(err, StoreError::QuotaFull { .. }), "{err}");
         drop(t3);
         assert!(matches!(s.open_task(&task(5), PieceLayout { len: 101, piece_size: 1 << 20 }), Err(StoreError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_data_dir_is_used_by_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = store(dir.path(), 100);
+        assert!(matches!(Store::open(dir.path(), 100, 0.9, 0.5), Err(StoreError::Locked { .. })));
+        drop(first);
+        assert!(Store::open(dir.path(), 100, 0.9, 0.5).is_ok());
     }
 
     #[test]

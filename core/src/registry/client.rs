@@ -146,6 +146,11 @@ impl RegistryClient {
         }
     }
 
+    /// How many times a failed request is retried.
+    pub fn retries(&self) -> u32 {
+        self.config.download.retries
+    }
+
     /// Endpoint and credentials for `registry`.
     pub fn registry(&self, registry: &str) -> Registry {
         let rc = self.config.registry(registry);

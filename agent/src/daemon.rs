@@ -1,0 +1,69 @@
+//! Starting and stopping the agent: open the store, bind the mirror and admin listeners, serve
+//! until told to stop, then drain.
+
+use std::sync::Arc;
+
+use shoal_core::config::Config;
+use shoal_core::metrics::Metrics;
+use shoal_core::registry::RegistryClient;
+use shoal_core::store::{Store, StoreError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::admin::Admin;
+use crate::engine::Engine;
+use crate::mirror::Mirror;
+use crate::serve::serve;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the content store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} for the {what}: {source} (is another agent running? change [{section}] listen)")]
+    Bind { what: &'static str, section: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let store = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || {
+            Store::open(&c.data_dir, c.store.quota.0, c.store.high_watermark, c.store.low_watermark)
+        })
+        .await
+        .map_err(|e| StoreError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e) })??
+    };
+    let registry = Arc::new(RegistryClient::new(config.clone()));
+    let engine = Arc::new(Engine::new(store, registry, config.download.rate_limit.0, &metrics));
+    let mirror = Arc::new(Mirror::new(engine.clone(), config.clone(), &metrics));
+
+    let listen = config.mirror.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Bind { what: "registry mirror", section: "mirror", addr: listen, source })?;
+    info!(addr = %listen, data_dir = %config.data_dir.display(), "registry mirror listening");
+    let mut servers = tokio::task::JoinSet::new();
+    {
+        let mirror = mirror.clone();
+        let handler = Arc::new(move |req| mirror.clone().handle(req));
+        servers.spawn(serve(listener, "mirror", handler, shutdown.clone()));
+    }
+    if config.admin.enabled {
+        let addr = config.admin.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what: "admin endpoint", section: "admin", addr, source })?;
+        info!(%addr, "admin endpoint listening (/metrics, /healthz, /status)");
+        let admin = Arc::new(Admin { engine: engine.clone(), metrics, mirror: listen.to_string() });
+        let handler = Arc::new(move |req| admin.clone().handle(req));
+        servers.spawn(serve(listener, "admin", handler, shutdown.clone()));
+    }
+    while servers.join_next().await.is_some() {}
+    engine.flush_all().await;
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,703 @@
+//! The download engine: one task per blob no matter how many requests want it (singleflight),
+//! pieces fetched from the origin into the content store, readers streaming verified-in-order bytes
+//! from the store while the download goes on, and the whole blob checked against its digest before
+//! the task is complete.
+//!
+//! A reader never depends on the store alone: if the task fails for any reason other than bad
+//! content (disk full, origin hiccup the retries did not cover), the reader goes on from its offset
+//! straight from the origin, so the agent never fails a pull a direct pull would have survived.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::header::HeaderValue;
+use http::StatusCode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use sha2::Digest as _;
+use shoal_core::metrics::Metrics;
+use shoal_core::piece::{Bitmap, PieceLayout};
+use shoal_core::registry::{RegistryClient, RegistryError, Request};
+use shoal_core::store::{Store, StoreError, TaskFile};
+use shoal_core::{Digest, TaskId};
+use tokio::sync::watch;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::ratelimit::RateLimiter;
+
+/// Bytes handed to a reader at a time.
+const READ_CHUNK: usize = 1 << 20;
+/// Bytes gathered from the origin before one write to the store.
+const WRITE_CHUNK: usize = 512 << 10;
+
+/// Where a blob comes from and with whose credentials.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// Registry host as containerd names it.
+    pub registry: String,
+    /// Repository within it.
+    pub repository: String,
+    /// The blob's digest.
+    pub digest: Digest,
+    /// The requesting client's `Authorization` header, forwarded to the registry.
+    pub authorization: Option<HeaderValue>,
+}
+
+impl Origin {
+    fn request(&self) -> Request {
+        let mut r = Request::blob(&self.registry, &self.repository, &self.digest);
+        r.authorization = self.authorization.clone();
+        r
+    }
+}
+
+/// Why a download or read failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("blob {digest}: content from the origin does not match its digest (got {actual}); nothing was stored")]
+    DigestMismatch { digest: Digest, actual: Digest },
+    #[error("{0}")]
+    Origin(Arc<str>),
+    #[error("{0}")]
+    Store(Arc<str>),
+}
+
+impl EngineError {
+    fn origin(e: impl std::fmt::Display) -> EngineError {
+        EngineError::Origin(e.to_string().into())
+    }
+
+    /// Bad content: the one failure a reader must not paper over by going to the origin itself.
+    fn is_integrity(&self) -> bool {
+        matches!(self, EngineError::DigestMismatch { .. })
+    }
+}
+
+/// Engine metrics.
+#[derive(Clone, Default)]
+struct EngineMetrics {
+    origin_bytes: Counter,
+    served_bytes: Counter,
+    tasks_started: Counter,
+    tasks_completed: Counter,
+    tasks_failed: Counter,
+    direct_reads: Counter,
+    active_tasks: Gauge,
+}
+
+/// The engine; one per process, shared.
+pub struct Engine {
+    store: Store,
+    registry: Arc<RegistryClient>,
+    limiter: Option<Arc<RateLimiter>>,
+    tasks: Mutex<HashMap<TaskId, Arc<Task>>>,
+    metrics: EngineMetrics,
+}
+
+/// State of a task's download.
+#[derive(Clone, Debug)]
+enum Status {
+    Running,
+    Complete,
+    Failed(EngineError),
+}
+
+struct TaskState {
+    /// Pieces some fetch has claimed and not yet finished.
+    inflight: Bitmap,
+    status: Status,
+    /// Whether a fetch of every missing piece was started.
+    driving: bool,
+    /// The most recent requester's origin (credentials are used to fetch).
+    origin: Origin,
+}
+
+/// One blob being downloaded or read.
+pub struct Task {
+    id: TaskId,
+    digest: Digest,
+    layout: PieceLayout,
+    file: Arc<TaskFile>,
+    state: Mutex<TaskState>,
+    changed: watch::Sender<()>,
+}
+
+impl Task {
+    fn state(&self) -> MutexGuard<'_, TaskState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+
+    /// Length of the blob.
+    pub fn len(&self) -> u64 {
+        self.layout.len
+    }
+
+    /// True for an empty blob.
+    pub fn is_empty(&self) -> bool {
+        self.layout.len == 0
+    }
+
+    /// Pieces present and total, for progress reports.
+    pub fn progress(&self) -> (u32, u32) {
+        (self.file.bitmap().count(), self.layout.count())
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+}
+
+/// What [`Engine::open`] found.
+pub enum Opened {
+    /// A task (complete or downloading) to read from.
+    Task(Arc<Task>),
+    /// The store cannot hold this blob; read it straight from the origin.
+    Direct(StoreError),
+}
+
+impl Engine {
+    /// An engine storing into `store`, fetching through `registry`, registering its metrics.
+    pub fn new(store: Store, registry: Arc<RegistryClient>, rate_limit: u64, metrics: &Metrics) -> Engine {
+        let m = EngineMetrics::default();
+        metrics.register("origin_bytes", "Bytes downloaded from origin registries", m.origin_bytes.clone());
+        metrics.register("served_bytes", "Blob bytes handed to readers", m.served_bytes.clone());
+        metrics.register("tasks_started", "Blob downloads started", m.tasks_started.clone());
+        metrics.register("tasks_completed", "Blob downloads completed and verified", m.tasks_completed.clone());
+        metrics.register("tasks_failed", "Blob downloads that failed", m.tasks_failed.clone());
+        metrics.register("direct_reads", "Reads served straight from the origin, bypassing the store", m.direct_reads.clone());
+        metrics.register("active_tasks", "Blob downloads in progress", m.active_tasks.clone());
+        Engine {
+            store,
+            registry,
+            limiter: (rate_limit > 0).then(|| Arc::new(RateLimiter::new(rate_limit))),
+            tasks: Mutex::new(HashMap::new()),
+            metrics: m,
+        }
+    }
+
+    /// The content store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The registry client.
+    pub fn registry(&self) -> &Arc<RegistryClient> {
+        &self.registry
+    }
+
+    fn tasks(&self) -> MutexGuard<'_, HashMap<TaskId, Arc<Task>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tasks currently downloading: id, pieces present, pieces in all.
+    pub fn active(&self) -> Vec<(TaskId, u32, u32)> {
+        self.tasks().values().map(|t| (t.id.clone(), t.progress().0, t.progress().1)).collect()
+    }
+
+    /// Syncs every downloading task's pieces and bitmap to disk (at shutdown), so a restart resumes.
+    pub async fn flush_all(&self) {
+        let files: Vec<Arc<TaskFile>> = self.tasks().values().map(|t| t.file.clone()).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for f in files {
+                if let Err(e) = f.flush() {
+                    warn!(task = %f.id(), error = %e, "cannot save download progress");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The length of a blob already known locally (stored or downloading), if any.
+    pub fn known_len(&self, digest: &Digest) -> Option<u64> {
+        let id = TaskId::of_digest(digest);
+        if let Some(t) = self.tasks().get(&id) {
+            return Some(t.len());
+        }
+        self.store.complete(&id).map(|f| f.layout().len)
+    }
+
+    /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one
+    /// already downloading (singleflight), or a new one resuming whatever pieces are on disk.
+    pub async fn open(self: &Arc<Self>, origin: &Origin, len: u64) -> Opened {
+        let id = TaskId::of_digest(&origin.digest);
+        if let Some(t) = self.tasks().get(&id).cloned() {
+            t.state().origin = origin.clone();
+            return Opened::Task(t);
+        }
+        let layout = PieceLayout::for_len(len);
+        let store = self.store.clone();
+        let open_id = id.clone();
+        let file = tokio::task::spawn_blocking(move || match store.complete(&open_id) {
+            Some(f) if f.layout() == layout => Ok(f),
+            _ => store.open_task(&open_id, layout),
+        })
+        .await;
+        let file = match file {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                warn!(task = %id, error = %e, "cannot store blob; serving it straight from the origin");
+                return Opened::Direct(e);
+            }
+            Err(e) => return Opened::Direct(StoreError::Io { path: "store".into(), source: std::io::Error::other(e) }),
+        };
+        let complete = file.is_complete();
+        let mut tasks = self.tasks();
+        if let Some(t) = tasks.get(&id).cloned() {
+            return Opened::Task(t);
+        }
+        let task = Arc::new(Task {
+            id: id.clone(),
+            digest: origin.digest.clone(),
+            layout,
+            state: Mutex::new(TaskState {
+                inflight: Bitmap::new(layout.count()),
+                status: if complete { Status::Complete } else { Status::Running },
+                driving: complete,
+                origin: origin.clone(),
+            }),
+            file,
+            changed: watch::channel(()).0,
+        });
+        if !complete {
+            tasks.insert(id.clone(), task.clone());
+            self.metrics.active_tasks.inc();
+            self.metrics.tasks_started.inc();
+            if task.file.bitmap().is_full() {
+                // Every piece survived a restart but the check did not run yet.
+                drop(tasks);
+                task.state().driving = true;
+                self.spawn_verify(task.clone());
+            }
+        }
+        Opened::Task(task)
+    }
+
+    /// A reader of `range` of the task's blob. Starts fetching what the range needs; when
+    /// `whole` is set, fetches the whole blob and holds back the last piece until the digest is checked,
+    /// so a client never receives a complete body with wrong content.
+    pub fn reader(self: &Arc<Self>, task: Arc<Task>, range: Range<u64>, whole: bool) -> BlobReader {
+        let pieces = if whole { 0..task.layout.count() } else { task.layout.covering(range.clone()) };
+        self.ensure(&task, pieces, whole);
+        let rx = task.changed.subscribe();
+        let origin = task.state().origin.clone();
+        BlobReader {
+            engine: self.clone(),
+            source: Source::Task { task, rx },
+            origin,
+            pos: range.start,
+            end: range.end,
+            whole,
+        }
+    }
+
+    /// A reader straight from the origin, for blobs the store cannot hold.
+    pub fn direct_reader(self: &Arc<Self>, origin: Origin, range: Range<u64>) -> BlobReader {
+        BlobReader { engine: self.clone(), source: Source::Idle, origin, pos: range.start, end: range.end, whole: false }
+    }
+
+    /// Claims the missing pieces of `pieces` nobody is fetching and starts fetches for them.
+    fn ensure(self: &Arc<Self>, task: &Arc<Task>, pieces: Range<u32>, whole: bool) {
+        let runs = {
+            let mut st = task.state();
+            if !matches!(st.status, Status::Running) || (st.driving && whole) {
+                return;
+            }
+            st.driving |= whole;
+            let mut busy = task.file.bitmap();
+            for n in pieces.clone() {
+                if st.inflight.has(n) {
+                    busy.set(n);
+                }
+            }
+            let runs = busy.missing_runs(pieces);
+            for run in &runs {
+                for n in run.clone() {
+                    st.inflight.set(n);
+                }
+            }
+            runs
+        };
+        for run in runs {
+            let engine = self.clone();
+            let task = task.clone();
+            let span = tracing::info_span!("fetch", task = %task.id, pieces = ?run);
+            tokio::spawn(async move { engine.fetch_run(task, run).await }.instrument(span));
+        }
+    }
+
+    /// Fetches a run of consecutive pieces from the origin with one ranged request, resuming after
+    /// the last finished piece when the connection breaks, up to the configured retries.
+    async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
+        let mut next = run.start;
+        let mut failures = 0u32;
+        let retries = self.registry.retries();
+        while next < run.end {
+            match self.fetch_pieces(&task, next..run.end).await {
+                Ok(()) => return,
+                Err((done_up_to, err)) => {
+                    if done_up_to > next {
+                        failures = 0;
+                    }
+                    next = done_up_to;
+                    failures += 1;
+                    let give_up = match &err {
+                        FetchError::Retry(_) => failures > retries,
+                        FetchError::Fatal(_) | FetchError::Store(_) => true,
+                    };
+                    if give_up {
+                        let store_failed = matches!(err, FetchError::Store(_));
+                        self.fail(&task, err.to_engine(), store_failed);
+                        return;
+                    }
+                    let delay = shoal_core::registry::backoff(failures);
+                    debug!(task = %task.id, error = %err.to_engine(), ?delay, "origin stream broke; resuming");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One ranged GET for `pieces`. On error, returns the first piece not finished.
+    async fn fetch_pieces(self: &Arc<Self>, task: &Arc<Task>, pieces: Range<u32>) -> Result<(), (u32, FetchError)> {
+        let layout = task.layout;
+        let start = layout.range(pieces.start).start;
+        let end = layout.range(pieces.end - 1).end;
+        let mut req = task.state().origin.request();
+        req.range = Some((start, end));
+        let resp = self.registry.send(&req).await.map_err(|e| (pieces.start, FetchError::Retry(e.to_string())))?;
+        let status = resp.status();
+        // A registry that ignores Range answers 200 with the whole blob: skip to where we are.
+        let mut skip = match status {
+            StatusCode::PARTIAL_CONTENT => 0,
+            StatusCode::OK => start,
+            s if s.is_client_error() => {
+                return Err((pieces.start, FetchError::Fatal(RegistryError::from_status(&req, s).to_string())))
+            }
+            s => return Err((pieces.start, FetchError::Retry(RegistryError::from_status(&req, s).to_string()))),
+        };
+        let mut body = resp.bytes_stream();
+        let mut n = pieces.start;
+        let mut offset = start;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
+        let mut buf_offset = start;
+        while n < pieces.end {
+            let chunk = match body.next().await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => return Err((n, FetchError::Retry(format!("origin stream for {}: {e}", task.digest)))),
+                None => return Err((n, FetchError::Retry(format!("origin closed the stream for {} early", task.digest)))),
+            };
+            let mut chunk = &chunk[..];
+            if skip > 0 {
+                let s = skip.min(chunk.len() as u64) as usize;
+                skip -= s as u64;
+                chunk = &chunk[s..];
+            }
+            if let Some(l) = &self.limiter {
+                l.acquire(chunk.len() as u64).await;
+            }
+            self.metrics.origin_bytes.inc_by(chunk.len() as u64);
+            while !chunk.is_empty() && n < pieces.end {
+                let piece_end = layout.range(n).end;
+                let take = ((piece_end - offset) as usize).min(chunk.len());
+                hasher.update(&chunk[..take]);
+                buf.extend_from_slice(&chunk[..take]);
+                offset += take as u64;
+                chunk = &chunk[take..];
+                let piece_done = offset == piece_end;
+                if piece_done || buf.len() >= WRITE_CHUNK {
+                    let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_CHUNK));
+                    let at = buf_offset;
+                    buf_offset = offset;
+                    let file = task.file.clone();
+                    let digest = piece_done.then(|| std::mem::take(&mut hasher).finalize().to_hex().to_string());
+                    let piece = n;
+                    let written = tokio::task::spawn_blocking(move || {
+                        file.write_at(at, &data)?;
+                        match digest {
+                            Some(d) => file.piece_written(piece, d),
+                            None => Ok(()),
+                        }
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err((n, FetchError::Store(e.to_string()))),
+                        Err(e) => return Err((n, FetchError::Store(e.to_string()))),
+                    }
+                    if piece_done {
+                        self.piece_finished(task, n);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn piece_finished(self: &Arc<Self>, task: &Arc<Task>, n: u32) {
+        task.state().inflight.unset(n);
+        task.notify();
+        if task.file.bitmap().is_full() {
+            self.spawn_verify(task.clone());
+        }
+    }
+
+    /// Checks the whole blob against its digest, then marks the task complete or deletes it.
+    fn spawn_verify(self: &Arc<Self>, task: Arc<Task>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let file = task.file.clone();
+            let checked = tokio::task::spawn_blocking(move || -> Result<Digest, StoreError> {
+                let digest = hash_file(&file)?;
+                file.flush()?;
+                Ok(digest)
+            })
+            .await;
+            let result = match checked {
+                Ok(Ok(actual)) if actual == task.digest => {
+                    let file = task.file.clone();
+                    match tokio::task::spawn_blocking(move || file.mark_complete()).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err((EngineError::Store(e.to_string().into()), true)),
+                        Err(e) => Err((EngineError::Store(e.to_string().into()), true)),
+                    }
+                }
+                Ok(Ok(actual)) => Err((EngineError::DigestMismatch { digest: task.digest.clone(), actual }, true)),
+                Ok(Err(e)) => Err((EngineError::Store(e.to_string().into()), true)),
+                Err(e) => Err((EngineError::Store(e.to_string().into()), true)),
+            };
+            match result {
+                Ok(()) => {
+                    info!(task = %task.id, bytes = task.layout.len, "blob complete and verified");
+                    engine.metrics.tasks_completed.inc();
+                    task.state().status = Status::Complete;
+                    engine.retire(&task);
+                    task.notify();
+                }
+                Err((err, delete)) => engine.fail(&task, err, delete),
+            }
+        });
+    }
+
+    /// Removes a finished task from the active set.
+    fn retire(&self, task: &Arc<Task>) {
+        let mut tasks = self.tasks();
+        if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, task)) {
+            tasks.remove(&task.id);
+            self.metrics.active_tasks.dec();
+        }
+    }
+
+    /// Marks the task failed, wakes its readers (who fall back to the origin unless the content
+    /// was bad), and deletes its bytes when they cannot be trusted or kept.
+    fn fail(&self, task: &Arc<Task>, err: EngineError, delete: bool) {
+        {
+            let mut st = task.state();
+            if !matches!(st.status, Status::Running) {
+                return;
+            }
+            warn!(task = %task.id, error = %err, "task failed");
+            st.status = Status::Failed(err);
+        }
+        self.metrics.tasks_failed.inc();
+        self.retire(task);
+        if delete {
+            self.store.remove(&task.id);
+        } else {
+            // Keep what arrived so the next request resumes from it.
+            let _ = task.file.flush();
+        }
+        task.notify();
+    }
+}
+
+/// sha256 of a stored task's bytes.
+fn hash_file(file: &TaskFile) -> Result<Digest, StoreError> {
+    let mut hasher = sha2::Sha256::new();
+    let len = file.layout().len;
+    let mut buf = vec![0u8; (4 << 20).min(len as usize).max(1)];
+    let mut off = 0;
+    while off < len {
+        let want = ((len - off) as usize).min(buf.len());
+        let n = file.read_at(off, &mut buf[..want])?;
+        if n == 0 {
+            return Err(StoreError::Io { path: file.id().as_str().into(), source: std::io::ErrorKind::UnexpectedEof.into() });
+        }
+        hasher.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
+/// How one ranged fetch failed.
+enum FetchError {
+    /// Worth another try from where it stopped.
+    Retry(String),
+    /// The origin refused (4xx): retrying will not help.
+    Fatal(String),
+    /// The store could not take the bytes (disk full, I/O error).
+    Store(String),
+}
+
+impl FetchError {
+    fn to_engine(&self) -> EngineError {
+        match self {
+            FetchError::Retry(m) | FetchError::Fatal(m) => EngineError::Origin(m.as_str().into()),
+            FetchError::Store(m) => EngineError::Store(m.as_str().into()),
+        }
+    }
+}
+
+/// Where a reader's bytes come from right now.
+enum Source {
+    /// The task's pieces in the store.
+    Task { task: Arc<Task>, rx: watch::Receiver<()> },
+    /// Straight from the origin (store unusable, or the task failed for a non-content reason).
+    Direct(ByteStream),
+    /// Not started yet; becomes `Direct` on first read.
+    Idle,
+}
+
+/// Streams a byte range of one blob to one client.
+pub struct BlobReader {
+    engine: Arc<Engine>,
+    source: Source,
+    origin: Origin,
+    pos: u64,
+    end: u64,
+    whole: bool,
+}
+
+impl BlobReader {
+    /// The next chunk of bytes; `None` at the end of the range.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, EngineError>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let result = loop {
+            match &mut self.source {
+                Source::Task { task, rx } => {
+                    rx.borrow_and_update();
+                    match ready_bytes(task, self.pos, self.end, self.whole) {
+                        Ready::Read(len) => break read_task(task, self.pos, len).await,
+                        Ready::Failed(e) if e.is_integrity() => break Err(e),
+                        Ready::Failed(e) => {
+                            info!(task = %task.id, error = %e, offset = self.pos, "continuing straight from the origin");
+                            self.source = Source::Idle;
+                        }
+                        Ready::Wait => {
+                            if rx.changed().await.is_err() {
+                                self.source = Source::Idle;
+                            }
+                        }
+                    }
+                }
+                Source::Idle => match open_direct(self.engine.clone(), self.origin.clone(), self.pos..self.end).await {
+                    Ok(stream) => self.source = Source::Direct(stream),
+                    Err(e) => break Err(e),
+                },
+                Source::Direct(stream) => {
+                    break match stream.next().await {
+                        Some(Ok(b)) => {
+                            let keep = (self.end - self.pos).min(b.len() as u64) as usize;
+                            Ok(b.slice(..keep))
+                        }
+                        Some(Err(e)) => Err(EngineError::origin(format!("blob {}: {e}", self.origin.digest))),
+                        None => Err(EngineError::origin(format!("origin closed the stream for {} early", self.origin.digest))),
+                    }
+                }
+            }
+        };
+        if let Ok(b) = &result {
+            self.pos += b.len() as u64;
+            self.engine.metrics.served_bytes.inc_by(b.len() as u64);
+        }
+        Some(result)
+    }
+
+}
+
+type ByteStream = std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// Opens a ranged GET of `range` straight from the origin.
+async fn open_direct(engine: Arc<Engine>, origin: Origin, range: Range<u64>) -> Result<ByteStream, EngineError> {
+        engine.metrics.direct_reads.inc();
+        let mut req = origin.request();
+        req.range = Some((range.start, range.end));
+        let resp = engine.registry.send(&req).await.map_err(EngineError::origin)?;
+        let skip = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => 0,
+            StatusCode::OK => range.start,
+            s => return Err(EngineError::origin(RegistryError::from_status(&req, s))),
+        };
+        let stream = resp.bytes_stream();
+        if skip == 0 {
+            return Ok(Box::pin(stream));
+        }
+        let mut left = skip;
+        Ok(Box::pin(stream.filter_map(move |r| {
+            let out = match r {
+                Ok(b) if left >= b.len() as u64 => {
+                    left -= b.len() as u64;
+                    None
+                }
+                Ok(b) => {
+                    let s = left as usize;
+                    left = 0;
+                    Some(Ok(b.slice(s..)))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        })))
+}
+
+enum Ready {
+    /// This many bytes at the position can be read now.
+    Read(usize),
+    Wait,
+    Failed(EngineError),
+}
+
+/// What a reader at `pos` may read now.
+fn ready_bytes(task: &Task, pos: u64, end: u64, whole: bool) -> Ready {
+    let st = task.state();
+    let n = (pos / task.layout.piece_size) as u32;
+    let last = n + 1 == task.layout.count();
+    let present = task.file.has_piece(n);
+    match &st.status {
+        Status::Complete => {}
+        Status::Failed(e) if !present || (whole && last) => return Ready::Failed(e.clone()),
+        // The last piece of a whole-blob read waits for the digest check.
+        _ if !present || (whole && last) => return Ready::Wait,
+        _ => {}
+    }
+    let piece_end = task.layout.range(n).end.min(end);
+    Ready::Read(((piece_end - pos) as usize).min(READ_CHUNK))
+}
+
+async fn read_task(task: &Arc<Task>, pos: u64, len: usize) -> Result<Bytes, EngineError> {
+    let file = task.file.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        let n = file.read_at(pos, &mut buf)?;
+        buf.truncate(n);
+        Ok::<_, StoreError>(Bytes::from(buf))
+    })
+    .await;
+    match read {
+        Ok(Ok(b)) if !b.is_empty() => Ok(b),
+        Ok(Ok(_)) => Err(EngineError::Store(format!("task {}: store file shorter than expected", task.id).into())),
+        Ok(Err(e)) => Err(EngineError::Store(e.to_string().into())),
+        Err(e) => Err(EngineError::Store(e.to_string().into())),
+    }
+}

@@ -1,0 +1,102 @@
+//! `GET|HEAD /v2/<name>/manifests/<ref>`: proxied to the origin with the client's `Accept` and
+//! credentials. Answers are checked against their digest and kept by digest, never by tag.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Response};
+use shoal_core::registry::{Request, Target, MANIFEST_ACCEPT};
+use shoal_core::Digest;
+
+use super::route::ManifestRef;
+use super::{upstream_refusal, ApiError, Call, CachedManifest, Mirror};
+use crate::serve::{empty, full, Body};
+
+/// Largest manifest accepted; registries cap them at 4 MiB too.
+const MAX_MANIFEST: usize = 4 << 20;
+
+impl Mirror {
+    pub(super) async fn manifest(
+        &self,
+        call: &Call,
+        repository: String,
+        reference: ManifestRef,
+    ) -> Result<Response<Body>, ApiError> {
+        let auth = call.authorization.as_ref();
+        if let ManifestRef::Digest(d) = &reference {
+            let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
+            if let Some(m) = cached.filter(|_| self.access.allowed(&call.registry, &repository, auth)) {
+                return respond(d, m.media_type, m.body, call.head);
+            }
+        }
+        let req = Request {
+            method: if call.head { Method::HEAD } else { Method::GET },
+            registry: call.registry.clone(),
+            repository: repository.clone(),
+            target: Target::Manifest(reference.to_string()),
+            accept: Some(call.headers.get(ACCEPT).cloned().unwrap_or(http::HeaderValue::from_static(MANIFEST_ACCEPT))),
+            range: None,
+            authorization: call.authorization.clone(),
+        };
+        let resp = self.engine.registry().send(&req).await.map_err(|e| ApiError::upstream(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Ok(upstream_refusal(resp, call.head).await);
+        }
+        self.access.grant(&call.registry, &repository, auth);
+        let media_type = resp.headers().get(CONTENT_TYPE).cloned();
+        let header_digest = resp
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<Digest>().ok());
+        if call.head {
+            let mut out = Response::builder();
+            for name in [CONTENT_TYPE, CONTENT_LENGTH] {
+                if let Some(v) = resp.headers().get(&name) {
+                    out = out.header(name, v);
+                }
+            }
+            if let Some(d) = header_digest.or(match &reference {
+                ManifestRef::Digest(d) => Some(d.clone()),
+                ManifestRef::Tag(_) => None,
+            }) {
+                out = out.header("Docker-Content-Digest", d.to_string());
+            }
+            return out.body(empty()).map_err(|e| ApiError::upstream(e.to_string()));
+        }
+        let body = read_limited(resp, MAX_MANIFEST).await.map_err(ApiError::manifest_invalid)?;
+        let digest = Digest::of(&body);
+        if let ManifestRef::Digest(want) = &reference {
+            if *want != digest {
+                return Err(ApiError::manifest_invalid(format!(
+                    "manifest {repository}@{want} from {}: content has digest {digest}",
+                    call.registry
+                )));
+            }
+        }
+        let cached = CachedManifest { media_type: media_type.clone(), body: body.clone() };
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put(digest.clone(), cached);
+        respond(&digest, media_type, body, false)
+    }
+}
+
+fn respond(digest: &Digest, media_type: Option<http::HeaderValue>, body: Bytes, head: bool) -> Result<Response<Body>, ApiError> {
+    let mut out = Response::builder().header(CONTENT_LENGTH, body.len()).header("Docker-Content-Digest", digest.to_string());
+    if let Some(t) = media_type {
+        out = out.header(CONTENT_TYPE, t);
+    }
+    out.body(if head { empty() } else { full(body) }).map_err(|e| ApiError::upstream(e.to_string()))
+}
+
+async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading manifest: {e}"))?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("manifest larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.into())
+}
