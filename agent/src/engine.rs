@@ -94,6 +94,8 @@ pub struct Engine {
     registry: Arc<RegistryClient>,
     limiter: Option<Arc<RateLimiter>>,
     tasks: Mutex<HashMap<TaskId, Arc<Task>>>,
+    /// Serialises the creation of tasks, so concurrent first requests for a blob share one task.
+    opening: tokio::sync::Mutex<()>,
     metrics: EngineMetrics,
 }
 
@@ -179,6 +181,7 @@ impl Engine {
             registry,
             limiter: (rate_limit > 0).then(|| Arc::new(RateLimiter::new(rate_limit))),
             tasks: Mutex::new(HashMap::new()),
+            opening: tokio::sync::Mutex::new(()),
             metrics: m,
         }
     }
@@ -230,6 +233,10 @@ impl Engine {
         let id = TaskId::of_digest(&origin.digest);
         if let Some(t) = self.tasks().get(&id).cloned() {
             t.state().origin = origin.clone();
+            return Opened::Task(t);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(t) = self.tasks().get(&id).cloned() {
             return Opened::Task(t);
         }
         let layout = PieceLayout::for_len(len);

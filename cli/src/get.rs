@@ -254,7 +254,7 @@ impl Fetcher {
                         if !resp.status().is_success() {
                             bail!("{what}: {}", resp.status());
                         }
-                        let len = resp.content_length().ok_or_else(|| anyhow!("{what}: the registry gave no length"))?;
+                        let len = shoal_core::registry::header_len(&resp).ok_or_else(|| anyhow!("{what}: the registry gave no length"))?;
                         pb.set_length(len);
                         len
                     }

@@ -111,6 +111,8 @@ struct Inner {
     high: u64,
     low: u64,
     state: Mutex<State>,
+    /// Held while a task is opened or created, so two callers never create the same task at once.
+    opening: Mutex<()>,
 }
 
 struct State {
@@ -187,6 +189,7 @@ impl Store {
                 high: (quota as f64 * high_watermark) as u64,
                 low: (quota as f64 * low_watermark) as u64,
                 state: Mutex::new(state),
+                opening: Mutex::new(()),
             }),
         })
     }
@@ -224,6 +227,7 @@ impl Store {
     /// to make room. Fails with [`StoreError::TooLarge`] or [`StoreError::QuotaFull`] when the task
     /// cannot fit, and [`StoreError::DiskFull`] when the filesystem cannot hold it.
     pub fn open_task(&self, id: &TaskId, layout: PieceLayout) -> Result<Arc<TaskFile>, StoreError> {
+        let _opening = self.inner.opening.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = self.state().open.get(id).and_then(Weak::upgrade) {
             return Ok(h);
         }

@@ -1,1 +1,204 @@
-//! Fixtures for end-to-end tests.
+//! Fixtures for end-to-end tests: a real `docker-registry` (optionally with htpasswd auth) whose
+//! access log tells what the origin sent, Shoal agents as real processes, and real containerd
+//! instances pulling through them. Every fixture cleans up after itself when dropped, even when the
+//! test fails.
+
+pub mod containerd;
+pub mod registry;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use sha2::Digest as _;
+
+pub use containerd::Containerd;
+pub use registry::Registry;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding a free port")
+}
+
+/// The `shoal` binary built alongside the tests (`cargo build --release` puts it next to them).
+pub fn shoal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/shoal
+    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("shoal")).expect("target dir");
+    assert!(bin.exists(), "{} is missing: build it first with `cargo build --release -p shoal`", bin.display());
+    bin
+}
+
+/// Fails the test with the reason when a tool it needs is missing (the test command installs them).
+pub fn require(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status();
+    assert!(
+        found.is_ok_and(|s| s.success()),
+        "{tool} is not installed: run the README's test command (bash .ci/test), which installs it"
+    );
+}
+
+/// `sha256:<hex>` of bytes.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A Shoal agent process with its own data dir and ports.
+pub struct Agent {
+    /// Holds config, data and log.
+    pub dir: tempfile::TempDir,
+    /// The registry mirror's port.
+    pub port: u16,
+    /// The admin endpoint's port.
+    pub admin_port: u16,
+    /// Extra TOML appended to the generated config.
+    extra: String,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent with `extra` TOML added to its config, and waits until it answers.
+    pub async fn start(extra: &str) -> anyhow::Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
+        let mut agent = Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), child: None };
+        agent.spawn().await?;
+        Ok(agent)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn mirror(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The mirror URL of a blob of `registry`.
+    pub fn blob_url(&self, registry: &Registry, repo: &str, digest: &str) -> String {
+        format!("{}/v2/{repo}/blobs/{digest}?ns={}", self.mirror(), registry.host().replace(':', "%3A"))
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let config = self.dir.path().join("shoal.toml");
+        let text = format!(
+            "data_dir = \"{}\"\n{}\n[mirror]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            self.data_dir().display(),
+            self.extra,
+            self.port,
+            self.admin_port
+        );
+        std::fs::write(&config, text)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
+        let child = Command::new(shoal_bin())
+            .args(["agent", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,shoal_agent=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting shoal agent")?;
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/healthz", self.admin_port);
+        let start = Instant::now();
+        loop {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent exited with {status}:\n{}", self.log());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("agent did not answer within 20 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit; returns its exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+
+    /// Starts the agent again with the same config and data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(reqwest::get(format!("http://127.0.0.1:{}/status", self.admin_port)).await?.json().await?)
+    }
+
+    /// Task ids in the store directory with a complete `meta.json`.
+    pub fn stored_tasks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.data_dir().join("tasks")).into_iter().flatten().flatten() {
+            let meta = std::fs::read_to_string(e.path().join("meta.json")).unwrap_or_default();
+            if meta.contains("\"complete\":true") {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}
+
+/// The task id (store directory name) of a digest.
+pub fn task_dir(digest: &str) -> String {
+    digest.replace(':', "-")
+}

@@ -7,7 +7,7 @@ use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, E
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use shoal_core::registry::Request;
+use shoal_core::registry::{header_len, Request};
 use shoal_core::Digest;
 use tracing::warn;
 
@@ -38,7 +38,7 @@ impl Mirror {
                     return Ok(upstream_refusal(resp, call.head).await);
                 }
                 self.access.grant(&call.registry, &repository, auth);
-                match resp.content_length().filter(|_| resp.status() == reqwest::StatusCode::OK) {
+                match header_len(&resp).filter(|_| resp.status() == reqwest::StatusCode::OK) {
                     Some(len) => len,
                     None => return Err(ApiError::upstream(format!("origin gave no length for blob {digest}"))),
                 }

@@ -319,6 +319,12 @@ impl RegistryClient {
     }
 }
 
+/// The `Content-Length` header of an answer. (reqwest's `content_length()` reports the body it
+/// received, which is 0 for every HEAD.)
+pub fn header_len(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 /// Delay before retry number `attempt` (1-based): 250 ms doubling, at most 4 s.
 pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(250u64 << attempt.saturating_sub(1).min(4))

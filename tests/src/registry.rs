@@ -1,0 +1,235 @@
+//! A real `docker-registry` (distribution 2.8) on loopback, its access log parsed to count what the
+//! origin sent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{digest_of, free_port, require};
+
+/// One line of the registry's access log.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub bytes: u64,
+}
+
+/// A registry process with its own storage.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// `user:password` when htpasswd auth is on.
+    pub credentials: Option<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Registry {
+    /// Starts a registry; with `credentials`, every request needs them (htpasswd, Basic).
+    pub async fn start(credentials: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+        require("docker-registry");
+        let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
+        let port = free_port();
+        let mut auth = String::new();
+        if let Some((user, pass)) = credentials {
+            require("htpasswd");
+            let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output()?;
+            std::fs::write(dir.path().join("htpasswd"), out.stdout)?;
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let log = std::fs::File::create(dir.path().join("access.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting docker-registry")?;
+        let mut reg = Registry {
+            dir,
+            port,
+            credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+            child: Some(child),
+        };
+        let start = Instant::now();
+        while reqwest::get(format!("{}/v2/", reg.url())).await.is_err() {
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!("docker-registry did not start:\n{}", reg.raw_log());
+            }
+            if let Some(s) = reg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("docker-registry exited with {s}:\n{}", reg.raw_log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(reg)
+    }
+
+    /// `127.0.0.1:<port>`, the name containerd and the mirror use.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    fn client(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.credentials {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    /// Uploads `bytes` as a blob of `repo` (monolithic upload) and returns its digest.
+    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> anyhow::Result<String> {
+        let digest = digest_of(bytes);
+        let http = reqwest::Client::new();
+        let resp = self.client(http.post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))).send().await?;
+        if resp.status() != reqwest::StatusCode::ACCEPTED {
+            bail!("starting upload: {}", resp.status());
+        }
+        let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).context("upload location")?;
+        let mut url = if location.starts_with("http") { location.to_string() } else { format!("{}{location}", self.url()) };
+        url.push_str(if url.contains('?') { "&" } else { "?" });
+        url.push_str(&format!("digest={digest}"));
+        let resp = self.client(http.put(url)).body(bytes.to_vec()).send().await?;
+        if resp.status() != reqwest::StatusCode::CREATED {
+            bail!("finishing upload: {}", resp.status());
+        }
+        Ok(digest)
+    }
+
+    /// Builds an image with umoci (busybox in the first layer, then one layer per file) and pushes
+    /// it as `repo:tag` with skopeo.
+    pub async fn push_image(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
+        for tool in ["umoci", "skopeo", "busybox"] {
+            require(tool);
+        }
+        let work = tempfile::Builder::new().prefix("shoal-image-").tempdir()?;
+        let layout = work.path().join("layout");
+        let image = format!("{}:{tag}", layout.display());
+        run(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
+        run(Command::new("umoci").args(["new", "--image", &image]))?;
+        let busybox = which("busybox")?;
+        run(Command::new("umoci").args(["insert", "--image", &image]).arg(&busybox).arg("/bin/busybox"))?;
+        for (path, content) in files {
+            let src = work.path().join(path.trim_start_matches('/').replace('/', "_"));
+            std::fs::write(&src, content)?;
+            run(Command::new("umoci").args(["insert", "--image", &image]).arg(&src).arg(path))?;
+        }
+        run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/busybox"]))?;
+        let mut copy = Command::new("skopeo");
+        copy.args(["copy", "-q", "--dest-tls-verify=false"]);
+        if let Some((u, p)) = &self.credentials {
+            copy.arg("--dest-creds").arg(format!("{u}:{p}"));
+        }
+        copy.arg(format!("oci:{image}")).arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        run(&mut copy)
+    }
+
+    /// Digests and sizes of an image's config and layers.
+    pub async fn image_blobs(&self, repo: &str, tag: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        let http = reqwest::Client::new();
+        let m: serde_json::Value = self
+            .client(http.get(format!("{}/v2/{repo}/manifests/{tag}", self.url())))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut out = vec![];
+        for d in std::iter::once(&m["config"]).chain(m["layers"].as_array().into_iter().flatten()) {
+            out.push((d["digest"].as_str().context("digest")?.to_string(), d["size"].as_u64().context("size")?));
+        }
+        Ok(out)
+    }
+
+    fn raw_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// Every request in the access log.
+    pub fn hits(&self) -> Vec<Hit> {
+        self.raw_log().lines().filter_map(parse_access_line).collect()
+    }
+
+    /// GETs of a blob that sent bytes (200 or 206).
+    pub fn blob_fetches(&self, digest: &str) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.method == "GET" && h.path.contains(&format!("/blobs/{digest}")) && matches!(h.status, 200 | 206))
+            .collect()
+    }
+
+    /// Bytes the registry sent for a blob, over every request.
+    pub fn blob_bytes(&self, digest: &str) -> u64 {
+        self.blob_fetches(digest).iter().map(|h| h.bytes).sum()
+    }
+
+    /// The file holding a blob's bytes in the registry's storage.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Parses `ip - - [date] "GET /path HTTP/1.1" 200 1234 "ref" "ua"`.
+fn parse_access_line(line: &str) -> Option<Hit> {
+    let start = line.find("] \"")? + 3;
+    let rest = &line[start..];
+    let end = rest.find('"')?;
+    let mut req = rest[..end].split(' ');
+    let (method, path) = (req.next()?.to_string(), req.next()?.to_string());
+    let mut tail = rest[end + 1..].split_whitespace();
+    let status = tail.next()?.parse().ok()?;
+    let bytes = tail.next()?.parse().ok()?;
+    Some(Hit { method, path, status, bytes })
+}
+
+fn which(tool: &str) -> anyhow::Result<PathBuf> {
+    let out = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output()?;
+    Ok(Path::new(String::from_utf8(out.stdout)?.trim()).to_path_buf())
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_combined_log_lines() {
+        let h = super::parse_access_line(
+            r#"127.0.0.1 - - [23/Nov/2026:17:21:46 +0000] "GET /v2/test/app/blobs/sha256:c0 HTTP/1.1" 206 20002827 "" "shoal/0.1.0""#,
+        )
+        .unwrap();
+        assert_eq!((h.method.as_str(), h.path.as_str(), h.status, h.bytes), ("GET", "/v2/test/app/blobs/sha256:c0", 206, 20002827));
+        assert!(super::parse_access_line("time=... level=info msg=x").is_none());
+    }
+}
