@@ -78,7 +78,8 @@ impl Containerd {
 
     /// `ctr run --rm IMAGE id CMD...`, returning stdout.
     pub fn run(&self, image: &str, cmd: &[&str]) -> anyhow::Result<String> {
-        let id = format!("t{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let mut args = vec!["run", "--rm", image, &id];
         args.extend(cmd);
         let out = self.ctr(&args)?;
