@@ -28,8 +28,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::ratelimit::RateLimiter;
 
-/// Bytes handed to a reader at a time.
-const READ_CHUNK: usize = 1 << 20;
+/// Bytes handed to a reader at a time. Small enough that 64 concurrent pulls stay well under
+/// 100 MiB of buffers, large enough that the per-read overhead is small.
+const READ_CHUNK: usize = 256 << 10;
 /// Bytes gathered from the origin before one write to the store.
 const WRITE_CHUNK: usize = 512 << 10;
 
@@ -125,6 +126,9 @@ pub struct Task {
     file: Arc<TaskFile>,
     state: Mutex<TaskState>,
     changed: watch::Sender<()>,
+    /// sha256 of the blob's first `.0` bytes, fed while bytes arrive in order, so the final check
+    /// of a sequential download need not read the blob back.
+    sha: Mutex<(u64, sha2::Sha256)>,
 }
 
 impl Task {
@@ -134,6 +138,24 @@ impl Task {
 
     fn notify(&self) {
         self.changed.send_replace(());
+    }
+
+    /// A fetch will send bytes from `offset` again: if the running hash already saw some of them,
+    /// it cannot tell whether they will be the same, so it starts over (the check reads the blob back).
+    fn rewind_hash(&self, offset: u64) {
+        let mut sha = self.sha.lock().unwrap_or_else(|p| p.into_inner());
+        if sha.0 > offset {
+            *sha = (0, sha2::Sha256::new());
+        }
+    }
+
+    /// Feeds bytes at `offset` to the running sha256 if they are the next ones it needs.
+    fn hash_in_order(&self, offset: u64, bytes: &[u8]) {
+        let mut sha = self.sha.lock().unwrap_or_else(|p| p.into_inner());
+        if sha.0 == offset {
+            sha.1.update(bytes);
+            sha.0 += bytes.len() as u64;
+        }
     }
 
     /// Length of the blob.
@@ -244,7 +266,15 @@ impl Engine {
         let open_id = id.clone();
         let file = tokio::task::spawn_blocking(move || match store.complete(&open_id) {
             Some(f) if f.layout() == layout => Ok(f),
-            _ => store.open_task(&open_id, layout),
+            _ => {
+                let f = store.open_task(&open_id, layout)?;
+                if f.bitmap().count() > 0 {
+                    // Resuming: pieces written before a crash may be torn.
+                    let dropped = f.verify_pieces()?;
+                    info!(task = %open_id, pieces = f.bitmap().count(), dropped, "resuming download from the store");
+                }
+                Ok(f)
+            }
         })
         .await;
         let file = match file {
@@ -272,6 +302,7 @@ impl Engine {
             }),
             file,
             changed: watch::channel(()).0,
+            sha: Mutex::new((0, sha2::Sha256::new())),
         });
         if !complete {
             tasks.insert(id.clone(), task.clone());
@@ -350,6 +381,7 @@ impl Engine {
             match self.fetch_pieces(&task, next..run.end).await {
                 Ok(()) => return,
                 Err((done_up_to, err)) => {
+                    task.rewind_hash(task.layout.range(done_up_to).start);
                     if done_up_to > next {
                         failures = 0;
                     }
@@ -416,6 +448,7 @@ impl Engine {
                 let piece_end = layout.range(n).end;
                 let take = ((piece_end - offset) as usize).min(chunk.len());
                 hasher.update(&chunk[..take]);
+                task.hash_in_order(offset, &chunk[..take]);
                 buf.extend_from_slice(&chunk[..take]);
                 offset += take as u64;
                 chunk = &chunk[take..];
@@ -458,40 +491,42 @@ impl Engine {
         }
     }
 
-    /// Checks the whole blob against its digest, then marks the task complete or deletes it.
+    /// Checks the whole blob against its digest (reading back only what the running hash did not
+    /// see), then marks the task complete or deletes it.
     fn spawn_verify(self: &Arc<Self>, task: Arc<Task>) {
         let engine = self.clone();
         tokio::spawn(async move {
-            let file = task.file.clone();
-            let checked = tokio::task::spawn_blocking(move || -> Result<Digest, StoreError> {
-                let digest = hash_file(&file)?;
-                file.flush()?;
-                Ok(digest)
+            let t = task.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let (pos, sha) = std::mem::take(&mut *t.sha.lock().unwrap_or_else(|p| p.into_inner()));
+                finish_hash(&t.file, pos, sha)
             })
-            .await;
-            let result = match checked {
-                Ok(Ok(actual)) if actual == task.digest => {
-                    let file = task.file.clone();
-                    match tokio::task::spawn_blocking(move || file.mark_complete()).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err((EngineError::Store(e.to_string().into()), true)),
-                        Err(e) => Err((EngineError::Store(e.to_string().into()), true)),
-                    }
-                }
-                Ok(Ok(actual)) => Err((EngineError::DigestMismatch { digest: task.digest.clone(), actual }, true)),
-                Ok(Err(e)) => Err((EngineError::Store(e.to_string().into()), true)),
-                Err(e) => Err((EngineError::Store(e.to_string().into()), true)),
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io { path: task.id.as_str().into(), source: std::io::Error::other(e) }));
+            let actual = match checked {
+                Ok(actual) => actual,
+                Err(e) => return engine.fail(&task, EngineError::Store(e.to_string().into()), true),
             };
-            match result {
-                Ok(()) => {
+            if actual != task.digest {
+                return engine.fail(&task, EngineError::DigestMismatch { digest: task.digest.clone(), actual }, true);
+            }
+            // Readers may go on at once: the bytes are right and in the page cache. Syncing them to
+            // disk before the store records the task complete happens behind their back.
+            task.state().status = Status::Complete;
+            task.notify();
+            let file = task.file.clone();
+            match tokio::task::spawn_blocking(move || file.mark_complete()).await {
+                Ok(Ok(())) => {
                     info!(task = %task.id, bytes = task.layout.len, "blob complete and verified");
                     engine.metrics.tasks_completed.inc();
-                    task.state().status = Status::Complete;
-                    engine.retire(&task);
-                    task.notify();
                 }
-                Err((err, delete)) => engine.fail(&task, err, delete),
+                Ok(Err(e)) => {
+                    warn!(task = %task.id, error = %e, "cannot record the completed blob; dropping it from the store");
+                    engine.store.remove(&task.id);
+                }
+                Err(e) => warn!(task = %task.id, error = %e, "cannot record the completed blob"),
             }
+            engine.retire(&task);
         });
     }
 
@@ -527,12 +562,10 @@ impl Engine {
     }
 }
 
-/// sha256 of a stored task's bytes.
-fn hash_file(file: &TaskFile) -> Result<Digest, StoreError> {
-    let mut hasher = sha2::Sha256::new();
+/// Finishes the sha256 of a stored task whose first `off` bytes `hasher` has seen.
+fn finish_hash(file: &TaskFile, mut off: u64, mut hasher: sha2::Sha256) -> Result<Digest, StoreError> {
     let len = file.layout().len;
-    let mut buf = vec![0u8; (4 << 20).min(len as usize).max(1)];
-    let mut off = 0;
+    let mut buf = vec![0u8; (4 << 20).min((len - off.min(len)) as usize).max(1)];
     while off < len {
         let want = ((len - off) as usize).min(buf.len());
         let n = file.read_at(off, &mut buf[..want])?;
@@ -695,10 +728,7 @@ fn ready_bytes(task: &Task, pos: u64, end: u64, whole: bool) -> Ready {
 async fn read_task(task: &Arc<Task>, pos: u64, len: usize) -> Result<Bytes, EngineError> {
     let file = task.file.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        let n = file.read_at(pos, &mut buf)?;
-        buf.truncate(n);
-        Ok::<_, StoreError>(Bytes::from(buf))
+        file.read_vec(pos, len).map(Bytes::from)
     })
     .await;
     match read {

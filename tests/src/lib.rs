@@ -25,10 +25,10 @@ pub fn free_port() -> u16 {
 /// The `shoal` binary built alongside the tests (`cargo build --release` puts it next to them).
 pub fn shoal_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/shoal
-    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("shoal")).expect("target dir");
-    assert!(bin.exists(), "{} is missing: build it first with `cargo build --release -p shoal`", bin.display());
-    bin
+    // Tests live in target/<profile>/deps/, the benchmark in target/<profile>/.
+    let dir = exe.parent().expect("exe dir");
+    let bin = [dir.join("shoal"), dir.join("../shoal")].into_iter().find(|p| p.exists());
+    bin.unwrap_or_else(|| panic!("no shoal binary next to {}: build it first with `cargo build --release -p shoal`", exe.display()))
 }
 
 /// Fails the test with the reason when a tool it needs is missing (the test command installs them).
