@@ -423,16 +423,26 @@ impl Engine {
             s => return Err((pieces.start, FetchError::Retry(RegistryError::from_status(&req, s).to_string()))),
         };
         let mut body = resp.bytes_stream();
+        // Two stages: this loop receives while the blocking pool writes and hashes the previous
+        // chunk (one write in flight, so chunks land in order).
         let mut n = pieces.start;
+        let mut confirmed = pieces.start;
         let mut offset = start;
-        let mut hasher = blake3::Hasher::new();
+        let piece_hasher = Arc::new(Mutex::new(blake3::Hasher::new()));
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
         let mut buf_offset = start;
+        let mut in_flight: Option<tokio::task::JoinHandle<Result<Option<u32>, StoreError>>> = None;
         while n < pieces.end {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
-                Some(Err(e)) => return Err((n, FetchError::Retry(format!("origin stream for {}: {e}", task.digest)))),
-                None => return Err((n, FetchError::Retry(format!("origin closed the stream for {} early", task.digest)))),
+                Some(Err(e)) => {
+                    let err = FetchError::Retry(format!("origin stream for {}: {e}", task.digest));
+                    return Err(self.settle(task, in_flight, &mut confirmed).await.map_or_else(|e| e, |()| (confirmed, err)));
+                }
+                None => {
+                    let err = FetchError::Retry(format!("origin closed the stream for {} early", task.digest));
+                    return Err(self.settle(task, in_flight, &mut confirmed).await.map_or_else(|e| e, |()| (confirmed, err)));
+                }
             };
             let mut chunk = &chunk[..];
             if skip > 0 {
@@ -447,40 +457,54 @@ impl Engine {
             while !chunk.is_empty() && n < pieces.end {
                 let piece_end = layout.range(n).end;
                 let take = ((piece_end - offset) as usize).min(chunk.len());
-                hasher.update(&chunk[..take]);
-                task.hash_in_order(offset, &chunk[..take]);
                 buf.extend_from_slice(&chunk[..take]);
                 offset += take as u64;
                 chunk = &chunk[take..];
                 let piece_done = offset == piece_end;
                 if piece_done || buf.len() >= WRITE_CHUNK {
+                    self.settle(task, in_flight.take(), &mut confirmed).await?;
                     let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_CHUNK));
-                    let at = buf_offset;
-                    buf_offset = offset;
-                    let file = task.file.clone();
-                    let digest = piece_done.then(|| std::mem::take(&mut hasher).finalize().to_hex().to_string());
-                    let piece = n;
-                    let written = tokio::task::spawn_blocking(move || {
-                        file.write_at(at, &data)?;
-                        match digest {
-                            Some(d) => file.piece_written(piece, d),
-                            None => Ok(()),
+                    let at = std::mem::replace(&mut buf_offset, offset);
+                    let (t, hasher, piece) = (task.clone(), piece_hasher.clone(), n);
+                    in_flight = Some(tokio::task::spawn_blocking(move || {
+                        t.hash_in_order(at, &data);
+                        let mut h = hasher.lock().unwrap_or_else(|p| p.into_inner());
+                        h.update(&data);
+                        t.file.write_at(at, &data)?;
+                        if !piece_done {
+                            return Ok(None);
                         }
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err((n, FetchError::Store(e.to_string()))),
-                        Err(e) => return Err((n, FetchError::Store(e.to_string()))),
-                    }
+                        let digest = std::mem::take(&mut *h).finalize().to_hex().to_string();
+                        t.file.piece_written(piece, digest)?;
+                        Ok(Some(piece))
+                    }));
                     if piece_done {
-                        self.piece_finished(task, n);
                         n += 1;
                     }
                 }
             }
         }
-        Ok(())
+        self.settle(task, in_flight, &mut confirmed).await
+    }
+
+    /// Waits for a write job; records its finished piece, or says which piece failed.
+    async fn settle(
+        self: &Arc<Self>,
+        task: &Arc<Task>,
+        job: Option<tokio::task::JoinHandle<Result<Option<u32>, StoreError>>>,
+        confirmed: &mut u32,
+    ) -> Result<(), (u32, FetchError)> {
+        let Some(job) = job else { return Ok(()) };
+        match job.await {
+            Ok(Ok(Some(piece))) => {
+                self.piece_finished(task, piece);
+                *confirmed = piece + 1;
+                Ok(())
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err((*confirmed, FetchError::Store(e.to_string()))),
+            Err(e) => Err((*confirmed, FetchError::Store(e.to_string()))),
+        }
     }
 
     fn piece_finished(self: &Arc<Self>, task: &Arc<Task>, n: u32) {
