@@ -436,7 +436,7 @@ impl Engine {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    let err = FetchError::Retry(format!("origin stream for {}: {e}", task.digest));
+                    let err = FetchError::Retry(format!("origin stream for {}: {}", task.digest, shoal_core::registry::error_chain(&e)));
                     return Err(self.settle(task, in_flight, &mut confirmed).await.map_or_else(|e| e, |()| (confirmed, err)));
                 }
                 None => {
@@ -675,7 +675,7 @@ impl BlobReader {
                             let keep = (self.end - self.pos).min(b.len() as u64) as usize;
                             Ok(b.slice(..keep))
                         }
-                        Some(Err(e)) => Err(EngineError::origin(format!("blob {}: {e}", self.origin.digest))),
+                        Some(Err(e)) => Err(EngineError::origin(format!("blob {}: {}", self.origin.digest, shoal_core::registry::error_chain(&e)))),
                         None => Err(EngineError::origin(format!("origin closed the stream for {} early", self.origin.digest))),
                     }
                 }

@@ -91,8 +91,8 @@ impl Request {
 /// Why a registry request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{what}: cannot reach the registry: {source} (check the network, or [registry.\"{registry}\"] endpoint/plain_http in shoal.toml)")]
-    Unreachable { what: String, registry: String, source: reqwest::Error },
+    #[error("{what}: cannot reach the registry: {reason} (check the network, or [registry.\"{registry}\"] endpoint, plain_http, ca_file in shoal.toml)")]
+    Unreachable { what: String, registry: String, reason: String },
     #[error("registry {registry}: {reason}")]
     Config { registry: String, reason: String },
     #[error("{what}: {status}{hint}")]
@@ -256,10 +256,10 @@ impl RegistryClient {
         if let Some((u, p)) = &reg.credentials {
             get = get.basic_auth(u, Some(p));
         }
-        let resp = get.send().await.map_err(|source| RegistryError::Unreachable {
+        let resp = get.send().await.map_err(|e| RegistryError::Unreachable {
             what: format!("token for {}", req.describe()),
             registry: req.registry.clone(),
-            source,
+            reason: error_chain(&e),
         })?;
         if !resp.status().is_success() {
             warn!(registry = %req.registry, status = %resp.status(), "token endpoint refused");
@@ -306,7 +306,7 @@ impl RegistryClient {
                         return Err(RegistryError::Unreachable {
                             what: req.describe(),
                             registry: req.registry.clone(),
-                            source,
+                            reason: error_chain(&source),
                         });
                     }
                     source.to_string()
@@ -317,6 +317,22 @@ impl RegistryClient {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// An error and its causes, innermost last: reqwest's own message alone ("error sending request")
+/// does not say that the connection was refused or the certificate unknown.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// The `Content-Length` header of an answer. (reqwest's `content_length()` reports the body it

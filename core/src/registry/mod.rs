@@ -4,7 +4,7 @@
 pub mod auth;
 mod client;
 
-pub use client::{backoff, header_len, Registry, RegistryClient, RegistryError, Request, Target};
+pub use client::{backoff, error_chain, header_len, Registry, RegistryClient, RegistryError, Request, Target};
 
 /// Media types asked for when a client does not say what it accepts: every manifest and index kind
 /// containerd understands, so multi-platform images resolve.
