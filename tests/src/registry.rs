@@ -24,15 +24,41 @@ pub struct Registry {
     pub port: u16,
     /// `user:password` when htpasswd auth is on.
     pub credentials: Option<(String, String)>,
+    /// Whether it speaks HTTPS (with a certificate from [`Registry::ca_file`]).
+    pub tls: bool,
     child: Option<Child>,
 }
 
 impl Registry {
     /// Starts a registry; with `credentials`, every request needs them (htpasswd, Basic).
     pub async fn start(credentials: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+        Registry::start_with(credentials, false).await
+    }
+
+    /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 signed by a fresh CA.
+    pub async fn start_tls() -> anyhow::Result<Registry> {
+        Registry::start_with(None, true).await
+    }
+
+    /// The PEM file of the CA that signed a TLS registry's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    async fn start_with(credentials: Option<(&str, &str)>, tls: bool) -> anyhow::Result<Registry> {
         require("docker-registry");
         let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
         let port = free_port();
+        let mut tls_config = String::new();
+        if tls {
+            require("openssl");
+            make_certificates(dir.path())?;
+            tls_config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("registry.pem").display(),
+                dir.path().join("registry.key").display()
+            );
+        }
         let mut auth = String::new();
         if let Some((user, pass)) = credentials {
             require("htpasswd");
@@ -44,35 +70,57 @@ impl Registry {
             );
         }
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_config}{auth}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
-        let log = std::fs::File::create(dir.path().join("access.log"))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting docker-registry")?;
         let mut reg = Registry {
             dir,
             port,
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
-            child: Some(child),
+            tls,
+            child: None,
         };
-        let start = Instant::now();
-        while reqwest::get(format!("{}/v2/", reg.url())).await.is_err() {
-            if start.elapsed() > Duration::from_secs(15) {
-                bail!("docker-registry did not start:\n{}", reg.raw_log());
-            }
-            if let Some(s) = reg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("docker-registry exited with {s}:\n{}", reg.raw_log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        reg.spawn().await?;
         Ok(reg)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("access.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting docker-registry")?;
+        self.child = Some(child);
+        let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
+        let start = Instant::now();
+        while http.get(format!("{}/v2/", self.url())).send().await.is_err() {
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!("docker-registry did not start:\n{}", self.raw_log());
+            }
+            if let Some(s) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("docker-registry exited with {s}:\n{}", self.raw_log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the registry (as a crash would).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn().await
     }
 
     /// `127.0.0.1:<port>`, the name containerd and the mirror use.
@@ -80,9 +128,13 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (or `https://`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host())
+    }
+
+    fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("http client")
     }
 
     fn client(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -95,7 +147,7 @@ impl Registry {
     /// Uploads `bytes` as a blob of `repo` (monolithic upload) and returns its digest.
     pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> anyhow::Result<String> {
         let digest = digest_of(bytes);
-        let http = reqwest::Client::new();
+        let http = self.http();
         let resp = self.client(http.post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))).send().await?;
         if resp.status() != reqwest::StatusCode::ACCEPTED {
             bail!("starting upload: {}", resp.status());
@@ -141,7 +193,7 @@ impl Registry {
 
     /// Digests and sizes of an image's config and layers.
     pub async fn image_blobs(&self, repo: &str, tag: &str) -> anyhow::Result<Vec<(String, u64)>> {
-        let http = reqwest::Client::new();
+        let http = self.http();
         let m: serde_json::Value = self
             .client(http.get(format!("{}/v2/{repo}/manifests/{tag}", self.url())))
             .header("Accept", "application/vnd.oci.image.manifest.v1+json")
@@ -187,11 +239,25 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
     }
+}
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 it signed (`registry.pem`, `registry.key`).
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    run(Command::new("openssl").args([
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=shoal-test-ca",
+        "-keyout", &d("ca.key"), "-out", &d("ca.pem"),
+    ]))?;
+    run(Command::new("openssl").args([
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &d("registry.key"), "-out", &d("registry.csr"),
+    ]))?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
+    run(Command::new("openssl").args([
+        "x509", "-req", "-days", "2", "-in", &d("registry.csr"), "-CA", &d("ca.pem"), "-CAkey", &d("ca.key"),
+        "-CAcreateserial", "-extfile", &d("san.ext"), "-out", &d("registry.pem"),
+    ]))
 }
 
 /// Parses `ip - - [date] "GET /path HTTP/1.1" 200 1234 "ref" "ua"`.
