@@ -32,5 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+command -v kubernetes-validate >/dev/null 2>&1 || pip install -q kubernetes-validate==1.37.0
+
 cargo build --release --locked --workspace --bins
 cargo test --release --locked --workspace "$@"

@@ -44,6 +44,9 @@ struct DaemonArgs {
     /// Print the default config, documented field by field, and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Load and check the config (file, environment, flags), print it in full, and exit.
+    #[arg(long)]
+    check_config: bool,
     /// Address for the registry mirror (overrides [mirror] listen).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -95,6 +98,10 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = args.load()?;
+    if args.check_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
     logging::init(&config.log);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
