@@ -202,6 +202,21 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         cmib = args.concurrent_size_mib,
         rss = rss_kib as f64 / 1024.0,
     );
+    let range = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.3}–{hi:.3} s")
+    };
+    let md = format!(
+        "{md}\nEvery run (seconds, min–max): nginx {}, Shoal hit {}, registry direct {}, Shoal cold {}. \
+         Machine: {} × {}, kernel {}.\n",
+        range(&nginx_s),
+        range(&hit_s),
+        range(&direct_s),
+        range(&cold_s),
+        json["machine"]["cpus"],
+        json["machine"]["cpu"].as_str().unwrap_or("?"),
+        json["machine"]["kernel"].as_str().unwrap_or("?"),
+    );
     write(out, "mirror", &json, &md)
 }
 

@@ -66,3 +66,17 @@ async fn private_registry_pull_works_with_credentials_and_fails_without_even_whe
     let again = Containerd::start(&registry.host(), &agent.mirror()).await.unwrap();
     assert!(!again.pull(&image, None).unwrap().status.success(), "anonymous pull of a cached private image must fail");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_still_pulls_from_the_registry_when_the_agent_is_down() {
+    let registry = Registry::start(None).await.unwrap();
+    registry.push_image("team/app", "v3", &[("/hello.txt", b"direct\n".to_vec())]).await.unwrap();
+    let mut agent = Agent::start("").await.unwrap();
+    let mirror = agent.mirror();
+    agent.kill();
+    let ctd = Containerd::start(&registry.host(), &mirror).await.unwrap();
+    let image = format!("{}/team/app:v3", registry.host());
+    let out = ctd.pull(&image, None).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ctd.run(&image, &["/bin/busybox", "cat", "/hello.txt"]).unwrap(), "direct\n");
+}
