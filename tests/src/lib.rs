@@ -110,19 +110,16 @@ impl Agent {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let config = self.dir.path().join("shoal.toml");
-        let text = format!(
-            "data_dir = \"{}\"\n{}\n[mirror]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
-            self.data_dir().display(),
-            self.extra,
-            self.port,
-            self.admin_port
-        );
+        // Ports come from the environment so `extra` may have its own [mirror] or [admin] section.
+        let text = format!("data_dir = \"{}\"\n{}\n", self.data_dir().display(), self.extra);
         std::fs::write(&config, text)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
         let child = Command::new(shoal_bin())
             .args(["agent", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,shoal_agent=debug")
+            .env("SHOAL_MIRROR__LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("SHOAL_ADMIN__LISTEN", format!("127.0.0.1:{}", self.admin_port))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
