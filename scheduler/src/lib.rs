@@ -1,1 +1,13 @@
-//! The scheduler: hosts, tasks, piece bitmaps and parent selection for peer-to-peer downloads. It arrives with the P2P work.
+//! The scheduler: which peers hold which pieces of which task, and, for a peer that wants a task,
+//! which parents it should fetch from or whether it should go back to the origin.
+//!
+//! The core is sans-IO: [`Cluster`] is plain data driven by announcements and a caller-supplied
+//! clock (milliseconds), so every scheduling decision is tested deterministically. The gRPC service
+//! that feeds it lives beside it and stays thin.
+
+pub mod cluster;
+pub mod hosts;
+pub mod parents;
+
+pub use cluster::{Cluster, Decision, Limits, PeerStatus};
+pub use hosts::{HostId, HostInfo};

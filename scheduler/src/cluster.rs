@@ -1,0 +1,492 @@
+//! The scheduler's view of the cluster: hosts, and for each task the peers downloading or holding
+//! it with their piece bitmaps. Everything is rebuilt from announcements, so a restarted scheduler
+//! needs no database. Time is passed in (milliseconds) so decisions are deterministic in tests.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use shoal_core::piece::{Bitmap, PieceLayout};
+use shoal_core::TaskId;
+
+use crate::hosts::{HostId, HostInfo, Hosts};
+pub use crate::parents::Limits;
+use crate::parents::{choose, Candidate};
+
+/// Where a peer stands in its download.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerStatus {
+    Running,
+    Done,
+    Failed,
+}
+
+/// What a peer should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Fetch pieces from these hosts, best first.
+    Parents(Vec<HostId>),
+    /// Fetch from the origin, and report each piece's digest.
+    BackToSource,
+    /// Nobody can serve now and the origin is busy with others; ask again shortly.
+    Wait,
+}
+
+/// Why an announcement was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("host {0} has not announced itself")]
+    UnknownHost(HostId),
+    #[error("task {0} is not registered by this peer")]
+    UnknownPeer(TaskId),
+    #[error("task {task}: length {got} does not match the {known} bytes other peers reported")]
+    LengthMismatch { task: TaskId, known: u64, got: u64 },
+    #[error("task {task}: piece {piece} is out of range")]
+    PieceOutOfRange { task: TaskId, piece: u32 },
+    #[error("task {task}: piece {piece} digest {got} differs from the {known} its first source reported")]
+    DigestMismatch { task: TaskId, piece: u32, known: String, got: String },
+}
+
+/// One peer of one task.
+#[derive(Clone, Debug)]
+struct Peer {
+    bitmap: Bitmap,
+    status: PeerStatus,
+    parents: Vec<HostId>,
+    depth: u32,
+    back_to_source: bool,
+    /// Parents this peer reported as failing: never offered to it again.
+    bad_parents: HashSet<HostId>,
+}
+
+/// One task as the cluster knows it.
+#[derive(Clone, Debug)]
+struct Task {
+    layout: PieceLayout,
+    /// blake3 (hex) of each piece, as the peer that fetched it from the origin reported it.
+    digests: Vec<Option<String>>,
+    peers: BTreeMap<HostId, Peer>,
+}
+
+/// A summary of one task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskStat {
+    pub layout: PieceLayout,
+    pub peers: usize,
+    pub done: usize,
+    /// Pieces whose digest is known.
+    pub known_pieces: u32,
+}
+
+/// Hosts and tasks.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    hosts: Hosts,
+    tasks: HashMap<TaskId, Task>,
+    limits: Limits,
+}
+
+impl Cluster {
+    /// An empty cluster with these limits.
+    pub fn new(limits: Limits) -> Cluster {
+        Cluster { hosts: Hosts::default(), tasks: HashMap::new(), limits }
+    }
+
+    /// The hosts.
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
+    }
+
+    /// Adds or refreshes a host.
+    pub fn announce_host(&mut self, info: HostInfo, now: u64) {
+        self.hosts.announce(info, now);
+    }
+
+    /// A host left (or stopped announcing): its peers are gone and its children must reschedule.
+    pub fn leave_host(&mut self, id: &HostId) {
+        self.hosts.remove(id);
+        let ids: Vec<TaskId> = self.tasks.keys().cloned().collect();
+        for t in ids {
+            self.remove_peer(&t, id);
+        }
+    }
+
+    /// A host starts downloading `task` (of `len` bytes). Returns what it should do.
+    pub fn register(&mut self, task: &TaskId, len: u64, host: &HostId, now: u64) -> Result<Decision, ClusterError> {
+        if self.hosts.get(host).is_none() {
+            return Err(ClusterError::UnknownHost(host.clone()));
+        }
+        let t = self.tasks.entry(task.clone()).or_insert_with(|| {
+            let layout = PieceLayout::for_len(len);
+            Task { layout, digests: vec![None; layout.count() as usize], peers: BTreeMap::new() }
+        });
+        if t.layout.len != len {
+            return Err(ClusterError::LengthMismatch { task: task.clone(), known: t.layout.len, got: len });
+        }
+        let count = t.layout.count();
+        t.peers.entry(host.clone()).or_insert_with(|| Peer {
+            bitmap: Bitmap::new(count),
+            status: PeerStatus::Running,
+            parents: Vec::new(),
+            depth: 0,
+            back_to_source: false,
+            bad_parents: HashSet::new(),
+        });
+        self.schedule(task, host, now)
+    }
+
+    /// Chooses parents for `host`'s download of `task` (again, after a parent failed), or sends
+    /// it to the origin.
+    pub fn schedule(&mut self, task: &TaskId, host: &HostId, now: u64) -> Result<Decision, ClusterError> {
+        let child_host = self.hosts.get(host).ok_or_else(|| ClusterError::UnknownHost(host.clone()))?;
+        let (zone, idc) = (child_host.info.zone.clone(), child_host.info.idc.clone());
+        let t = self.tasks.get(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let child = t.peers.get(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        if child.back_to_source {
+            return Ok(Decision::BackToSource);
+        }
+        let candidates: Vec<Candidate> = t
+            .peers
+            .iter()
+            .filter(|(id, p)| *id != host && p.status != PeerStatus::Failed && !p.parents.contains(host))
+            .filter_map(|(id, p)| {
+                let h = self.hosts.get(id)?;
+                let useful = (0..t.layout.count()).filter(|&n| p.bitmap.has(n) && !child.bitmap.has(n)).count() as u32;
+                let done = p.status == PeerStatus::Done;
+                Some(Candidate {
+                    host: id.clone(),
+                    seed: h.info.seed,
+                    useful,
+                    feeding: !done && (p.back_to_source || h.info.seed || !p.parents.is_empty()),
+                    depth: if done { 0 } else { p.depth },
+                    same_zone: !zone.is_empty() && h.info.zone == zone,
+                    same_idc: !idc.is_empty() && h.info.idc == idc,
+                    failures: h.recent_failures(now),
+                    free_slots: h.info.upload_slots.saturating_sub(h.uploads),
+                    failed_this_child: child.bad_parents.contains(id),
+                })
+            })
+            .collect();
+        let mut parents = choose(&candidates, &self.limits);
+        let mut back_to_source = false;
+        if parents.is_empty() {
+            // No peer can help: a seed fetches the task for everyone, else one peer goes to the origin.
+            let seed = self
+                .hosts
+                .seeds(now)
+                .into_iter()
+                .find(|s| &s.info.id != host && !child.bad_parents.contains(&s.info.id))
+                .map(|s| s.info.id.clone());
+            match seed {
+                Some(s) => parents.push(s),
+                None => {
+                    let fetching = t.peers.values().filter(|p| p.back_to_source && p.status == PeerStatus::Running).count();
+                    if fetching >= self.limits.max_back_to_source && t.peers.len() > 1 {
+                        return Ok(Decision::Wait);
+                    }
+                    back_to_source = true;
+                }
+            }
+        }
+        let depth = parents
+            .iter()
+            .filter_map(|p| t.peers.get(p).map(|pp| if pp.status == PeerStatus::Done { 0 } else { pp.depth }))
+            .min()
+            .map_or(1, |d| d + 1);
+        let old_parents = t.peers.get(host).map(|p| p.parents.clone()).unwrap_or_default();
+        for p in &old_parents {
+            if let Some(h) = self.hosts.get_mut(p) {
+                h.uploads = h.uploads.saturating_sub(1);
+            }
+        }
+        for p in &parents {
+            if let Some(h) = self.hosts.get_mut(p) {
+                h.uploads += 1;
+            }
+        }
+        let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        peer.back_to_source = back_to_source;
+        peer.depth = if back_to_source { 0 } else { depth };
+        peer.parents = parents.clone();
+        Ok(if back_to_source { Decision::BackToSource } else { Decision::Parents(parents) })
+    }
+
+    /// `host` finished piece `n` of `task`. The digest is recorded when the host fetched from the
+    /// origin (or is a seed); from anyone else it must match what is recorded.
+    pub fn piece_finished(&mut self, task: &TaskId, host: &HostId, n: u32, blake3: &str) -> Result<(), ClusterError> {
+        let is_seed = self.hosts.get(host).is_some_and(|h| h.info.seed);
+        let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        if n >= t.layout.count() {
+            return Err(ClusterError::PieceOutOfRange { task: task.clone(), piece: n });
+        }
+        let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let slot = &mut t.digests[n as usize];
+        match slot {
+            Some(known) if known != blake3 => {
+                return Err(ClusterError::DigestMismatch {
+                    task: task.clone(),
+                    piece: n,
+                    known: known.clone(),
+                    got: blake3.to_string(),
+                })
+            }
+            Some(_) => {}
+            None if peer.back_to_source || is_seed => *slot = Some(blake3.to_string()),
+            // A peer fed by parents verified the piece against a recorded digest; nothing to add.
+            None => {}
+        }
+        peer.bitmap.set(n);
+        Ok(())
+    }
+
+    /// The recorded blake3 of piece `n`, for a child to check what a parent sends.
+    pub fn piece_digest(&self, task: &TaskId, n: u32) -> Option<&str> {
+        self.tasks.get(task)?.digests.get(n as usize)?.as_deref()
+    }
+
+    /// `child` could not get a piece from `parent` (or got a bad one): the parent's host is marked
+    /// failing and never offered to this child again; the child is rescheduled.
+    pub fn parent_failed(&mut self, task: &TaskId, child: &HostId, parent: &HostId, now: u64) -> Result<Decision, ClusterError> {
+        self.hosts.record_failure(parent, now);
+        let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let peer = t.peers.get_mut(child).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        peer.bad_parents.insert(parent.clone());
+        self.schedule(task, child, now)
+    }
+
+    /// `host` has the whole task (verified). It becomes a parent of depth 0 and frees its parents.
+    pub fn peer_done(&mut self, task: &TaskId, host: &HostId) -> Result<(), ClusterError> {
+        self.finish(task, host, PeerStatus::Done)
+    }
+
+    /// `host` gave up on the task.
+    pub fn peer_failed(&mut self, task: &TaskId, host: &HostId) -> Result<(), ClusterError> {
+        self.finish(task, host, PeerStatus::Failed)
+    }
+
+    fn finish(&mut self, task: &TaskId, host: &HostId, status: PeerStatus) -> Result<(), ClusterError> {
+        let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        peer.status = status;
+        peer.back_to_source = false;
+        if status == PeerStatus::Done {
+            let all = peer.bitmap.len();
+            for n in 0..all {
+                peer.bitmap.set(n);
+            }
+        }
+        let parents = std::mem::take(&mut peer.parents);
+        for p in parents {
+            if let Some(h) = self.hosts.get_mut(&p) {
+                h.uploads = h.uploads.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_peer(&mut self, task: &TaskId, host: &HostId) {
+        let Some(t) = self.tasks.get_mut(task) else { return };
+        if let Some(peer) = t.peers.remove(host) {
+            for p in peer.parents {
+                if let Some(h) = self.hosts.get_mut(&p) {
+                    h.uploads = h.uploads.saturating_sub(1);
+                }
+            }
+        }
+        if t.peers.is_empty() {
+            self.tasks.remove(task);
+        }
+    }
+
+    /// A summary of `task`, if any peer has it.
+    pub fn stat_task(&self, task: &TaskId) -> Option<TaskStat> {
+        let t = self.tasks.get(task)?;
+        Some(TaskStat {
+            layout: t.layout,
+            peers: t.peers.len(),
+            done: t.peers.values().filter(|p| p.status == PeerStatus::Done).count(),
+            known_pieces: t.digests.iter().filter(|d| d.is_some()).count() as u32,
+        })
+    }
+
+    /// The parents currently assigned to `host` for `task`.
+    pub fn parents_of(&self, task: &TaskId, host: &HostId) -> Vec<HostId> {
+        self.tasks.get(task).and_then(|t| t.peers.get(host)).map(|p| p.parents.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::Digest;
+
+    const MIB: u64 = 1 << 20;
+
+    fn host(name: &str, seed: bool) -> HostInfo {
+        HostInfo {
+            id: HostId(name.into()),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            upload_slots: 4,
+            zone: String::new(),
+            idc: String::new(),
+            seed,
+        }
+    }
+
+    fn id(name: &str) -> HostId {
+        HostId(name.into())
+    }
+
+    fn task() -> TaskId {
+        TaskId::of_digest(&Digest::of(b"blob"))
+    }
+
+    fn cluster(names: &[&str]) -> Cluster {
+        let mut c = Cluster::new(Limits::default());
+        for n in names {
+            c.announce_host(host(n, n.starts_with("seed")), 0);
+        }
+        c
+    }
+
+    #[test]
+    fn the_first_peer_of_a_cold_task_goes_to_the_origin_and_the_rest_form_a_pipeline() {
+        let mut c = cluster(&["a", "b", "c"]);
+        let t = task();
+        assert_eq!(c.register(&t, 8 * MIB, &id("a"), 0).unwrap(), Decision::BackToSource);
+        // b attaches to a before a has any piece: a is feeding from the origin.
+        assert_eq!(c.register(&t, 8 * MIB, &id("b"), 0).unwrap(), Decision::Parents(vec![id("a")]));
+        c.piece_finished(&t, &id("a"), 0, "d0").unwrap();
+        c.piece_finished(&t, &id("b"), 0, "d0").unwrap();
+        // c takes both: a and b hold a piece it lacks (the less loaded one first).
+        assert_eq!(c.register(&t, 8 * MIB, &id("c"), 0).unwrap(), Decision::Parents(vec![id("b"), id("a")]));
+        assert_eq!(c.piece_digest(&t, 0), Some("d0"));
+    }
+
+    #[test]
+    fn with_a_seed_nobody_goes_to_the_origin_but_the_seed() {
+        let mut c = cluster(&["seed1", "a", "b"]);
+        let t = task();
+        assert_eq!(c.register(&t, 4 * MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("seed1")]));
+        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource);
+        c.piece_finished(&t, &id("seed1"), 0, "s0").unwrap();
+        let d = c.register(&t, 4 * MIB, &id("b"), 0).unwrap();
+        assert_eq!(d, Decision::Parents(vec![id("seed1"), id("a")]));
+    }
+
+    #[test]
+    fn only_sources_record_digests_and_a_conflicting_digest_is_refused() {
+        let mut c = cluster(&["a", "b"]);
+        let t = task();
+        c.register(&t, 2 * MIB, &id("a"), 0).unwrap();
+        c.register(&t, 2 * MIB, &id("b"), 0).unwrap();
+        // b is not a source: its report adds no digest.
+        c.piece_finished(&t, &id("b"), 1, "x").unwrap();
+        assert_eq!(c.piece_digest(&t, 1), None);
+        c.piece_finished(&t, &id("a"), 1, "good").unwrap();
+        assert_eq!(c.piece_digest(&t, 1), Some("good"));
+        let err = c.piece_finished(&t, &id("b"), 1, "evil").unwrap_err();
+        assert!(matches!(err, ClusterError::DigestMismatch { .. }));
+        assert!(matches!(c.piece_finished(&t, &id("a"), 9, "x"), Err(ClusterError::PieceOutOfRange { .. })));
+        assert!(matches!(c.register(&t, 3 * MIB, &id("b"), 0), Err(ClusterError::LengthMismatch { .. })));
+    }
+
+    #[test]
+    fn a_failing_parent_is_replaced_and_then_avoided_by_everyone() {
+        let mut c = cluster(&["src", "liar", "good", "x", "y", "z"]);
+        let t = task();
+        c.register(&t, 4 * MIB, &id("src"), 0).unwrap();
+        for h in ["liar", "good"] {
+            c.register(&t, 4 * MIB, &id(h), 0).unwrap();
+            c.piece_finished(&t, &id("src"), 0, "d").unwrap();
+            c.piece_finished(&t, &id(h), 0, "d").unwrap();
+        }
+        c.register(&t, 4 * MIB, &id("x"), 0).unwrap();
+        assert!(c.parents_of(&t, &id("x")).contains(&id("liar")));
+        let d = c.parent_failed(&t, &id("x"), &id("liar"), 1000).unwrap();
+        let Decision::Parents(p) = d else { panic!("{d:?}") };
+        assert!(!p.contains(&id("liar")) && !p.is_empty());
+        // Two more children see it fail: the host is now failing for everyone.
+        for h in ["y", "z"] {
+            c.register(&t, 4 * MIB, &id(h), 1000).unwrap();
+            c.parent_failed(&t, &id(h), &id("liar"), 2000).unwrap();
+        }
+        c.announce_host(host("w", false), 2000);
+        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 3000).unwrap() else { panic!() };
+        assert!(!p.contains(&id("liar")), "{p:?}");
+        // After the failure window, it may be chosen again.
+        c.announce_host(host("v", false), 70_000);
+        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("v"), 70_000).unwrap() else { panic!() };
+        assert!(p.contains(&id("liar")), "{p:?}");
+    }
+
+    #[test]
+    fn upload_slots_bound_children_per_parent() {
+        let mut c = Cluster::new(Limits::default());
+        let mut src = host("src", false);
+        src.upload_slots = 2;
+        c.announce_host(src, 0);
+        for n in ["a", "b", "c", "d"] {
+            c.announce_host(host(n, false), 0);
+        }
+        let t = task();
+        c.register(&t, MIB, &id("src"), 0).unwrap();
+        c.piece_finished(&t, &id("src"), 0, "d").unwrap();
+        assert_eq!(c.register(&t, MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("src")]));
+        let Decision::Parents(p) = c.register(&t, MIB, &id("b"), 0).unwrap() else { panic!() };
+        assert_eq!(p[0], id("src"));
+        // src is full; a is feeding from src, so c attaches to a (or b).
+        let Decision::Parents(p) = c.register(&t, MIB, &id("c"), 0).unwrap() else { panic!() };
+        assert!(!p.contains(&id("src")), "{p:?}");
+        // When a finishes, src gets its slot back.
+        c.peer_done(&t, &id("a")).unwrap();
+        assert_eq!(c.hosts().get(&id("src")).unwrap().uploads, 1);
+    }
+
+    #[test]
+    fn depth_is_bounded_so_a_chain_does_not_grow_forever() {
+        let mut c = Cluster::new(Limits { max_parents: 1, max_depth: 2, max_back_to_source: 1, enough_peers: 2 });
+        let t = task();
+        for (i, n) in ["h0", "h1", "h2", "h3"].iter().enumerate() {
+            let mut h = host(n, false);
+            h.upload_slots = 1;
+            c.announce_host(h, 0);
+            let d = c.register(&t, MIB, &id(n), 0).unwrap();
+            match i {
+                0 => assert_eq!(d, Decision::BackToSource),
+                1 => assert_eq!(d, Decision::Parents(vec![id("h0")])),
+                2 => assert_eq!(d, Decision::Parents(vec![id("h1")])),
+                // h2 is at depth 2 = max_depth and h0, h1 are full: wait rather than chain deeper.
+                _ => assert_eq!(d, Decision::Wait),
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_that_leaves_takes_its_peers_and_frees_its_parents() {
+        let mut c = cluster(&["a", "b"]);
+        let t = task();
+        c.register(&t, MIB, &id("a"), 0).unwrap();
+        c.register(&t, MIB, &id("b"), 0).unwrap();
+        assert_eq!(c.hosts().get(&id("a")).unwrap().uploads, 1);
+        c.leave_host(&id("b"));
+        assert_eq!(c.hosts().get(&id("a")).unwrap().uploads, 0);
+        assert_eq!(c.stat_task(&t).unwrap().peers, 1);
+        c.leave_host(&id("a"));
+        assert!(c.stat_task(&t).is_none());
+        assert!(matches!(c.register(&t, MIB, &id("a"), 0), Err(ClusterError::UnknownHost(_))));
+    }
+
+    #[test]
+    fn a_restarted_scheduler_rebuilds_from_announcements() {
+        // Nothing is persisted: the same announcements give the same view.
+        let build = || {
+            let mut c = cluster(&["a", "b"]);
+            let t = task();
+            c.register(&t, 2 * MIB, &id("a"), 0).unwrap();
+            c.piece_finished(&t, &id("a"), 0, "d").unwrap();
+            c.register(&t, 2 * MIB, &id("b"), 0).unwrap();
+            c.stat_task(&t).unwrap()
+        };
+        assert_eq!(build(), build());
+    }
+}
