@@ -29,6 +29,9 @@ enum Command {
     Up(DaemonArgs),
     /// Run the node agent: the registry mirror containerd pulls through, and the admin endpoint.
     Agent(DaemonArgs),
+    /// Run the scheduler: the gRPC service agents ask for parents (no database; state is rebuilt
+    /// from announcements).
+    Scheduler(DaemonArgs),
     /// Show what the local agent is doing: store usage and downloads in progress.
     Status(status::StatusArgs),
     /// Download an image (as an OCI layout directory) or one blob (to a file) through Shoal.
@@ -47,7 +50,8 @@ struct DaemonArgs {
     /// Load and check the config (file, environment, flags), print it in full, and exit.
     #[arg(long)]
     check_config: bool,
-    /// Address for the registry mirror (overrides [mirror] listen).
+    /// Address to listen on: the registry mirror (overrides [mirror] listen), or for
+    /// `shoal scheduler` its gRPC API (overrides [scheduler] listen).
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Address for /metrics, /healthz and /status (overrides [admin] listen).
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) | Command::Agent(args) => daemon(args).await,
+            Command::Scheduler(args) => scheduler(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Get(args) => get::run(args).await,
         }
@@ -106,6 +111,33 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     shoal_agent::run(config, shutdown).await?;
+    Ok(())
+}
+
+async fn scheduler(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    let mut config = args.load()?;
+    if let Some(l) = args.listen {
+        config.scheduler.listen = l;
+    }
+    if args.check_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    logging::init(&config.log);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let s = &config.scheduler;
+    let limits = shoal_scheduler::parents::Limits {
+        max_parents: s.max_parents,
+        max_depth: s.max_depth,
+        max_back_to_source: s.max_back_to_source,
+        enough_peers: s.enough_peers,
+    };
+    shoal_scheduler::service::run(s.listen, limits, shutdown).await?;
     Ok(())
 }
 

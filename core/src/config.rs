@@ -29,6 +29,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// How blobs are downloaded from the origin.
     pub download: DownloadConfig,
+    /// The scheduler role (`shoal scheduler`).
+    pub scheduler: SchedulerConfig,
     /// Per-registry settings, keyed by registry host as containerd names it (`docker.io`, `127.0.0.1:5000`).
     pub registry: BTreeMap<String, RegistryConfig>,
 }
@@ -105,6 +107,34 @@ pub struct DownloadConfig {
     pub rate_limit: ByteSize,
 }
 
+/// Scheduler role settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Address the scheduler's gRPC API listens on.
+    pub listen: SocketAddr,
+    /// Most parents handed to a peer at once.
+    pub max_parents: usize,
+    /// Most hops between the origin and a peer, so a cold fan-out is a pipeline, not a chain.
+    pub max_depth: u32,
+    /// Peers fetching one task from the origin at once when no seed is available.
+    pub max_back_to_source: usize,
+    /// Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
+    pub enough_peers: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> SchedulerConfig {
+        SchedulerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8002)),
+            max_parents: 4,
+            max_depth: 6,
+            max_back_to_source: 1,
+            enough_peers: 2,
+        }
+    }
+}
+
 /// Settings for one registry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -132,6 +162,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             download: DownloadConfig::default(),
+            scheduler: SchedulerConfig::default(),
             registry: BTreeMap::new(),
         }
     }
@@ -351,6 +382,18 @@ read_timeout_seconds = 60
 retries = 3
 # Cap on bytes per second downloaded from origins by this node, over all tasks; 0 = no cap.
 rate_limit = 0
+
+[scheduler]
+# Address the scheduler's gRPC API listens on (shoal scheduler).
+listen = "0.0.0.0:8002"
+# Most parents handed to a peer at once.
+max_parents = 4
+# Most hops between the origin and a peer, so a cold fan-out is a pipeline, not a chain.
+max_depth = 6
+# Peers fetching one task from the origin at once when no seed is available.
+max_back_to_source = 1
+# Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
+enough_peers = 2
 
 # Per-registry settings, keyed by the host containerd uses for the image.
 # [registry."docker.io"]

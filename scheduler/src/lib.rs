@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod hosts;
 pub mod parents;
+pub mod service;
 
 pub use cluster::{Cluster, Decision, Limits, PeerStatus};
 pub use hosts::{HostId, HostInfo};

@@ -1,0 +1,317 @@
+//! The scheduler's gRPC service: a thin shell feeding announcements into [`Cluster`] and sending
+//! its decisions back, plus the piece digests sources report, to every peer of the task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use shoal_core::TaskId;
+use shoal_proto::scheduler as pb;
+use shoal_proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::cluster::{Cluster, ClusterError, Decision};
+use crate::hosts::{HostId, HostInfo};
+use crate::parents::Limits;
+
+/// Hosts silent for this long are dropped (they announce every few seconds).
+pub const HOST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer told to wait should wait before registering again.
+const WAIT_MS: u32 = 200;
+
+/// A digest a source reported, for the other peers of a task.
+#[derive(Clone, Debug)]
+struct DigestNote {
+    number: u32,
+    blake3: String,
+}
+
+/// State shared by every RPC.
+pub struct Service {
+    cluster: Mutex<Cluster>,
+    /// Per task, where new digests are announced to its peers' streams.
+    digests: Mutex<HashMap<TaskId, broadcast::Sender<DigestNote>>>,
+    started: Instant,
+}
+
+impl Service {
+    /// A service with these limits.
+    pub fn new(limits: Limits) -> Arc<Service> {
+        Arc::new(Service { cluster: Mutex::new(Cluster::new(limits)), digests: Mutex::new(HashMap::new()), started: Instant::now() })
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn cluster(&self) -> MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn digest_channel(&self, task: &TaskId) -> broadcast::Sender<DigestNote> {
+        let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|_, tx| tx.receiver_count() > 0);
+        d.entry(task.clone()).or_insert_with(|| broadcast::channel(4096).0).clone()
+    }
+
+    /// Drops hosts that stopped announcing.
+    pub fn expire_hosts(&self) {
+        let now = self.now();
+        let mut c = self.cluster();
+        for id in c.hosts().silent_since(now.saturating_sub(HOST_TIMEOUT.as_millis() as u64)) {
+            info!(host = %id, "host stopped announcing; dropping it");
+            c.leave_host(&id);
+        }
+    }
+
+    /// The command for a decision, with parents' addresses.
+    fn command(&self, decision: Decision) -> pb::PeerCommand {
+        use pb::peer_command::Command;
+        let command = match decision {
+            Decision::BackToSource => Command::BackToSource(pb::BackToSource {}),
+            Decision::Wait => Command::Wait(pb::Wait { retry_after_ms: WAIT_MS }),
+            Decision::Parents(ids) => {
+                let c = self.cluster();
+                Command::Parents(pb::Parents {
+                    parents: ids
+                        .into_iter()
+                        .filter_map(|id| {
+                            let h = c.hosts().get(&id)?;
+                            Some(pb::Parent { host_id: id.0.clone(), peer_addr: h.info.addr.to_string() })
+                        })
+                        .collect(),
+                })
+            }
+        };
+        pb::PeerCommand { command: Some(command) }
+    }
+
+    /// Every digest known for `task`.
+    fn known_digests(&self, task: &TaskId) -> pb::PeerCommand {
+        let c = self.cluster();
+        let count = c.stat_task(task).map_or(0, |s| s.layout.count());
+        let digests = (0..count)
+            .filter_map(|n| c.piece_digest(task, n).map(|d| pb::PieceDigest { number: n, blake3: d.to_string() }))
+            .collect();
+        pb::PeerCommand { command: Some(pb::peer_command::Command::Digests(pb::PieceDigests { digests })) }
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn task_id(s: &str) -> Result<TaskId, Status> {
+    TaskId::parse(s).ok_or_else(|| bad(format!("invalid task id {s:?}")))
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::PeerCommand, Status>> + Send>>;
+
+/// The gRPC face of a [`Service`].
+#[derive(Clone)]
+pub struct Api(pub Arc<Service>);
+
+impl std::ops::Deref for Api {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl Scheduler for Api {
+    async fn announce_host(&self, req: Request<pb::AnnounceHostRequest>) -> Result<Response<pb::AnnounceHostResponse>, Status> {
+        let h = req.into_inner().host.ok_or_else(|| bad("host is required"))?;
+        if h.id.is_empty() {
+            return Err(bad("host id is empty"));
+        }
+        let addr: SocketAddr = h.peer_addr.parse().map_err(|_| bad(format!("peer_addr {:?} is not ip:port", h.peer_addr)))?;
+        let info = HostInfo { id: HostId(h.id), addr, upload_slots: h.upload_slots.max(1), zone: h.zone, idc: h.idc, seed: h.seed };
+        debug!(host = %info.id, seed = info.seed, "host announced");
+        let now = self.now();
+        self.cluster().announce_host(info, now);
+        Ok(Response::new(pb::AnnounceHostResponse {}))
+    }
+
+    async fn leave_host(&self, req: Request<pb::LeaveHostRequest>) -> Result<Response<pb::LeaveHostResponse>, Status> {
+        let id = HostId(req.into_inner().host_id);
+        info!(host = %id, "host left");
+        self.cluster().leave_host(&id);
+        Ok(Response::new(pb::LeaveHostResponse {}))
+    }
+
+    type AnnouncePeerStream = CommandStream;
+
+    async fn announce_peer(&self, req: Request<Streaming<pb::PeerEvent>>) -> Result<Response<CommandStream>, Status> {
+        let mut events = req.into_inner();
+        let first = events.message().await?.ok_or_else(|| bad("empty stream"))?;
+        let Some(pb::peer_event::Event::Register(reg)) = first.event else {
+            return Err(bad("the first event of a peer stream must be Register"));
+        };
+        let task = task_id(&reg.task_id)?;
+        let host = HostId(reg.host_id.clone());
+        let decision = {
+            let now = self.now();
+            self.cluster().register(&task, reg.length, &host, now).map_err(|e| match e {
+                ClusterError::UnknownHost(_) => Status::failed_precondition(e.to_string()),
+                e => bad(e),
+            })?
+        };
+        debug!(task = %task, host = %host, ?decision, "peer registered");
+        let (tx, rx) = mpsc::channel::<Result<pb::PeerCommand, Status>>(64);
+        let _ = tx.send(Ok(self.command(decision))).await;
+        let _ = tx.send(Ok(self.known_digests(&task))).await;
+        let mut notes = self.digest_channel(&task).subscribe();
+        let svc = self.0.clone();
+        tokio::spawn(async move {
+            let mut finished = false;
+            loop {
+                tokio::select! {
+                    note = notes.recv() => match note {
+                        Ok(n) => {
+                            let digests = vec![pb::PieceDigest { number: n.number, blake3: n.blake3 }];
+                            let cmd = pb::PeerCommand { command: Some(pb::peer_command::Command::Digests(pb::PieceDigests { digests })) };
+                            if tx.send(Ok(cmd)).await.is_err() { break; }
+                        }
+                        // Fell behind: resend everything known.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            if tx.send(Ok(svc.known_digests(&task))).await.is_err() { break; }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    event = events.message() => {
+                        let event = match event {
+                            Ok(Some(e)) => e,
+                            Ok(None) | Err(_) => break,
+                        };
+                        match svc.on_event(&task, &host, event) {
+                            Ok(Some(reply)) => { if tx.send(Ok(reply)).await.is_err() { break; } }
+                            Ok(None) => {}
+                            Err(Ended) => { finished = true; break; }
+                        }
+                    }
+                }
+            }
+            if !finished {
+                // The stream broke without Done: the peer is gone for this task.
+                let _ = svc.cluster().peer_failed(&task, &host);
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn stat_task(&self, req: Request<pb::StatTaskRequest>) -> Result<Response<pb::StatTaskResponse>, Status> {
+        let task = task_id(&req.into_inner().task_id)?;
+        let resp = match self.cluster().stat_task(&task) {
+            Some(s) => pb::StatTaskResponse {
+                known: true,
+                length: s.layout.len,
+                peers: s.peers as u32,
+                done: s.done as u32,
+                known_pieces: s.known_pieces,
+            },
+            None => pb::StatTaskResponse::default(),
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn preheat(&self, _req: Request<pb::PreheatRequest>) -> Result<Response<pb::PreheatResponse>, Status> {
+        Err(Status::unimplemented("preheat is not available in this version of the scheduler"))
+    }
+
+    async fn job_status(&self, _req: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
+        Err(Status::unimplemented("preheat jobs are not available in this version of the scheduler"))
+    }
+}
+
+/// The peer said Done or Failed: its stream is over.
+struct Ended;
+
+impl Service {
+    fn on_event(&self, task: &TaskId, host: &HostId, event: pb::PeerEvent) -> Result<Option<pb::PeerCommand>, Ended> {
+        use pb::peer_event::Event;
+        let now = self.now();
+        match event.event {
+            Some(Event::Register(_)) => {
+                // Registering again (after Wait) asks for a new decision.
+                let decision = self.cluster().schedule(task, host, now);
+                Ok(decision.ok().map(|d| self.command(d)))
+            }
+            Some(Event::PieceFinished(p)) => {
+                let recorded = {
+                    let mut c = self.cluster();
+                    let before = c.piece_digest(task, p.number).is_some();
+                    c.piece_finished(task, host, p.number, &p.blake3).map(|()| !before && c.piece_digest(task, p.number).is_some())
+                };
+                match recorded {
+                    Ok(true) => {
+                        let _ = self.digest_channel(task).send(DigestNote { number: p.number, blake3: p.blake3 });
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(task = %task, host = %host, error = %e, "piece report refused"),
+                }
+                Ok(None)
+            }
+            Some(Event::PieceFailed(f)) => {
+                let parent = HostId(f.parent_host_id);
+                info!(task = %task, child = %host, parent = %parent, piece = f.number, reason = %f.reason, "parent failed");
+                let decision = self.cluster().parent_failed(task, host, &parent, now);
+                Ok(decision.ok().map(|d| self.command(d)))
+            }
+            Some(Event::Done(_)) => {
+                let _ = self.cluster().peer_done(task, host);
+                Err(Ended)
+            }
+            Some(Event::Failed(f)) => {
+                info!(task = %task, host = %host, reason = %f.reason, "peer failed");
+                let _ = self.cluster().peer_failed(task, host);
+                Err(Ended)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} for the scheduler: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("scheduler server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// Serves the scheduler API on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, limits: Limits, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let service = Service::new(limits);
+    let expiry = service.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => expiry.expire_hosts(),
+            }
+        }
+    });
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(SchedulerServer::new(Api(service)))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Binds `addr` and serves until `shutdown`.
+pub async fn run(addr: SocketAddr, limits: Limits, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+    info!(%addr, "scheduler listening");
+    serve(listener, limits, shutdown).await
+}

@@ -1,0 +1,110 @@
+//! The scheduler's gRPC service on loopback, driven by a real tonic client.
+
+use std::time::Duration;
+
+use shoal_core::{Digest, TaskId};
+use shoal_proto::scheduler as pb;
+use shoal_proto::scheduler::peer_command::Command;
+use shoal_proto::scheduler::peer_event::Event;
+use shoal_proto::scheduler::scheduler_client::SchedulerClient;
+use shoal_scheduler::parents::Limits;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+async fn start() -> (SchedulerClient<tonic::transport::Channel>, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shoal_scheduler::service::serve(listener, Limits::default(), shutdown.clone()));
+    let client = SchedulerClient::connect(format!("http://{addr}")).await.unwrap();
+    (client, shutdown)
+}
+
+async fn announce(c: &mut SchedulerClient<tonic::transport::Channel>, id: &str, port: u16) {
+    let host = pb::Host { id: id.into(), peer_addr: format!("127.0.0.1:{port}"), upload_slots: 4, ..Default::default() };
+    c.announce_host(pb::AnnounceHostRequest { host: Some(host) }).await.unwrap();
+}
+
+struct PeerStream {
+    tx: mpsc::Sender<pb::PeerEvent>,
+    rx: tonic::Streaming<pb::PeerCommand>,
+}
+
+impl PeerStream {
+    async fn open(c: &mut SchedulerClient<tonic::transport::Channel>, task: &TaskId, host: &str, len: u64) -> PeerStream {
+        let (tx, rx) = mpsc::channel(16);
+        let register = pb::Register { task_id: task.to_string(), host_id: host.into(), length: len, origin: None };
+        tx.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await.unwrap();
+        let rx = c.announce_peer(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        PeerStream { tx, rx }
+    }
+
+    async fn next(&mut self) -> Command {
+        let msg = tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await.expect("a command").unwrap().unwrap();
+        msg.command.unwrap()
+    }
+
+    async fn send(&self, e: Event) {
+        self.tx.send(pb::PeerEvent { event: Some(e) }).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_get_decisions_and_the_digests_sources_report() {
+    let (mut c, shutdown) = start().await;
+    announce(&mut c, "a", 1001).await;
+    announce(&mut c, "b", 1002).await;
+    let task = TaskId::of_digest(&Digest::of(b"blob"));
+
+    let mut a = PeerStream::open(&mut c, &task, "a", 3 << 20).await;
+    assert!(matches!(a.next().await, Command::BackToSource(_)));
+    assert!(matches!(a.next().await, Command::Digests(d) if d.digests.is_empty()));
+
+    let mut b = PeerStream::open(&mut c, &task, "b", 3 << 20).await;
+    match b.next().await {
+        Command::Parents(p) => {
+            assert_eq!(p.parents.len(), 1);
+            assert_eq!((p.parents[0].host_id.as_str(), p.parents[0].peer_addr.as_str()), ("a", "127.0.0.1:1001"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let _known = b.next().await;
+
+    // a fetched piece 1 from the origin: b hears its digest.
+    a.send(Event::PieceFinished(pb::PieceFinished { number: 1, blake3: "d1".into() })).await;
+    match b.next().await {
+        Command::Digests(d) => assert_eq!((d.digests[0].number, d.digests[0].blake3.as_str()), (1, "d1")),
+        other => panic!("{other:?}"),
+    }
+
+    // b reports a as failing: with nobody else, it must wait for the origin fetcher.
+    b.send(Event::PieceFailed(pb::PieceFailed { number: 1, parent_host_id: "a".into(), reason: "reset".into() })).await;
+    assert!(matches!(b.next().await, Command::Wait(_)));
+
+    a.send(Event::Done(pb::Done {})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stat = c.stat_task(pb::StatTaskRequest { task_id: task.to_string() }).await.unwrap().into_inner();
+    assert!(stat.known);
+    assert_eq!((stat.length, stat.peers, stat.done, stat.known_pieces), (3 << 20, 2, 1, 1));
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_announcements_are_refused_with_a_reason() {
+    let (mut c, shutdown) = start().await;
+    let err = c.announce_host(pb::AnnounceHostRequest { host: None }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let host = pb::Host { id: "x".into(), peer_addr: "not an address".into(), ..Default::default() };
+    let err = c.announce_host(pb::AnnounceHostRequest { host: Some(host) }).await.unwrap_err();
+    assert!(err.message().contains("peer_addr"), "{}", err.message());
+    // A peer of an unknown host is refused.
+    let (tx, rx) = mpsc::channel(1);
+    let register = pb::Register { task_id: TaskId::of_digest(&Digest::of(b"x")).to_string(), host_id: "ghost".into(), length: 1, origin: None };
+    tx.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await.unwrap();
+    let err = c.announce_peer(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let bad_task = c.stat_task(pb::StatTaskRequest { task_id: "../etc".into() }).await.unwrap_err();
+    assert_eq!(bad_task.code(), tonic::Code::InvalidArgument);
+    shutdown.cancel();
+}
