@@ -14,6 +14,8 @@ use tracing::info;
 use crate::admin::Admin;
 use crate::engine::Engine;
 use crate::mirror::Mirror;
+use crate::peer::tls::ClusterTls;
+use crate::peer::{PeerServer, PeerServerConfig};
 use crate::serve::serve;
 
 /// Why the agent could not start.
@@ -21,6 +23,8 @@ use crate::serve::serve;
 pub enum StartError {
     #[error("cannot open the content store: {0}")]
     Store(#[from] StoreError),
+    #[error("peer server: {0}")]
+    Peer(#[from] crate::peer::tls::TlsError),
     #[error("cannot listen on {addr} for the {what}: {source} (is another agent running? change [{section}] listen)")]
     Bind { what: &'static str, section: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
 }
@@ -61,6 +65,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         let admin = Arc::new(Admin { engine: engine.clone(), metrics, mirror: listen.to_string() });
         let handler = Arc::new(move |req| admin.clone().handle(req));
         servers.spawn(serve(listener, "admin", handler, shutdown.clone()));
+    }
+    if config.peer.enabled {
+        let p = &config.peer;
+        let cluster_tls = match (&p.ca_file, &p.cert_file, &p.key_file) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(ClusterTls { ca_file: ca.clone(), cert_file: cert.clone(), key_file: key.clone() })
+            }
+            _ => None,
+        };
+        let peer_config = PeerServerConfig {
+            listen: p.listen,
+            upload_slots: p.upload_slots,
+            cluster_tls,
+            corrupt_pieces: std::env::var_os("SHOAL_FAULT_CORRUPT_PIECES").is_some(),
+        };
+        let server = PeerServer::bind(&peer_config)?;
+        info!(addr = %p.listen, mutual_tls = peer_config.cluster_tls.is_some(), "peer server listening (QUIC)");
+        servers.spawn(server.run(engine.clone(), peer_config, shutdown.clone()));
     }
     while servers.join_next().await.is_some() {}
     engine.flush_all().await;

@@ -179,6 +179,40 @@ impl Task {
     }
 }
 
+/// A task this host can serve pieces of to other hosts: downloading or complete.
+pub struct Shared {
+    file: Arc<TaskFile>,
+    task: Option<Arc<Task>>,
+}
+
+impl Shared {
+    /// The task's store file.
+    pub fn file(&self) -> Arc<TaskFile> {
+        self.file.clone()
+    }
+
+    /// Wakes on every new piece (and on the end), while the task is downloading.
+    pub fn changes(&self) -> Option<watch::Receiver<()>> {
+        self.task.as_ref().map(|t| t.changed.subscribe())
+    }
+
+    /// Whether the whole task is here and verified.
+    pub fn is_complete(&self) -> bool {
+        match &self.task {
+            Some(t) => matches!(t.state().status, Status::Complete),
+            None => self.file.is_complete(),
+        }
+    }
+
+    /// Why the download failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        match &self.task.as_ref()?.state().status {
+            Status::Failed(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// What [`Engine::open`] found.
 pub enum Opened {
     /// A task (complete or downloading) to read from.
@@ -238,6 +272,14 @@ impl Engine {
             }
         })
         .await;
+    }
+
+    /// The task `id` if this host is downloading it or has it.
+    pub fn shared(&self, id: &TaskId) -> Option<Shared> {
+        if let Some(t) = self.tasks().get(id).cloned() {
+            return Some(Shared { file: t.file.clone(), task: Some(t) });
+        }
+        self.store.complete(id).map(|file| Shared { file, task: None })
     }
 
     /// The length of a blob already known locally (stored or downloading), if any.

@@ -29,6 +29,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// How blobs are downloaded from the origin.
     pub download: DownloadConfig,
+    /// The peer server other hosts fetch pieces from.
+    pub peer: PeerConfig,
     /// The scheduler role (`shoal scheduler`).
     pub scheduler: SchedulerConfig,
     /// Per-registry settings, keyed by registry host as containerd names it (`docker.io`, `127.0.0.1:5000`).
@@ -107,6 +109,38 @@ pub struct DownloadConfig {
     pub rate_limit: ByteSize,
 }
 
+/// Peer server settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Serve pieces to other hosts over QUIC.
+    pub enabled: bool,
+    /// UDP address of the peer server.
+    pub listen: SocketAddr,
+    /// Pieces uploaded at once; more requests are turned away to other parents.
+    pub upload_slots: usize,
+    /// PEM file of the cluster CA. With `cert_file` and `key_file`, peers use mutual TLS and
+    /// refuse hosts without a certificate from this CA; without them, self-signed certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate of this host, signed by `ca_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for PeerConfig {
+    fn default() -> PeerConfig {
+        PeerConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 65003)),
+            upload_slots: 16,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
 /// Scheduler role settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -162,6 +196,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             store: StoreConfig::default(),
             download: DownloadConfig::default(),
+            peer: PeerConfig::default(),
             scheduler: SchedulerConfig::default(),
             registry: BTreeMap::new(),
         }
@@ -252,7 +287,7 @@ impl Config {
             None => {}
         }
         let config: Config = figment
-            .merge(Env::prefixed("SHOAL_").ignore(&["config"]).split("__"))
+            .merge(Env::prefixed("SHOAL_").ignore(&["config", "fault_corrupt_pieces"]).split("__"))
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.check()?;
@@ -262,6 +297,12 @@ impl Config {
     /// Rejects values that parse but make no sense.
     pub fn check(&self) -> Result<(), ConfigError> {
         let s = &self.store;
+        let p = &self.peer;
+        if [&p.ca_file, &p.cert_file, &p.key_file].iter().filter(|f| f.is_some()).count() % 3 != 0 {
+            return Err(ConfigError::Check(
+                "[peer] mutual TLS needs all of ca_file, cert_file and key_file (or none of them)".into(),
+            ));
+        }
         if !(0.0 < s.low_watermark && s.low_watermark <= s.high_watermark && s.high_watermark <= 1.0) {
             return Err(ConfigError::Check(format!(
                 "store watermarks must satisfy 0 < low_watermark ({}) <= high_watermark ({}) <= 1",
@@ -382,6 +423,19 @@ read_timeout_seconds = 60
 retries = 3
 # Cap on bytes per second downloaded from origins by this node, over all tasks; 0 = no cap.
 rate_limit = 0
+
+[peer]
+# Serve pieces to other hosts over QUIC.
+enabled = false
+# UDP address of the peer server.
+listen = "0.0.0.0:65003"
+# Pieces uploaded at once; more requests are turned away to other parents.
+upload_slots = 16
+# Mutual TLS: the cluster CA, and this host's certificate and key signed by it (PEM). Peers then
+# refuse hosts without a certificate from this CA. Without them, certificates are self-signed.
+# ca_file = "/etc/shoal/peer-ca.pem"
+# cert_file = "/etc/shoal/peer.pem"
+# key_file = "/etc/shoal/peer-key.pem"
 
 [scheduler]
 # Address the scheduler's gRPC API listens on (shoal scheduler).

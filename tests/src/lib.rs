@@ -3,6 +3,7 @@
 //! instances pulling through them. Every fixture cleans up after itself when dropped, even when the
 //! test fails.
 
+pub mod certs;
 pub mod containerd;
 pub mod registry;
 
@@ -81,14 +82,22 @@ pub struct Agent {
     pub admin_port: u16,
     /// Extra TOML appended to the generated config.
     extra: String,
+    /// Extra environment variables.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Agent {
     /// Starts an agent with `extra` TOML added to its config, and waits until it answers.
     pub async fn start(extra: &str) -> anyhow::Result<Agent> {
+        Agent::start_with_env(extra, &[]).await
+    }
+
+    /// Starts an agent with extra TOML and environment variables.
+    pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
-        let mut agent = Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut agent = Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), env, child: None };
         agent.spawn().await?;
         Ok(agent)
     }
@@ -120,6 +129,7 @@ impl Agent {
             .env("RUST_LOG", "info,shoal_agent=debug")
             .env("SHOAL_MIRROR__LISTEN", format!("127.0.0.1:{}", self.port))
             .env("SHOAL_ADMIN__LISTEN", format!("127.0.0.1:{}", self.admin_port))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -245,19 +245,8 @@ impl Drop for Registry {
 
 /// A CA (`ca.pem`) and a certificate for 127.0.0.1 it signed (`registry.pem`, `registry.key`).
 fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    run(Command::new("openssl").args([
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=shoal-test-ca",
-        "-keyout", &d("ca.key"), "-out", &d("ca.pem"),
-    ]))?;
-    run(Command::new("openssl").args([
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &d("registry.key"), "-out", &d("registry.csr"),
-    ]))?;
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
-    run(Command::new("openssl").args([
-        "x509", "-req", "-days", "2", "-in", &d("registry.csr"), "-CA", &d("ca.pem"), "-CAkey", &d("ca.key"),
-        "-CAcreateserial", "-extfile", &d("san.ext"), "-out", &d("registry.pem"),
-    ]))
+    crate::certs::make_ca(dir, "ca")?;
+    crate::certs::issue(dir, "ca", "registry", "IP:127.0.0.1", "serverAuth")
 }
 
 /// Parses `ip - - [date] "GET /path HTTP/1.1" 200 1234 "ref" "ua"`.

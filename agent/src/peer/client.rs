@@ -1,0 +1,104 @@
+//! The peer client: one QUIC connection per remote host, one stream per request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use shoal_core::TaskId;
+use shoal_proto::peer::{peer_request::Request, GetPiece, PeerRequest, PieceHeader, PieceUpdate, SubscribePieces};
+
+use super::tls::{self, ClusterTls, TlsError};
+use super::wire::{self, WireError};
+
+/// Why a peer request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {addr}: cannot connect: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("peer {addr}: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    #[error("peer {addr}: {source}")]
+    Wire { addr: SocketAddr, source: WireError },
+    #[error("peer {addr}: sent {got} bytes for piece {piece}, expected {expected}")]
+    Length { addr: SocketAddr, piece: u32, got: u64, expected: u64 },
+}
+
+/// Connections to other hosts' peer servers.
+pub struct PeerClient {
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+}
+
+impl PeerClient {
+    /// A client presenting the cluster certificate when there is one.
+    pub fn new(cluster: Option<&ClusterTls>) -> Result<PeerClient, TlsError> {
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .map_err(|e| TlsError::Quic(format!("cannot open a UDP socket for the peer client: {e}")))?;
+        endpoint.set_default_client_config(tls::client_config(cluster)?);
+        Ok(PeerClient { endpoint, conns: Mutex::new(HashMap::new()) })
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, PeerError> {
+        let cached = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
+        if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
+            return Ok(c);
+        }
+        let connecting = self
+            .endpoint
+            .connect(addr, tls::SERVER_NAME)
+            .map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| PeerError::Connect { addr, reason: "timed out".into() })?
+            .map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(&self, addr: SocketAddr, req: Request) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+        let conn = self.connection(addr).await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+        wire::write(&mut send, &PeerRequest { request: Some(req) }).await.map_err(|source| PeerError::Wire { addr, source })?;
+        let _ = send.finish();
+        Ok((send, recv))
+    }
+
+    /// Fetches piece `n` of `task`: the sender's header and the bytes (not yet checked).
+    pub async fn get_piece(&self, addr: SocketAddr, task: &TaskId, n: u32, expected_len: u64) -> Result<(PieceHeader, Bytes), PeerError> {
+        let (_send, mut recv) = self.open(addr, Request::GetPiece(GetPiece { task_id: task.to_string(), number: n })).await?;
+        let header: PieceHeader = wire::read(&mut recv).await.map_err(|source| PeerError::Wire { addr, source })?;
+        if !header.error.is_empty() {
+            return Err(PeerError::Refused { addr, reason: header.error });
+        }
+        if header.length != expected_len || header.number != n {
+            return Err(PeerError::Length { addr, piece: n, got: header.length, expected: expected_len });
+        }
+        let mut buf = vec![0u8; expected_len as usize];
+        recv.read_exact(&mut buf).await.map_err(|e| PeerError::Wire { addr, source: WireError::Read(e) })?;
+        Ok((header, Bytes::from(buf)))
+    }
+
+    /// Subscribes to the pieces `task` has and gets.
+    pub async fn subscribe(&self, addr: SocketAddr, task: &TaskId) -> Result<Subscription, PeerError> {
+        let (_send, recv) = self.open(addr, Request::Subscribe(SubscribePieces { task_id: task.to_string() })).await?;
+        Ok(Subscription { addr, recv })
+    }
+}
+
+/// Updates from one parent about one task.
+pub struct Subscription {
+    addr: SocketAddr,
+    recv: quinn::RecvStream,
+}
+
+impl Subscription {
+    /// The next update; `None` once the stream ended.
+    pub async fn next(&mut self) -> Option<Result<PieceUpdate, PeerError>> {
+        match wire::read::<PieceUpdate>(&mut self.recv).await {
+            Ok(u) => Some(Ok(u)),
+            Err(WireError::Read(quinn::ReadExactError::FinishedEarly(0))) => None,
+            Err(source) => Some(Err(PeerError::Wire { addr: self.addr, source })),
+        }
+    }
+}

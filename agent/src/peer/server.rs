@@ -1,0 +1,179 @@
+//! The peer server: answers `GetPiece` and `SubscribePieces` from the local store, bounded by a
+//! number of upload slots.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use shoal_core::TaskId;
+use shoal_proto::peer::{peer_request::Request, PeerRequest, PieceHeader, PieceUpdate};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::tls::{self, ClusterTls, TlsError};
+use super::wire;
+use crate::engine::Engine;
+
+/// Bytes read from the store and written to the stream at a time.
+const SEND_CHUNK: usize = 256 << 10;
+
+/// How the peer server runs.
+#[derive(Clone, Debug)]
+pub struct PeerServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Pieces sent at once; further requests are answered "busy" and go elsewhere.
+    pub upload_slots: usize,
+    /// Mutual TLS with a cluster CA; self-signed when absent.
+    pub cluster_tls: Option<ClusterTls>,
+    /// Testing only: flip a byte in every piece sent, to exercise other peers' checks.
+    pub corrupt_pieces: bool,
+}
+
+/// A running peer server.
+pub struct PeerServer {
+    endpoint: quinn::Endpoint,
+}
+
+impl PeerServer {
+    /// Binds the server; [`PeerServer::run`] serves it.
+    pub fn bind(config: &PeerServerConfig) -> Result<PeerServer, TlsError> {
+        let server = tls::server_config(config.cluster_tls.as_ref())?;
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .map_err(|e| TlsError::Quic(format!("cannot listen on udp {}: {e}", config.listen)))?;
+        Ok(PeerServer { endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, engine: Arc<Engine>, config: PeerServerConfig, shutdown: CancellationToken) {
+        if config.corrupt_pieces {
+            warn!("FAULT INJECTION: this host corrupts every piece it serves (testing only)");
+        }
+        let slots = Arc::new(Semaphore::new(config.upload_slots.max(1)));
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let (engine, slots, corrupt) = (engine.clone(), slots.clone(), config.corrupt_pieces);
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        info!(error = %e, "peer connection refused");
+                        return;
+                    }
+                };
+                let remote = conn.remote_address();
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let (engine, slots) = (engine.clone(), slots.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_stream(&engine, &slots, corrupt, send, recv).await {
+                            debug!(%remote, error = %e, "peer request ended with an error");
+                        }
+                    });
+                }
+            });
+        }
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+async fn serve_stream(
+    engine: &Engine,
+    slots: &Semaphore,
+    corrupt: bool,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), wire::WireError> {
+    let req: PeerRequest = wire::read(&mut recv).await?;
+    match req.request {
+        Some(Request::GetPiece(g)) => {
+            let refuse = |error: &str| PieceHeader { number: g.number, error: error.into(), ..Default::default() };
+            let Some(shared) = TaskId::parse(&g.task_id).and_then(|id| engine.shared(&id)) else {
+                wire::write(&mut send, &refuse("task not found")).await?;
+                return Ok(finish(send));
+            };
+            let file = shared.file();
+            let (Some(blake3), true) = (file.piece_blake3(g.number), file.has_piece(g.number)) else {
+                wire::write(&mut send, &refuse("piece not present")).await?;
+                return Ok(finish(send));
+            };
+            let Ok(_permit) = slots.try_acquire() else {
+                wire::write(&mut send, &refuse("busy")).await?;
+                return Ok(finish(send));
+            };
+            let range = file.layout().range(g.number);
+            let header = PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };
+            wire::write(&mut send, &header).await?;
+            let mut pos = range.start;
+            while pos < range.end {
+                let len = ((range.end - pos) as usize).min(SEND_CHUNK);
+                let f = file.clone();
+                let chunk = tokio::task::spawn_blocking(move || f.read_vec(pos, len)).await;
+                let mut chunk = match chunk {
+                    Ok(Ok(c)) if c.len() == len => c,
+                    _ => {
+                        let _ = send.reset(1u32.into());
+                        return Ok(());
+                    }
+                };
+                if corrupt && pos == range.start {
+                    chunk[0] ^= 0xff;
+                }
+                send.write_all(&chunk).await?;
+                pos += len as u64;
+            }
+            Ok(finish(send))
+        }
+        Some(Request::Subscribe(s)) => {
+            let Some(shared) = TaskId::parse(&s.task_id).and_then(|id| engine.shared(&id)) else {
+                wire::write(&mut send, &PieceUpdate { error: "task not found".into(), ..Default::default() }).await?;
+                return Ok(finish(send));
+            };
+            let file = shared.file();
+            let len = file.layout().len;
+            let mut changes = shared.changes();
+            let mut sent = shoal_core::piece::Bitmap::new(file.layout().count());
+            loop {
+                if let Some(rx) = changes.as_mut() {
+                    rx.borrow_and_update();
+                }
+                let have = file.bitmap();
+                let numbers: Vec<u32> = (0..have.len()).filter(|&n| have.has(n) && !sent.has(n)).collect();
+                for &n in &numbers {
+                    sent.set(n);
+                }
+                let (done, failed) = (shared.is_complete(), shared.failure());
+                let update = PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default() };
+                let last = update.done || !update.error.is_empty();
+                wire::write(&mut send, &update).await?;
+                if last {
+                    return Ok(finish(send));
+                }
+                match changes.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            // The task ended between two looks; one more round reports how.
+                            changes = None;
+                        }
+                    }
+                    None => {
+                        let _ = send.reset(2u32.into());
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        None => Ok(finish(send)),
+    }
+}
+
+fn finish(mut send: quinn::SendStream) {
+    let _ = send.finish();
+}

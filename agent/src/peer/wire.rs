@@ -1,0 +1,71 @@
+//! Framing of the peer protocol: each message is a 4-byte big-endian length then a prost message.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+
+/// Largest message accepted; piece bytes travel outside messages, so these stay small.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("peer message of {0} bytes is larger than the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("peer message does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("peer stream: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("peer stream: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// One framed message.
+pub fn encode<M: Message>(m: &M) -> Bytes {
+    let len = m.encoded_len();
+    let mut buf = BytesMut::with_capacity(4 + len);
+    buf.put_u32(len as u32);
+    // Encoding into a buffer of the right capacity cannot fail.
+    let _ = m.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The length a frame header announces, refusing oversized ones.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Reads one message from a QUIC stream.
+pub async fn read<M: Message + Default>(recv: &mut quinn::RecvStream) -> Result<M, WireError> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await?;
+    let mut body = vec![0u8; frame_len(header)?];
+    recv.read_exact(&mut body).await?;
+    Ok(M::decode(&body[..])?)
+}
+
+/// Writes one message to a QUIC stream.
+pub async fn write<M: Message>(send: &mut quinn::SendStream, m: &M) -> Result<(), WireError> {
+    send.write_all(&encode(m)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::peer::{GetPiece, PeerRequest};
+
+    #[test]
+    fn frames_round_trip_and_oversized_frames_are_refused() {
+        let m = PeerRequest { request: Some(shoal_proto::peer::peer_request::Request::GetPiece(GetPiece { task_id: "t".into(), number: 7 })) };
+        let f = encode(&m);
+        let len = frame_len([f[0], f[1], f[2], f[3]]).unwrap();
+        assert_eq!(len, f.len() - 4);
+        assert_eq!(PeerRequest::decode(&f[4..]).unwrap(), m);
+        assert!(matches!(frame_len(((MAX_MESSAGE + 1) as u32).to_be_bytes()), Err(WireError::TooLarge(_))));
+        assert!(PeerRequest::decode(&[0xff, 0xff, 0xff][..]).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The QUIC peer protocol between a real agent process and a peer client: pieces with their
+//! digests, subscriptions, refusals, a lying peer, and mutual TLS with a cluster CA.
+
+use shoal_agent::peer::tls::ClusterTls;
+use shoal_agent::peer::{PeerClient, PeerError};
+use shoal_core::{Digest, TaskId};
+use shoal_tests::{certs, digest_of, free_port, random_bytes, Agent, Registry};
+
+const MIB: usize = 1 << 20;
+
+fn task_of(digest: &str) -> TaskId {
+    TaskId::of_digest(&digest.parse::<Digest>().unwrap())
+}
+
+/// An agent with its peer server on, holding `blob` (pulled through its mirror).
+async fn agent_with_blob(registry: &Registry, repo: &str, digest: &str, extra: &str, env: &[(&str, &str)]) -> (Agent, std::net::SocketAddr) {
+    let port = free_port();
+    let agent = Agent::start_with_env(&format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{extra}"), env).await.unwrap();
+    let body = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap().bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
+    let task = shoal_tests::task_dir(digest);
+    shoal_tests::wait_for("the blob to be stored", std::time::Duration::from_secs(10), || agent.stored_tasks().contains(&task))
+        .await
+        .unwrap();
+    (agent, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(5 * MIB + 123, 31);
+    let digest = registry.push_blob("team/p2p", &blob).await.unwrap();
+    let (_agent, addr) = agent_with_blob(&registry, "team/p2p", &digest, "", &[]).await;
+    let task = task_of(&digest);
+    let client = PeerClient::new(None).unwrap();
+
+    let mut sub = client.subscribe(addr, &task).await.unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    assert_eq!(first.numbers, (0..6).collect::<Vec<u32>>());
+    assert!(first.done);
+    assert_eq!(first.task_length, blob.len() as u64);
+    assert!(sub.next().await.is_none(), "the stream ends after done");
+
+    for n in [0u32, 2, 5] {
+        let start = n as usize * MIB;
+        let end = (start + MIB).min(blob.len());
+        let (header, bytes) = client.get_piece(addr, &task, n, (end - start) as u64).await.unwrap();
+        assert_eq!(&bytes[..], &blob[start..end], "piece {n}");
+        assert_eq!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "piece {n}");
+        assert_eq!(header.offset, start as u64);
+    }
+    let unknown = TaskId::of_digest(&Digest::of(b"unknown"));
+    let err = client.get_piece(addr, &unknown, 0, 1).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason.contains("not found")), "{err}");
+    let err = client.get_piece(addr, &task, 99, 1).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason.contains("not present")), "{err}");
+    let err = client.get_piece(addr, &task, 1, 10).await.unwrap_err();
+    assert!(matches!(err, PeerError::Length { .. }), "a wrong length is caught before reading");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_sends_bytes_that_do_not_match_the_digest() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(2 * MIB, 32);
+    let digest = registry.push_blob("team/liar", &blob).await.unwrap();
+    let (_agent, addr) = agent_with_blob(&registry, "team/liar", &digest, "", &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await;
+    let client = PeerClient::new(None).unwrap();
+    let (header, bytes) = client.get_piece(addr, &task_of(&digest), 1, MIB as u64).await.unwrap();
+    assert_ne!(&bytes[..], &blob[MIB..], "the fault switch must corrupt the bytes");
+    assert_eq!(header.blake3, blake3::hash(&blob[MIB..]).to_hex().as_str(), "the header still names the true digest");
+    assert_ne!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "so a receiver's check fails");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    certs::make_ca(d, "cluster").unwrap();
+    certs::make_ca(d, "other").unwrap();
+    for (ca, name) in [("cluster", "server"), ("cluster", "member"), ("other", "stranger")] {
+        certs::issue(d, ca, name, "DNS:shoal-peer", "serverAuth,clientAuth").unwrap();
+    }
+    let tls = |ca: &str, name: &str| ClusterTls {
+        ca_file: d.join(format!("{ca}.pem")),
+        cert_file: d.join(format!("{name}.pem")),
+        key_file: d.join(format!("{name}.key")),
+    };
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(MIB, 33);
+    let digest = registry.push_blob("team/mtls", &blob).await.unwrap();
+    let server = tls("cluster", "server");
+    let extra = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        server.ca_file.display(),
+        server.cert_file.display(),
+        server.key_file.display()
+    );
+    let (_agent, addr) = agent_with_blob(&registry, "team/mtls", &digest, &extra, &[]).await;
+    let task = task_of(&digest);
+
+    let member = PeerClient::new(Some(&tls("cluster", "member"))).unwrap();
+    let (_, bytes) = member.get_piece(addr, &task, 0, MIB as u64).await.unwrap();
+    assert_eq!(&bytes[..], &blob[..]);
+
+    let stranger = PeerClient::new(Some(&tls("other", "stranger"))).unwrap();
+    assert!(stranger.get_piece(addr, &task, 0, MIB as u64).await.is_err(), "a certificate from another CA must be refused");
+    let anonymous = PeerClient::new(None).unwrap();
+    assert!(anonymous.get_piece(addr, &task, 0, MIB as u64).await.is_err(), "a host without a certificate must be refused");
+}
