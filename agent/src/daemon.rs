@@ -25,8 +25,25 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("peer server: {0}")]
     Peer(#[from] crate::peer::tls::TlsError),
+    #[error("cannot tell which address other hosts reach this one at (scheduler {scheduler}: {reason}); set [peer] advertise_ip")]
+    Advertise { scheduler: String, reason: String },
     #[error("cannot listen on {addr} for the {what}: {source} (is another agent running? change [{section}] listen)")]
     Bind { what: &'static str, section: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// The local IP that routes to `scheduler` (`host:port`): what other hosts will reach us at.
+async fn route_ip(scheduler: &str) -> Result<std::net::IpAddr, StartError> {
+    let err = |reason: String| StartError::Advertise { scheduler: scheduler.to_string(), reason };
+    let addr = tokio::net::lookup_host(scheduler)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))?;
+    let bind: std::net::SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = tokio::net::UdpSocket::bind(bind).await.map_err(|e| err(e.to_string()))?;
+    // Connecting a UDP socket sends nothing; it only picks the route and so the source address.
+    socket.connect(addr).await.map_err(|e| err(e.to_string()))?;
+    Ok(socket.local_addr().map_err(|e| err(e.to_string()))?.ip())
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -81,7 +98,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             corrupt_pieces: std::env::var_os("SHOAL_FAULT_CORRUPT_PIECES").is_some(),
         };
         let server = PeerServer::bind(&peer_config)?;
-        info!(addr = %p.listen, mutual_tls = peer_config.cluster_tls.is_some(), "peer server listening (QUIC)");
+        let bound = server.local_addr().map_err(|e| crate::peer::tls::TlsError::Quic(e.to_string()))?;
+        info!(addr = %bound, mutual_tls = peer_config.cluster_tls.is_some(), "peer server listening (QUIC)");
+        if !p.schedulers.is_empty() {
+            let ip = match p.advertise_ip {
+                Some(ip) => ip,
+                None => route_ip(&p.schedulers[0]).await?,
+            };
+            let advertise = std::net::SocketAddr::new(ip, bound.port());
+            let p2p_config = crate::p2p::P2pConfig {
+                host_id: p.host_id.clone().unwrap_or_else(|| advertise.to_string()),
+                advertise,
+                schedulers: p.schedulers.clone(),
+                upload_slots: p.upload_slots as u32,
+                zone: p.zone.clone(),
+                idc: p.idc.clone(),
+                seed: false,
+            };
+            info!(host = %p2p_config.host_id, %advertise, schedulers = ?p.schedulers, "peer-to-peer downloads on");
+            let client = crate::peer::PeerClient::new(peer_config.cluster_tls.as_ref())?;
+            let p2p = crate::p2p::P2p::new(p2p_config, client);
+            engine.enable_p2p(p2p.clone());
+            servers.spawn(p2p.announce_loop(shutdown.clone()));
+        }
         servers.spawn(server.run(engine.clone(), peer_config, shutdown.clone()));
     }
     while servers.join_next().await.is_some() {}

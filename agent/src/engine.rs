@@ -67,7 +67,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    fn origin(e: impl std::fmt::Display) -> EngineError {
+    pub(crate) fn origin(e: impl std::fmt::Display) -> EngineError {
         EngineError::Origin(e.to_string().into())
     }
 
@@ -95,6 +95,8 @@ pub struct Engine {
     registry: Arc<RegistryClient>,
     limiter: Option<Arc<RateLimiter>>,
     tasks: Mutex<HashMap<TaskId, Arc<Task>>>,
+    /// Peer-to-peer downloads, when a scheduler is configured.
+    p2p: std::sync::OnceLock<Arc<crate::p2p::P2p>>,
     /// Serialises the creation of tasks, so concurrent first requests for a blob share one task.
     opening: tokio::sync::Mutex<()>,
     metrics: EngineMetrics,
@@ -120,12 +122,14 @@ struct TaskState {
 
 /// One blob being downloaded or read.
 pub struct Task {
-    id: TaskId,
-    digest: Digest,
-    layout: PieceLayout,
-    file: Arc<TaskFile>,
+    pub(crate) id: TaskId,
+    pub(crate) digest: Digest,
+    pub(crate) layout: PieceLayout,
+    pub(crate) file: Arc<TaskFile>,
     state: Mutex<TaskState>,
-    changed: watch::Sender<()>,
+    pub(crate) changed: watch::Sender<()>,
+    /// Where finished piece numbers are reported (to the scheduler) while a P2P download runs.
+    pub(crate) reporter: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u32>>>,
     /// sha256 of the blob's first `.0` bytes, fed while bytes arrive in order, so the final check
     /// of a sequential download need not read the blob back.
     sha: Mutex<(u64, sha2::Sha256)>,
@@ -150,7 +154,7 @@ impl Task {
     }
 
     /// Feeds bytes at `offset` to the running sha256 if they are the next ones it needs.
-    fn hash_in_order(&self, offset: u64, bytes: &[u8]) {
+    pub(crate) fn hash_in_order(&self, offset: u64, bytes: &[u8]) {
         let mut sha = self.sha.lock().unwrap_or_else(|p| p.into_inner());
         if sha.0 == offset {
             sha.1.update(bytes);
@@ -176,6 +180,20 @@ impl Task {
     /// The task id.
     pub fn id(&self) -> &TaskId {
         &self.id
+    }
+
+    /// `None` while downloading; `Some(Ok)` once complete; `Some(Err)` once failed.
+    pub(crate) fn outcome(&self) -> Option<Result<(), EngineError>> {
+        match &self.state().status {
+            Status::Running => None,
+            Status::Complete => Some(Ok(())),
+            Status::Failed(e) => Some(Err(e.clone())),
+        }
+    }
+
+    /// The origin (and credentials) of the most recent request.
+    pub(crate) fn origin(&self) -> Origin {
+        self.state().origin.clone()
     }
 }
 
@@ -237,9 +255,15 @@ impl Engine {
             registry,
             limiter: (rate_limit > 0).then(|| Arc::new(RateLimiter::new(rate_limit))),
             tasks: Mutex::new(HashMap::new()),
+            p2p: std::sync::OnceLock::new(),
             opening: tokio::sync::Mutex::new(()),
             metrics: m,
         }
+    }
+
+    /// Turns on peer-to-peer downloads: whole-blob downloads ask the scheduler for parents.
+    pub fn enable_p2p(&self, p2p: Arc<crate::p2p::P2p>) {
+        let _ = self.p2p.set(p2p);
     }
 
     /// The content store.
@@ -344,6 +368,7 @@ impl Engine {
             }),
             file,
             changed: watch::channel(()).0,
+            reporter: Mutex::new(None),
             sha: Mutex::new((0, sha2::Sha256::new())),
         });
         if !complete {
@@ -405,17 +430,28 @@ impl Engine {
             }
             runs
         };
-        for run in runs {
-            let engine = self.clone();
-            let task = task.clone();
-            let span = tracing::info_span!("fetch", task = %task.id, pieces = ?run);
-            tokio::spawn(async move { engine.fetch_run(task, run).await }.instrument(span));
+        if let (true, Some(p2p)) = (whole, self.p2p.get()) {
+            let (engine, task, p2p) = (self.clone(), task.clone(), p2p.clone());
+            let span = tracing::info_span!("p2p", task = %task.id);
+            tokio::spawn(async move { p2p.drive(engine, task).await }.instrument(span));
+            return;
         }
+        for run in runs {
+            self.spawn_fetch_run(task, run);
+        }
+    }
+
+    /// Fetches `run` (claimed by the caller) from the origin in the background.
+    pub(crate) fn spawn_fetch_run(self: &Arc<Self>, task: &Arc<Task>, run: Range<u32>) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        let task = task.clone();
+        let span = tracing::info_span!("fetch", task = %task.id, pieces = ?run);
+        tokio::spawn(async move { engine.fetch_run(task, run).await }.instrument(span))
     }
 
     /// Fetches a run of consecutive pieces from the origin with one ranged request, resuming after
     /// the last finished piece when the connection breaks, up to the configured retries.
-    async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
+    pub(crate) async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
         let mut next = run.start;
         let mut failures = 0u32;
         let retries = self.registry.retries();
@@ -549,8 +585,13 @@ impl Engine {
         }
     }
 
-    fn piece_finished(self: &Arc<Self>, task: &Arc<Task>, n: u32) {
+    /// Records that piece `n` is in the store: wakes readers, reports it, and checks the whole
+    /// blob once it is the last.
+    pub(crate) fn piece_finished(self: &Arc<Self>, task: &Arc<Task>, n: u32) {
         task.state().inflight.unset(n);
+        if let Some(tx) = task.reporter.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(n);
+        }
         task.notify();
         if task.file.bitmap().is_full() {
             self.spawn_verify(task.clone());
@@ -607,7 +648,7 @@ impl Engine {
 
     /// Marks the task failed, wakes its readers (who fall back to the origin unless the content
     /// was bad), and deletes its bytes when they cannot be trusted or kept.
-    fn fail(&self, task: &Arc<Task>, err: EngineError, delete: bool) {
+    pub(crate) fn fail(&self, task: &Arc<Task>, err: EngineError, delete: bool) {
         {
             let mut st = task.state();
             if !matches!(st.status, Status::Running) {

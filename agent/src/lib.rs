@@ -5,6 +5,7 @@ pub mod admin;
 pub mod daemon;
 pub mod engine;
 pub mod mirror;
+pub mod p2p;
 pub mod peer;
 mod ratelimit;
 pub mod serve;

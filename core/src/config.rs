@@ -126,6 +126,16 @@ pub struct PeerConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
+    /// Scheduler replicas (`host:port`). Empty: no peer-to-peer downloads, blobs come from origins.
+    pub schedulers: Vec<String>,
+    /// This host's id in the cluster. Default: the advertised `ip:port` of the peer server.
+    pub host_id: Option<String>,
+    /// The IP other hosts reach this one at. Default: the local address that routes to the first scheduler.
+    pub advertise_ip: Option<std::net::IpAddr>,
+    /// Availability zone, preferred when choosing parents (e.g. from `topology.kubernetes.io/zone`).
+    pub zone: String,
+    /// Data centre, preferred next.
+    pub idc: String,
 }
 
 impl Default for PeerConfig {
@@ -137,6 +147,11 @@ impl Default for PeerConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            schedulers: Vec::new(),
+            host_id: None,
+            advertise_ip: None,
+            zone: String::new(),
+            idc: String::new(),
         }
     }
 }
@@ -436,6 +451,15 @@ upload_slots = 16
 # ca_file = "/etc/shoal/peer-ca.pem"
 # cert_file = "/etc/shoal/peer.pem"
 # key_file = "/etc/shoal/peer-key.pem"
+# Scheduler replicas; empty means no peer-to-peer downloads (blobs come from the origins).
+schedulers = []
+# This host's id in the cluster. Default: the advertised ip:port of the peer server.
+# host_id = "node-1"
+# The IP other hosts reach this one at. Default: the local address that routes to the first scheduler.
+# advertise_ip = "10.0.0.5"
+# Availability zone and data centre, preferred when choosing parents.
+zone = ""
+idc = ""
 
 [scheduler]
 # Address the scheduler's gRPC API listens on (shoal scheduler).

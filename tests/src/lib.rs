@@ -205,6 +205,71 @@ impl Drop for Agent {
     }
 }
 
+/// A `shoal scheduler` process.
+pub struct Scheduler {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Scheduler {
+    /// Starts a scheduler on a free loopback port and waits until it accepts connections.
+    pub async fn start() -> anyhow::Result<Scheduler> {
+        let dir = tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("scheduler.log"))?;
+        let child = Command::new(shoal_bin())
+            .args(["scheduler", "--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info,shoal_scheduler=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting shoal scheduler")?;
+        let s = Scheduler { port, dir, child: Some(child) };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("scheduler did not start:\n{}", s.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(s)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The scheduler's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("scheduler.log")).unwrap_or_default()
+    }
+
+    /// Kills it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- scheduler log ---\n{}", self.log());
+        }
+    }
+}
+
+/// TOML turning on an agent's peer server on a free loopback port, with these scheduler replicas.
+pub fn p2p_config(schedulers: &[&Scheduler]) -> String {
+    let list: Vec<String> = schedulers.iter().map(|s| format!("\"{}\"", s.addr())).collect();
+    format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nschedulers = [{}]\n", free_port(), list.join(", "))
+}
+
 /// The task id (store directory name) of a digest.
 pub fn task_dir(digest: &str) -> String {
     digest.replace(':', "-")

@@ -1,0 +1,461 @@
+//! Peer-to-peer downloads. A whole-blob download registers with the task's scheduler replica and
+//! follows its decisions: fetch pieces from the parents it names (each piece checked against the
+//! blake3 the scheduler relays from the host that fetched it from the origin), or fetch from the
+//! origin and report every piece's digest for the others. When the scheduler cannot be reached,
+//! or the parents stall, the rest comes from the origin: P2P only ever makes a pull faster.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_core::piece::Bitmap;
+use shoal_core::TaskId;
+use shoal_proto::scheduler as pb;
+use shoal_proto::scheduler::peer_command::Command;
+use shoal_proto::scheduler::peer_event::Event;
+use shoal_proto::scheduler::scheduler_client::SchedulerClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Task};
+use crate::peer::PeerClient;
+
+/// Pieces fetched from parents at once, per download.
+const MAX_FETCHES: usize = 8;
+/// Pieces fetched from one parent at once, per download.
+const MAX_PER_PARENT: usize = 4;
+/// With parents but no new piece for this long, the rest comes from the origin.
+const STALL: Duration = Duration::from_secs(15);
+/// Hosts announce themselves this often.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+
+/// Who this host is to the scheduler.
+#[derive(Clone, Debug)]
+pub struct P2pConfig {
+    /// Host id (unique in the cluster).
+    pub host_id: String,
+    /// The peer server's address as other hosts reach it.
+    pub advertise: SocketAddr,
+    /// Scheduler replicas (`host:port`).
+    pub schedulers: Vec<String>,
+    pub upload_slots: u32,
+    pub zone: String,
+    pub idc: String,
+    pub seed: bool,
+}
+
+/// One scheduler replica.
+struct Replica {
+    addr: String,
+    client: tokio::sync::Mutex<Option<SchedulerClient<Channel>>>,
+}
+
+/// Peer-to-peer state shared by every download of this host.
+pub struct P2p {
+    config: P2pConfig,
+    replicas: Vec<Replica>,
+    peers: PeerClient,
+}
+
+impl P2p {
+    /// P2P for this host.
+    pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
+        let replicas =
+            config.schedulers.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
+        Arc::new(P2p { config, replicas, peers })
+    }
+
+    /// Replicas for `task`, best first: rendezvous hashing, so every host picks the same replica
+    /// for a task and the others in the same order when it fails.
+    fn replicas_for(&self, task: &TaskId) -> Vec<&Replica> {
+        let mut r: Vec<(blake3::Hash, &Replica)> = self
+            .replicas
+            .iter()
+            .map(|r| (blake3::hash(format!("{task}\n{}", r.addr).as_bytes()), r))
+            .collect();
+        r.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
+        r.into_iter().map(|(_, r)| r).collect()
+    }
+
+    async fn client(&self, r: &Replica) -> Result<SchedulerClient<Channel>, String> {
+        let mut slot = r.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let endpoint = Channel::from_shared(format!("http://{}", r.addr))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await.map_err(|e| format!("scheduler {}: {e}", r.addr))?;
+        let c = SchedulerClient::new(channel);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self, r: &Replica) {
+        *r.client.lock().await = None;
+    }
+
+    fn host(&self) -> pb::Host {
+        pb::Host {
+            id: self.config.host_id.clone(),
+            peer_addr: self.config.advertise.to_string(),
+            upload_slots: self.config.upload_slots,
+            zone: self.config.zone.clone(),
+            idc: self.config.idc.clone(),
+            seed: self.config.seed,
+        }
+    }
+
+    /// Announces this host to every replica now and every few seconds until `shutdown`, then
+    /// says goodbye.
+    pub async fn announce_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for r in &self.replicas {
+                let result = match self.client(r).await {
+                    Ok(mut c) => c.announce_host(pb::AnnounceHostRequest { host: Some(self.host()) }).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    debug!(scheduler = %r.addr, error = %e, "announce failed");
+                    self.forget(r).await;
+                }
+            }
+        }
+        for r in &self.replicas {
+            if let Ok(mut c) = self.client(r).await {
+                let _ = c.leave_host(pb::LeaveHostRequest { host_id: self.config.host_id.clone() }).await;
+            }
+        }
+    }
+
+    /// Opens a peer stream for `task` on the first replica that answers.
+    async fn open(&self, task: &Task) -> Option<(mpsc::Sender<pb::PeerEvent>, tonic::Streaming<pb::PeerCommand>)> {
+        let origin = task.origin();
+        let register = pb::Register {
+            task_id: task.id.to_string(),
+            host_id: self.config.host_id.clone(),
+            length: task.layout.len,
+            origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string() }),
+        };
+        for r in self.replicas_for(&task.id) {
+            let (tx, rx) = mpsc::channel(1024);
+            let _ = tx.send(pb::PeerEvent { event: Some(Event::Register(register.clone())) }).await;
+            let opened = match self.client(r).await {
+                Ok(mut c) => c.announce_peer(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(resp) => return Some((tx, resp.into_inner())),
+                Err(e) => {
+                    warn!(scheduler = %r.addr, error = %e, "scheduler refused or unreachable; trying the next");
+                    self.forget(r).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Downloads the rest of `task` (whose missing pieces the caller claimed) as the scheduler says.
+    pub async fn drive(self: Arc<Self>, engine: Arc<Engine>, task: Arc<Task>) {
+        let Some((events, mut commands)) = self.open(&task).await else {
+            warn!(task = %task.id, "no scheduler answers; fetching from the origin");
+            return from_origin(&engine, &task, &HashSet::new()).await;
+        };
+        let (report_tx, mut reports) = mpsc::unbounded_channel();
+        *task.reporter.lock().unwrap_or_else(|p| p.into_inner()) = Some(report_tx);
+        let mut d = Download::new(self.clone(), engine.clone(), task.clone());
+        let mut changes = task.changed.subscribe();
+        let mut scheduler_alive = true;
+        let mut stall = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if let Some(outcome) = task.outcome() {
+                let event = match outcome {
+                    Ok(()) => Event::Done(pb::Done {}),
+                    Err(e) => Event::Failed(pb::Failed { reason: e.to_string() }),
+                };
+                let _ = events.send(pb::PeerEvent { event: Some(event) }).await;
+                // Let the scheduler read the end before the call goes: dropping the call at once
+                // can reset it before the last message is delivered.
+                drop(events);
+                let drain = async { while let Ok(Some(_)) = commands.message().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+                break;
+            }
+            if d.mode == Mode::Parents {
+                d.start_fetches();
+            }
+            tokio::select! {
+                cmd = commands.message(), if scheduler_alive => match cmd {
+                    Ok(Some(pb::PeerCommand { command: Some(c) })) => d.on_command(c, &events).await,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        warn!(task = %task.id, "scheduler stream ended; fetching the rest from the origin");
+                        scheduler_alive = false;
+                        d.to_origin().await;
+                    }
+                },
+                Some(n) = reports.recv() => {
+                    if let Some(blake3) = task.file.piece_blake3(n) {
+                        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
+                    }
+                },
+                Some((parent, update)) = d.updates.recv() => d.on_update(&parent, update),
+                Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
+                    Ok((n, _, Ok(()))) => {
+                        d.fetching.remove(&n);
+                        d.last_progress = Instant::now();
+                    }
+                    Ok((n, parent, Err(reason))) => d.on_failure(n, &parent, reason, &events).await,
+                    Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
+                },
+                _ = changes.changed() => {}
+                _ = stall.tick() => {
+                    if d.mode == Mode::Parents && d.last_progress.elapsed() > STALL {
+                        warn!(task = %task.id, "parents stalled; fetching the rest from the origin");
+                        d.to_origin().await;
+                    }
+                }
+            }
+        }
+        *task.reporter.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        d.subscriptions.abort_all();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Waiting for the first decision.
+    Starting,
+    /// Fetching from parents.
+    Parents,
+    /// Fetching from the origin (told to, or falling back).
+    Origin,
+}
+
+/// One P2P download in progress.
+struct Download {
+    p2p: Arc<P2p>,
+    engine: Arc<Engine>,
+    task: Arc<Task>,
+    mode: Mode,
+    /// Parents by host id.
+    parents: HashMap<String, SocketAddr>,
+    /// Which pieces each parent has.
+    have: HashMap<String, Bitmap>,
+    /// Digests the scheduler relayed.
+    digests: HashMap<u32, String>,
+    /// Pieces being fetched, and from whom.
+    fetching: HashMap<u32, String>,
+    fetches: JoinSet<(u32, String, Result<(), String>)>,
+    subscriptions: JoinSet<()>,
+    updates_tx: mpsc::Sender<(String, Option<shoal_proto::peer::PieceUpdate>)>,
+    updates: mpsc::Receiver<(String, Option<shoal_proto::peer::PieceUpdate>)>,
+    last_progress: Instant,
+}
+
+impl Download {
+    fn new(p2p: Arc<P2p>, engine: Arc<Engine>, task: Arc<Task>) -> Download {
+        let (updates_tx, updates) = mpsc::channel(256);
+        Download {
+            p2p,
+            engine,
+            task,
+            mode: Mode::Starting,
+            parents: HashMap::new(),
+            have: HashMap::new(),
+            digests: HashMap::new(),
+            fetching: HashMap::new(),
+            fetches: JoinSet::new(),
+            subscriptions: JoinSet::new(),
+            updates_tx,
+            updates,
+            last_progress: Instant::now(),
+        }
+    }
+
+    async fn on_command(&mut self, c: Command, events: &mpsc::Sender<pb::PeerEvent>) {
+        match c {
+            Command::Digests(d) => {
+                for p in d.digests {
+                    self.digests.insert(p.number, p.blake3);
+                }
+            }
+            Command::Parents(p) => {
+                if self.mode == Mode::Origin {
+                    return;
+                }
+                info!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "fetching from parents");
+                self.mode = Mode::Parents;
+                self.last_progress = Instant::now();
+                let wanted: HashSet<String> = p.parents.iter().map(|p| p.host_id.clone()).collect();
+                self.parents.retain(|id, _| wanted.contains(id));
+                self.have.retain(|id, _| wanted.contains(id));
+                for parent in p.parents {
+                    let Ok(addr) = parent.peer_addr.parse::<SocketAddr>() else { continue };
+                    if self.parents.insert(parent.host_id.clone(), addr).is_none() {
+                        self.subscribe(parent.host_id, addr);
+                    }
+                }
+            }
+            Command::BackToSource(_) => {
+                info!(task = %self.task.id, "fetching from the origin for the cluster");
+                self.to_origin().await;
+            }
+            Command::Wait(w) => {
+                tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
+                let origin = self.task.origin();
+                let register = pb::Register {
+                    task_id: self.task.id.to_string(),
+                    host_id: self.p2p.config.host_id.clone(),
+                    length: self.task.layout.len,
+                    origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string() }),
+                };
+                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await;
+            }
+        }
+    }
+
+    fn subscribe(&mut self, id: String, addr: SocketAddr) {
+        let (p2p, task, tx) = (self.p2p.clone(), self.task.id.clone(), self.updates_tx.clone());
+        self.subscriptions.spawn(async move {
+            match p2p.peers.subscribe(addr, &task).await {
+                Ok(mut sub) => {
+                    while let Some(Ok(update)) = sub.next().await {
+                        if tx.send((id.clone(), Some(update))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => debug!(parent = %id, error = %e, "cannot subscribe"),
+            }
+            let _ = tx.send((id, None)).await;
+        });
+    }
+
+    fn on_update(&mut self, parent: &str, update: Option<shoal_proto::peer::PieceUpdate>) {
+        let count = self.task.layout.count();
+        let Some(u) = update else { return };
+        if !u.error.is_empty() || !self.parents.contains_key(parent) {
+            return;
+        }
+        let have = self.have.entry(parent.to_string()).or_insert_with(|| Bitmap::new(count));
+        for n in u.numbers {
+            have.set(n);
+        }
+        if u.done {
+            for n in 0..count {
+                have.set(n);
+            }
+        }
+    }
+
+    /// Starts fetches of the lowest missing pieces whose digest is known, from the least busy
+    /// parent that has them.
+    fn start_fetches(&mut self) {
+        let local = self.task.file.bitmap();
+        let count = self.task.layout.count();
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for p in self.fetching.values() {
+            *load.entry(p.clone()).or_default() += 1;
+        }
+        let mut starts = Vec::new();
+        for n in 0..count {
+            if self.fetching.len() + starts.len() >= MAX_FETCHES {
+                break;
+            }
+            if local.has(n) || self.fetching.contains_key(&n) {
+                continue;
+            }
+            let Some(digest) = self.digests.get(&n) else { continue };
+            let busy = |id: &String| load.get(id).copied().unwrap_or(0);
+            let best = self
+                .have
+                .iter()
+                .filter(|(id, bits)| bits.has(n) && busy(id) < MAX_PER_PARENT)
+                .min_by_key(|(id, _)| (busy(id), id.to_string()))
+                .map(|(id, _)| id.clone());
+            if let Some(parent) = best {
+                *load.entry(parent.clone()).or_default() += 1;
+                starts.push((n, parent, digest.clone()));
+            }
+        }
+        for (n, parent, digest) in starts {
+            let Some(&addr) = self.parents.get(&parent) else { continue };
+            self.fetching.insert(n, parent.clone());
+            let (p2p, engine, task) = (self.p2p.clone(), self.engine.clone(), self.task.clone());
+            self.fetches.spawn(async move {
+                let result = fetch_piece(&p2p.peers, addr, &engine, &task, n, &digest).await;
+                (n, parent, result)
+            });
+        }
+    }
+
+    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, events: &mpsc::Sender<pb::PeerEvent>) {
+        self.fetching.remove(&n);
+        warn!(task = %self.task.id, piece = n, %parent, %reason, "piece from parent failed; reporting it");
+        self.parents.remove(parent);
+        self.have.remove(parent);
+        let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason };
+        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) }).await;
+    }
+
+    /// Fetches every missing piece from the origin (after the fetches in flight end).
+    async fn to_origin(&mut self) {
+        self.mode = Mode::Origin;
+        while let Some(done) = self.fetches.join_next().await {
+            if let Ok((n, _, _)) = done {
+                self.fetching.remove(&n);
+            }
+        }
+        let engine = self.engine.clone();
+        let task = self.task.clone();
+        tokio::spawn(async move { from_origin(&engine, &task, &HashSet::new()).await });
+    }
+}
+
+/// Fetches every missing piece of `task` from the origin and waits for the fetches.
+async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, skip: &HashSet<u32>) {
+    let mut missing = task.file.bitmap();
+    for &n in skip {
+        missing.set(n);
+    }
+    let runs = missing.missing_runs(0..task.layout.count());
+    let handles: Vec<_> = runs.into_iter().map(|run| engine.spawn_fetch_run(task, run)).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it.
+async fn fetch_piece(peers: &PeerClient, addr: SocketAddr, engine: &Arc<Engine>, task: &Arc<Task>, n: u32, digest: &str) -> Result<(), String> {
+    let range = task.layout.range(n);
+    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| e.to_string())?;
+    let got = blake3::hash(&bytes).to_hex().to_string();
+    if got != digest {
+        return Err(format!("piece {n} does not match its digest (got {got}, want {digest})"));
+    }
+    let t = task.clone();
+    tokio::task::spawn_blocking(move || {
+        t.hash_in_order(range.start, &bytes);
+        t.file.write_at(range.start, &bytes)?;
+        t.file.piece_written(n, got)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| {
+        engine.fail(task, crate::engine::EngineError::Store(e.to_string().into()), true);
+        e.to_string()
+    })?;
+    engine.piece_finished(task, n);
+    Ok(())
+}

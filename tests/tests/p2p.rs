@@ -1,0 +1,105 @@
+//! Peer-to-peer downloads with a real scheduler and agent processes on loopback: the registry
+//! sends a blob once, a lying peer is caught, and a dead scheduler only means going to the origin.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use shoal_tests::{digest_of, p2p_config, random_bytes, Agent, Registry, Scheduler};
+
+const MIB: usize = 1 << 20;
+
+async fn get(agent: &Agent, registry: &Registry, repo: &str, digest: &str) -> Vec<u8> {
+    let resp = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap().to_vec()
+}
+
+/// Agents register with the scheduler within a second of starting.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(800)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_pulls_come_from_the_first_node_not_the_registry() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(24 * MIB + 7, 41);
+    let digest = registry.push_blob("team/p2p", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let mut agents = vec![];
+    for _ in 0..3 {
+        agents.push(Agent::start(&p2p_config(&[&scheduler])).await.unwrap());
+    }
+    settle().await;
+    assert_eq!(digest_of(&get(&agents[0], &registry, "team/p2p", &digest).await), digest);
+    let bodies = join_all(agents[1..].iter().map(|a| get(a, &registry, "team/p2p", &digest))).await;
+    for b in bodies {
+        assert_eq!(digest_of(&b), digest);
+    }
+    assert_eq!(registry.blob_fetches(&digest).len(), 1, "only the first node may fetch from the registry");
+    assert_eq!(registry.blob_bytes(&digest), blob.len() as u64);
+    for a in &agents[1..] {
+        assert!(a.log().contains("fetching from parents"), "{}", a.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_pulls_form_a_pipeline_and_the_registry_sends_the_blob_about_once() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(48 * MIB, 42);
+    let digest = registry.push_blob("team/fan", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let mut agents = vec![];
+    for _ in 0..4 {
+        // The origin link is slow, so the others join while the first is still downloading.
+        agents.push(Agent::start(&format!("{}[download]\nrate_limit = \"64MiB\"\n", p2p_config(&[&scheduler]))).await.unwrap());
+    }
+    settle().await;
+    let bodies = join_all(agents.iter().map(|a| get(a, &registry, "team/fan", &digest))).await;
+    for b in bodies {
+        assert_eq!(digest_of(&b), digest);
+    }
+    let sent = registry.blob_bytes(&digest) as f64 / blob.len() as f64;
+    assert!(sent <= 1.05, "the registry sent {sent:.2}× the blob: {:?}", registry.blob_fetches(&digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_reported_and_the_child_still_gets_correct_bytes() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(6 * MIB, 43);
+    let digest = registry.push_blob("team/liar", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let liar = Agent::start_with_env(&p2p_config(&[&scheduler]), &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await.unwrap();
+    let honest = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    assert_eq!(digest_of(&get(&liar, &registry, "team/liar", &digest).await), digest);
+    assert_eq!(digest_of(&get(&honest, &registry, "team/liar", &digest).await), digest, "the child must end with correct bytes");
+    assert!(honest.log().contains("does not match its digest"), "the bad piece must be noticed");
+    assert!(scheduler.log().contains("parent failed"), "and reported to the scheduler");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_scheduler_dead_pulls_still_complete_from_the_origin() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(4 * MIB, 44);
+    let digest = registry.push_blob("team/alone", &blob).await.unwrap();
+    let mut scheduler = Scheduler::start().await.unwrap();
+    let agent = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    scheduler.kill();
+    assert_eq!(digest_of(&get(&agent, &registry, "team/alone", &digest).await), digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_of_two_scheduler_replicas_dead_pulls_still_go_peer_to_peer() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(8 * MIB, 45);
+    let digest = registry.push_blob("team/ha", &blob).await.unwrap();
+    let mut first = Scheduler::start().await.unwrap();
+    let second = Scheduler::start().await.unwrap();
+    let a = Agent::start(&p2p_config(&[&first, &second])).await.unwrap();
+    let b = Agent::start(&p2p_config(&[&first, &second])).await.unwrap();
+    settle().await;
+    first.kill();
+    assert_eq!(digest_of(&get(&a, &registry, "team/ha", &digest).await), digest);
+    assert_eq!(digest_of(&get(&b, &registry, "team/ha", &digest).await), digest);
+    assert_eq!(registry.blob_fetches(&digest).len(), 1, "the second pull must come from the first node");
+}
