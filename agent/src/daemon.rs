@@ -96,6 +96,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             upload_slots: p.upload_slots,
             cluster_tls,
             corrupt_pieces: std::env::var_os("SHOAL_FAULT_CORRUPT_PIECES").is_some(),
+            seed: p.seed,
         };
         let server = PeerServer::bind(&peer_config)?;
         let bound = server.local_addr().map_err(|e| crate::peer::tls::TlsError::Quic(e.to_string()))?;
@@ -113,7 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 upload_slots: p.upload_slots as u32,
                 zone: p.zone.clone(),
                 idc: p.idc.clone(),
-                seed: false,
+                seed: p.seed,
             };
             info!(host = %p2p_config.host_id, %advertise, schedulers = ?p.schedulers, "peer-to-peer downloads on");
             let client = crate::peer::PeerClient::new(peer_config.cluster_tls.as_ref())?;

@@ -441,6 +441,11 @@ impl Engine {
         }
     }
 
+    /// Starts downloading the whole task in the background (a seed asked for it by a child).
+    pub fn start(self: &Arc<Self>, task: &Arc<Task>) {
+        self.ensure(task, 0..task.layout.count(), true);
+    }
+
     /// Fetches `run` (claimed by the caller) from the origin in the background.
     pub(crate) fn spawn_fetch_run(self: &Arc<Self>, task: &Arc<Task>, run: Range<u32>) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();

@@ -209,7 +209,16 @@ impl P2p {
                         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
                     }
                 },
-                Some((parent, update)) = d.updates.recv() => d.on_update(&parent, update),
+                Some((parent, update)) = d.updates.recv() => {
+                    let ended = update.is_none() && d.parents.contains_key(&parent);
+                    let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
+                    d.on_update(&parent, update);
+                    if ended && !complete {
+                        // The parent went away (or never had the task): say so, get others.
+                        let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
+                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), &events).await;
+                    }
+                },
                 Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
                     Ok((n, _, Ok(()))) => {
                         d.fetching.remove(&n);
@@ -248,8 +257,8 @@ struct Download {
     engine: Arc<Engine>,
     task: Arc<Task>,
     mode: Mode,
-    /// Parents by host id.
-    parents: HashMap<String, SocketAddr>,
+    /// Parents by host id: address, and whether it is a seed.
+    parents: HashMap<String, (SocketAddr, bool)>,
     /// Which pieces each parent has.
     have: HashMap<String, Bitmap>,
     /// Digests the scheduler relayed.
@@ -302,8 +311,8 @@ impl Download {
                 self.have.retain(|id, _| wanted.contains(id));
                 for parent in p.parents {
                     let Ok(addr) = parent.peer_addr.parse::<SocketAddr>() else { continue };
-                    if self.parents.insert(parent.host_id.clone(), addr).is_none() {
-                        self.subscribe(parent.host_id, addr);
+                    if self.parents.insert(parent.host_id.clone(), (addr, parent.seed)).is_none() {
+                        self.subscribe(parent.host_id, addr, parent.seed);
                     }
                 }
             }
@@ -325,10 +334,23 @@ impl Download {
         }
     }
 
-    fn subscribe(&mut self, id: String, addr: SocketAddr) {
+    fn subscribe(&mut self, id: String, addr: SocketAddr, seed: bool) {
         let (p2p, task, tx) = (self.p2p.clone(), self.task.id.clone(), self.updates_tx.clone());
+        // A seed may not have the task yet: tell it where the blob comes from (and, as it fetches
+        // for us, with our client's credentials). Ordinary peers learn nothing of credentials.
+        let origin = seed.then(|| {
+            let o = self.task.origin();
+            shoal_proto::peer::SubscribePieces {
+                task_id: String::new(),
+                registry: o.registry,
+                repository: o.repository,
+                digest: o.digest.to_string(),
+                length: self.task.layout.len,
+                authorization: o.authorization.and_then(|a| a.to_str().ok().map(String::from)).unwrap_or_default(),
+            }
+        });
         self.subscriptions.spawn(async move {
-            match p2p.peers.subscribe(addr, &task).await {
+            match p2p.peers.subscribe(addr, &task, origin).await {
                 Ok(mut sub) => {
                     while let Some(Ok(update)) = sub.next().await {
                         if tx.send((id.clone(), Some(update))).await.is_err() {
@@ -390,7 +412,7 @@ impl Download {
             }
         }
         for (n, parent, digest) in starts {
-            let Some(&addr) = self.parents.get(&parent) else { continue };
+            let Some(&(addr, _)) = self.parents.get(&parent) else { continue };
             self.fetching.insert(n, parent.clone());
             let (p2p, engine, task) = (self.p2p.clone(), self.engine.clone(), self.task.clone());
             self.fetches.spawn(async move {

@@ -24,11 +24,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything one machine needs, with no config file: the registry mirror on
-    /// 127.0.0.1:65001 and the admin endpoint on 127.0.0.1:65002.
+    /// Run everything one machine needs in one process, with no config file: the agent (registry
+    /// mirror on 127.0.0.1:65001, admin on 127.0.0.1:65002), an embedded scheduler on
+    /// 127.0.0.1:8002 and this host as the seed (peer server on 127.0.0.1:65003).
     Up(DaemonArgs),
     /// Run the node agent: the registry mirror containerd pulls through, and the admin endpoint.
     Agent(DaemonArgs),
+    /// Run a seed: an agent that fetches tasks from origins for the children that ask, keeps
+    /// them, and is chosen as a parent last once peers have the data. Needs [peer] schedulers.
+    Seed(DaemonArgs),
     /// Run the scheduler: the gRPC service agents ask for parents (no database; state is rebuilt
     /// from announcements).
     Scheduler(DaemonArgs),
@@ -89,7 +93,13 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) | Command::Agent(args) => daemon(args).await,
+            Command::Up(args) => up(args).await,
+            Command::Agent(args) => daemon(args, |_| {}).await,
+            Command::Seed(args) => daemon(args, |c| {
+                c.peer.enabled = true;
+                c.peer.seed = true;
+            })
+            .await,
             Command::Scheduler(args) => scheduler(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Get(args) => get::run(args).await,
@@ -97,12 +107,13 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+async fn daemon(args: DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
     if args.print_default_config {
         print!("{DEFAULT_CONFIG_TOML}");
         return Ok(());
     }
-    let config = args.load()?;
+    let mut config = args.load()?;
+    role(&mut config);
     if args.check_config {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
@@ -112,6 +123,51 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     shoal_agent::run(config, shutdown).await?;
     Ok(())
+}
+
+/// The all-in-one node: scheduler, seed and agent in one process, all on loopback.
+async fn up(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    let mut config = args.load()?;
+    let scheduler_addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.scheduler.listen.port()));
+    config.peer.enabled = true;
+    config.peer.seed = true;
+    if config.peer.listen.ip().is_unspecified() {
+        config.peer.listen.set_ip([127, 0, 0, 1].into());
+    }
+    if config.peer.schedulers.is_empty() {
+        config.peer.schedulers = vec![scheduler_addr.to_string()];
+    }
+    if args.check_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    logging::init(&config.log);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind(scheduler_addr)
+        .await
+        .with_context(|| format!("cannot listen on {scheduler_addr} for the embedded scheduler (change [scheduler] listen)"))?;
+    tracing::info!(addr = %scheduler_addr, "embedded scheduler listening");
+    let scheduler = tokio::spawn(shoal_scheduler::service::serve(listener, limits(&config), shutdown.clone()));
+    let agent = shoal_agent::run(config, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = scheduler.await;
+    agent?;
+    Ok(())
+}
+
+fn limits(config: &Config) -> shoal_scheduler::parents::Limits {
+    let s = &config.scheduler;
+    shoal_scheduler::parents::Limits {
+        max_parents: s.max_parents,
+        max_depth: s.max_depth,
+        max_back_to_source: s.max_back_to_source,
+        enough_peers: s.enough_peers,
+    }
 }
 
 async fn scheduler(args: DaemonArgs) -> anyhow::Result<()> {
@@ -130,14 +186,7 @@ async fn scheduler(args: DaemonArgs) -> anyhow::Result<()> {
     logging::init(&config.log);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let s = &config.scheduler;
-    let limits = shoal_scheduler::parents::Limits {
-        max_parents: s.max_parents,
-        max_depth: s.max_depth,
-        max_back_to_source: s.max_back_to_source,
-        enough_peers: s.enough_peers,
-    };
-    shoal_scheduler::service::run(s.listen, limits, shutdown).await?;
+    shoal_scheduler::service::run(config.scheduler.listen, limits(&config), shutdown).await?;
     Ok(())
 }
 

@@ -136,6 +136,9 @@ pub struct PeerConfig {
     pub zone: String,
     /// Data centre, preferred next.
     pub idc: String,
+    /// This host is a seed: it fetches tasks from origins for children that ask, and is chosen
+    /// as a parent last once peers have the data. `shoal seed` sets it.
+    pub seed: bool,
 }
 
 impl Default for PeerConfig {
@@ -152,6 +155,7 @@ impl Default for PeerConfig {
             advertise_ip: None,
             zone: String::new(),
             idc: String::new(),
+            seed: false,
         }
     }
 }
@@ -460,6 +464,8 @@ schedulers = []
 # Availability zone and data centre, preferred when choosing parents.
 zone = ""
 idc = ""
+# A seed fetches tasks from origins for children that ask (shoal seed sets this).
+seed = false
 
 [scheduler]
 # Address the scheduler's gRPC API listens on (shoal scheduler).

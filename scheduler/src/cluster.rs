@@ -76,6 +76,23 @@ pub struct TaskStat {
     pub known_pieces: u32,
 }
 
+/// Whether peer `id` of task `t` has a path to the origin: it fetches from the origin, is done,
+/// is a seed that has not started (it will fetch when asked), or has a parent that does. Peers
+/// waiting on each other in a cycle have none.
+fn sourced(t: &Task, hosts: &Hosts, id: &HostId, seen: &mut HashSet<HostId>) -> bool {
+    if !seen.insert(id.clone()) {
+        return false;
+    }
+    match t.peers.get(id) {
+        None => hosts.get(id).is_some_and(|h| h.info.seed),
+        Some(p) => match p.status {
+            PeerStatus::Done => true,
+            PeerStatus::Failed => false,
+            PeerStatus::Running => p.back_to_source || p.parents.iter().any(|parent| sourced(t, hosts, parent, seen)),
+        },
+    }
+}
+
 /// Hosts and tasks.
 #[derive(Debug, Default)]
 pub struct Cluster {
@@ -140,8 +157,10 @@ impl Cluster {
         let (zone, idc) = (child_host.info.zone.clone(), child_host.info.idc.clone());
         let t = self.tasks.get(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         let child = t.peers.get(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
-        if child.back_to_source {
-            return Ok(Decision::BackToSource);
+        if child.back_to_source || child_host.info.seed {
+            // Seeds always fetch from the origin themselves: that is what they are for, and it
+            // keeps a seed from ever waiting on the children waiting on it.
+            return self.send_to_source(task, host);
         }
         let candidates: Vec<Candidate> = t
             .peers
@@ -155,7 +174,7 @@ impl Cluster {
                     host: id.clone(),
                     seed: h.info.seed,
                     useful,
-                    feeding: !done && (p.back_to_source || h.info.seed || !p.parents.is_empty()),
+                    feeding: !done && sourced(t, &self.hosts, id, &mut HashSet::new()),
                     depth: if done { 0 } else { p.depth },
                     same_zone: !zone.is_empty() && h.info.zone == zone,
                     same_idc: !idc.is_empty() && h.info.idc == idc,
@@ -208,6 +227,20 @@ impl Cluster {
         peer.depth = if back_to_source { 0 } else { depth };
         peer.parents = parents.clone();
         Ok(if back_to_source { Decision::BackToSource } else { Decision::Parents(parents) })
+    }
+
+    fn send_to_source(&mut self, task: &TaskId, host: &HostId) -> Result<Decision, ClusterError> {
+        let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let old = std::mem::take(&mut peer.parents);
+        peer.back_to_source = true;
+        peer.depth = 0;
+        for p in old {
+            if let Some(h) = self.hosts.get_mut(&p) {
+                h.uploads = h.uploads.saturating_sub(1);
+            }
+        }
+        Ok(Decision::BackToSource)
     }
 
     /// `host` finished piece `n` of `task`. The digest is recorded when the host fetched from the
@@ -371,6 +404,29 @@ mod tests {
         c.piece_finished(&t, &id("seed1"), 0, "s0").unwrap();
         let d = c.register(&t, 4 * MIB, &id("b"), 0).unwrap();
         assert_eq!(d, Decision::Parents(vec![id("seed1"), id("a")]));
+    }
+
+    #[test]
+    fn a_seed_asked_for_a_task_fetches_it_from_the_origin_and_no_cycle_forms() {
+        let mut c = cluster(&["seed1", "a", "b"]);
+        let t = task();
+        // a is pointed at the seed, which has not registered yet; b follows a.
+        assert_eq!(c.register(&t, 4 * MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("seed1")]));
+        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("b"), 0).unwrap() else { panic!() };
+        assert!(p.contains(&id("a")) || p.contains(&id("seed1")));
+        // The seed registers when a asks it for pieces: it goes to the origin, never to b.
+        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource);
+    }
+
+    #[test]
+    fn peers_without_a_path_to_the_origin_are_not_parents() {
+        let mut c = cluster(&["a", "b", "c"]);
+        let t = task();
+        c.register(&t, MIB, &id("a"), 0).unwrap();
+        assert_eq!(c.register(&t, MIB, &id("b"), 0).unwrap(), Decision::Parents(vec![id("a")]));
+        // a gives up: b, fed only by a, is no longer a useful parent for c.
+        c.peer_failed(&t, &id("a")).unwrap();
+        assert_eq!(c.register(&t, MIB, &id("c"), 0).unwrap(), Decision::BackToSource);
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Service {
                         .into_iter()
                         .filter_map(|id| {
                             let h = c.hosts().get(&id)?;
-                            Some(pb::Parent { host_id: id.0.clone(), peer_addr: h.info.addr.to_string() })
+                            Some(pb::Parent { host_id: id.0.clone(), peer_addr: h.info.addr.to_string(), seed: h.info.seed })
                         })
                         .collect(),
                 })

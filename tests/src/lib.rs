@@ -84,6 +84,8 @@ pub struct Agent {
     extra: String,
     /// Extra environment variables.
     env: Vec<(String, String)>,
+    /// The subcommand run.
+    role: String,
     child: Option<Child>,
 }
 
@@ -95,9 +97,15 @@ impl Agent {
 
     /// Starts an agent with extra TOML and environment variables.
     pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::start_role("agent", extra, env).await
+    }
+
+    /// Starts `shoal <role>` (`agent`, `seed`, `up`) with extra TOML and environment variables.
+    pub async fn start_role(role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut agent = Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), env, child: None };
+        let mut agent =
+            Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), env, role: role.into(), child: None };
         agent.spawn().await?;
         Ok(agent)
     }
@@ -124,7 +132,7 @@ impl Agent {
         std::fs::write(&config, text)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
         let child = Command::new(shoal_bin())
-            .args(["agent", "--config"])
+            .args([self.role.as_str(), "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,shoal_agent=debug")
             .env("SHOAL_MIRROR__LISTEN", format!("127.0.0.1:{}", self.port))

@@ -103,3 +103,75 @@ async fn with_one_of_two_scheduler_replicas_dead_pulls_still_go_peer_to_peer() {
     assert_eq!(digest_of(&get(&b, &registry, "team/ha", &digest).await), digest);
     assert_eq!(registry.blob_fetches(&digest).len(), 1, "the second pull must come from the first node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_fetches_for_the_cluster_and_nobody_else_touches_the_registry() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(12 * MIB, 46);
+    let digest = registry.push_blob("team/seeded", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let seed = Agent::start_role("seed", &p2p_config(&[&scheduler]), &[]).await.unwrap();
+    let agents = [Agent::start(&p2p_config(&[&scheduler])).await.unwrap(), Agent::start(&p2p_config(&[&scheduler])).await.unwrap()];
+    settle().await;
+    for a in &agents {
+        assert_eq!(digest_of(&get(a, &registry, "team/seeded", &digest).await), digest);
+        assert!(a.log().contains("fetching from parents"), "{}", a.log());
+    }
+    assert!(seed.log().contains("seed fetching a task for a child"), "{}", seed.log());
+    assert_eq!(registry.blob_fetches(&digest).len(), 1, "only the seed may fetch from the registry");
+    assert!(seed.stored_tasks().contains(&shoal_tests::task_dir(&digest)));
+    if std::env::var_os("P2P_TEST_LOGS").is_some() {
+        eprintln!("--- seed ---\n{}\n--- agent ---\n{}\n--- scheduler ---\n{}", seed.log(), agents[0].log(), scheduler.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_killed_mid_fan_out_leaves_every_agent_with_correct_bytes() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(48 * MIB, 47);
+    let digest = registry.push_blob("team/seedkill", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let mut seed =
+        Agent::start_role("seed", &format!("{}[download]\nrate_limit = \"32MiB\"\n", p2p_config(&[&scheduler])), &[]).await.unwrap();
+    let agents = [Agent::start(&p2p_config(&[&scheduler])).await.unwrap(), Agent::start(&p2p_config(&[&scheduler])).await.unwrap()];
+    settle().await;
+    let pulls = tokio::spawn({
+        let urls: Vec<String> = agents.iter().map(|a| a.blob_url(&registry, "team/seedkill", &digest)).collect();
+        async move {
+            join_all(urls.into_iter().map(|u| async move { reqwest::get(u).await?.bytes().await })).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(std::env::var("P2P_KILL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(600))).await;
+    seed.kill();
+    for body in pulls.await.unwrap() {
+        assert_eq!(digest_of(&body.expect("a pull must survive the seed dying")), digest);
+    }
+    if std::env::var_os("P2P_TEST_LOGS").is_some() {
+        for a in &agents {
+            eprintln!("--- agent ---\n{}", a.log());
+        }
+        eprintln!("--- seed ---\n{}\n--- scheduler ---\n{}", seed.log(), scheduler.log());
+        eprintln!("--- registry ---\n{:?}", registry.blob_fetches(&digest));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_runs_mirror_scheduler_and_seed_in_one_process() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(3 * MIB, 48);
+    let digest = registry.push_blob("team/up", &blob).await.unwrap();
+    let scheduler_port = shoal_tests::free_port();
+    let peer_port = shoal_tests::free_port();
+    let up = Agent::start_role(
+        "up",
+        "",
+        &[("SHOAL_SCHEDULER__LISTEN", &format!("0.0.0.0:{scheduler_port}")), ("SHOAL_PEER__LISTEN", &format!("0.0.0.0:{peer_port}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(digest_of(&get(&up, &registry, "team/up", &digest).await), digest);
+    let log = up.log();
+    assert!(log.contains("embedded scheduler listening") && log.contains("peer-to-peer downloads on"), "{log}");
+    assert!(log.contains("fetching from the origin for the cluster"), "the seed goes to the origin itself: {log}");
+    assert!(log.contains(&format!("127.0.0.1:{peer_port}")), "the peer server stays on loopback: {log}");
+}

@@ -34,7 +34,7 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
 
-    let mut sub = client.subscribe(addr, &task).await.unwrap();
+    let mut sub = client.subscribe(addr, &task, None).await.unwrap();
     let first = sub.next().await.unwrap().unwrap();
     assert_eq!(first.numbers, (0..6).collect::<Vec<u32>>());
     assert!(first.done);

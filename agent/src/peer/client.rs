@@ -79,9 +79,11 @@ impl PeerClient {
         Ok((header, Bytes::from(buf)))
     }
 
-    /// Subscribes to the pieces `task` has and gets.
-    pub async fn subscribe(&self, addr: SocketAddr, task: &TaskId) -> Result<Subscription, PeerError> {
-        let (_send, recv) = self.open(addr, Request::Subscribe(SubscribePieces { task_id: task.to_string() })).await?;
+    /// Subscribes to the pieces `task` has and gets. `origin` lets a seed fetch a task it lacks.
+    pub async fn subscribe(&self, addr: SocketAddr, task: &TaskId, origin: Option<SubscribePieces>) -> Result<Subscription, PeerError> {
+        let req = origin.unwrap_or_default();
+        let req = SubscribePieces { task_id: task.to_string(), ..req };
+        let (_send, recv) = self.open(addr, Request::Subscribe(req)).await?;
         Ok(Subscription { addr, recv })
     }
 }

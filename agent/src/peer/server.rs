@@ -28,6 +28,8 @@ pub struct PeerServerConfig {
     pub cluster_tls: Option<ClusterTls>,
     /// Testing only: flip a byte in every piece sent, to exercise other peers' checks.
     pub corrupt_pieces: bool,
+    /// A seed: asked for a task it lacks, it fetches it from the origin.
+    pub seed: bool,
 }
 
 /// A running peer server.
@@ -60,7 +62,7 @@ impl PeerServer {
                 _ = shutdown.cancelled() => break,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
-            let (engine, slots, corrupt) = (engine.clone(), slots.clone(), config.corrupt_pieces);
+            let (engine, slots, corrupt, seed) = (engine.clone(), slots.clone(), config.corrupt_pieces, config.seed);
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -73,7 +75,7 @@ impl PeerServer {
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let (engine, slots) = (engine.clone(), slots.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(&engine, &slots, corrupt, send, recv).await {
+                        if let Err(e) = serve_stream(&engine, &slots, corrupt, seed, send, recv).await {
                             debug!(%remote, error = %e, "peer request ended with an error");
                         }
                     });
@@ -85,9 +87,10 @@ impl PeerServer {
 }
 
 async fn serve_stream(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     slots: &Semaphore,
     corrupt: bool,
+    seed: bool,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), wire::WireError> {
@@ -132,6 +135,9 @@ async fn serve_stream(
             Ok(finish(send))
         }
         Some(Request::Subscribe(s)) => {
+            if seed {
+                start_for_child(engine, &s).await;
+            }
             let Some(shared) = TaskId::parse(&s.task_id).and_then(|id| engine.shared(&id)) else {
                 wire::write(&mut send, &PieceUpdate { error: "task not found".into(), ..Default::default() }).await?;
                 return Ok(finish(send));
@@ -171,6 +177,31 @@ async fn serve_stream(
             }
         }
         None => Ok(finish(send)),
+    }
+}
+
+/// A seed asked for a task it lacks starts fetching it, so the child can follow.
+async fn start_for_child(engine: &Arc<Engine>, s: &shoal_proto::peer::SubscribePieces) {
+    let Some(id) = TaskId::parse(&s.task_id) else { return };
+    if engine.shared(&id).is_some() {
+        return;
+    }
+    let Ok(digest) = s.digest.parse::<shoal_core::Digest>() else { return };
+    let valid = TaskId::of_digest(&digest) == id
+        && shoal_core::reference::is_registry_host(&s.registry)
+        && shoal_core::reference::is_repository(&s.repository);
+    if !valid {
+        return;
+    }
+    let origin = crate::engine::Origin {
+        registry: s.registry.clone(),
+        repository: s.repository.clone(),
+        digest,
+        authorization: http::HeaderValue::from_str(&s.authorization).ok().filter(|_| !s.authorization.is_empty()),
+    };
+    info!(task = %id, registry = %origin.registry, "seed fetching a task for a child");
+    if let crate::engine::Opened::Task(task) = engine.open(&origin, s.length).await {
+        engine.start(&task);
     }
 }
 
