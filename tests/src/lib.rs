@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod containerd;
+pub mod netns;
 pub mod registry;
 
 use std::net::TcpListener;
@@ -86,6 +87,8 @@ pub struct Agent {
     env: Vec<(String, String)>,
     /// The subcommand run.
     role: String,
+    /// The namespace and address it runs at, when not on this host's loopback.
+    place: Option<(String, std::net::Ipv4Addr)>,
     child: Option<Child>,
 }
 
@@ -104,10 +107,41 @@ impl Agent {
     pub async fn start_role(role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut agent =
-            Agent { dir, port: free_port(), admin_port: free_port(), extra: extra.into(), env, role: role.into(), child: None };
+        let mut agent = Agent {
+            dir,
+            port: free_port(),
+            admin_port: free_port(),
+            extra: extra.into(),
+            env,
+            role: role.into(),
+            place: None,
+            child: None,
+        };
         agent.spawn().await?;
         Ok(agent)
+    }
+
+    /// Starts `shoal <role>` inside host `i` of `lab`, listening on that host's address.
+    pub async fn start_in(lab: &netns::Lab, i: usize, role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut agent = Agent {
+            dir,
+            port: 65001,
+            admin_port: 65002,
+            extra: extra.into(),
+            env,
+            role: role.into(),
+            place: Some((lab.ns(i).to_string(), lab.ip(i))),
+            child: None,
+        };
+        agent.spawn().await?;
+        Ok(agent)
+    }
+
+    /// The address its listeners are on.
+    fn ip(&self) -> String {
+        self.place.as_ref().map_or("127.0.0.1".into(), |(_, ip)| ip.to_string())
     }
 
     /// The data directory.
@@ -115,9 +149,9 @@ impl Agent {
         self.dir.path().join("data")
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<ip>:<port>` of the registry mirror.
     pub fn mirror(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip(), self.port)
     }
 
     /// The mirror URL of a blob of `registry`.
@@ -131,19 +165,28 @@ impl Agent {
         let text = format!("data_dir = \"{}\"\n{}\n", self.data_dir().display(), self.extra);
         std::fs::write(&config, text)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
-        let child = Command::new(shoal_bin())
+        let mut cmd = match &self.place {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
+        let ip = self.ip();
+        let child = cmd
             .args([self.role.as_str(), "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,shoal_agent=debug")
-            .env("SHOAL_MIRROR__LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("SHOAL_ADMIN__LISTEN", format!("127.0.0.1:{}", self.admin_port))
+            .env("SHOAL_MIRROR__LISTEN", format!("{ip}:{}", self.port))
+            .env("SHOAL_ADMIN__LISTEN", format!("{ip}:{}", self.admin_port))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting shoal agent")?;
         self.child = Some(child);
-        let url = format!("http://127.0.0.1:{}/healthz", self.admin_port);
+        let url = format!("http://{ip}:{}/healthz", self.admin_port);
         let start = Instant::now();
         loop {
             if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
@@ -188,7 +231,7 @@ impl Agent {
 
     /// `/status` as JSON.
     pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(reqwest::get(format!("http://127.0.0.1:{}/status", self.admin_port)).await?.json().await?)
+        Ok(reqwest::get(format!("http://{}:{}/status", self.ip(), self.admin_port)).await?.json().await?)
     }
 
     /// Task ids in the store directory with a complete `meta.json`.
@@ -216,6 +259,7 @@ impl Drop for Agent {
 /// A `shoal scheduler` process.
 pub struct Scheduler {
     pub port: u16,
+    ip: std::net::Ipv4Addr,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -223,19 +267,24 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts a scheduler on a free loopback port and waits until it accepts connections.
     pub async fn start() -> anyhow::Result<Scheduler> {
+        Scheduler::start_on("127.0.0.1".parse()?).await
+    }
+
+    /// Starts a scheduler listening on `ip` (a lab's gateway).
+    pub async fn start_on(ip: std::net::Ipv4Addr) -> anyhow::Result<Scheduler> {
         let dir = tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?;
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("scheduler.log"))?;
         let child = Command::new(shoal_bin())
-            .args(["scheduler", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["scheduler", "--listen", &format!("{ip}:{port}")])
             .env("RUST_LOG", "info,shoal_scheduler=debug")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting shoal scheduler")?;
-        let s = Scheduler { port, dir, child: Some(child) };
+        let s = Scheduler { port, ip, dir, child: Some(child) };
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ip, port)).is_err() {
             if start.elapsed() > Duration::from_secs(20) {
                 bail!("scheduler did not start:\n{}", s.log());
             }
@@ -244,9 +293,9 @@ impl Scheduler {
         Ok(s)
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `<ip>:<port>`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The scheduler's log so far.
@@ -270,6 +319,17 @@ impl Drop for Scheduler {
             eprintln!("--- scheduler log ---\n{}", self.log());
         }
     }
+}
+
+/// TOML turning on the peer server of an agent in a lab (port 65003 on its own address), with
+/// these scheduler replicas and the lab's registry reached over plain HTTP.
+pub fn lab_p2p_config(schedulers: &[&Scheduler], registry: &Registry) -> String {
+    let list: Vec<String> = schedulers.iter().map(|s| format!("\"{}\"", s.addr())).collect();
+    format!(
+        "[peer]\nenabled = true\nlisten = \"0.0.0.0:65003\"\nschedulers = [{}]\n[registry.\"{}\"]\nplain_http = true\n",
+        list.join(", "),
+        registry.host()
+    )
 }
 
 /// TOML turning on an agent's peer server on a free loopback port, with these scheduler replicas.

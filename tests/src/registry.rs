@@ -26,18 +26,25 @@ pub struct Registry {
     pub credentials: Option<(String, String)>,
     /// Whether it speaks HTTPS (with a certificate from [`Registry::ca_file`]).
     pub tls: bool,
+    /// The address it listens on.
+    pub ip: std::net::Ipv4Addr,
     child: Option<Child>,
 }
 
 impl Registry {
     /// Starts a registry; with `credentials`, every request needs them (htpasswd, Basic).
     pub async fn start(credentials: Option<(&str, &str)>) -> anyhow::Result<Registry> {
-        Registry::start_with(credentials, false).await
+        Registry::start_with(credentials, false, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Starts a registry listening on `ip` (a lab's gateway), without auth.
+    pub async fn start_on(ip: std::net::Ipv4Addr) -> anyhow::Result<Registry> {
+        Registry::start_with(None, false, ip).await
     }
 
     /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 signed by a fresh CA.
     pub async fn start_tls() -> anyhow::Result<Registry> {
-        Registry::start_with(None, true).await
+        Registry::start_with(None, true, std::net::Ipv4Addr::LOCALHOST).await
     }
 
     /// The PEM file of the CA that signed a TLS registry's certificate.
@@ -45,7 +52,7 @@ impl Registry {
         self.dir.path().join("ca.pem")
     }
 
-    async fn start_with(credentials: Option<(&str, &str)>, tls: bool) -> anyhow::Result<Registry> {
+    async fn start_with(credentials: Option<(&str, &str)>, tls: bool, ip: std::net::Ipv4Addr) -> anyhow::Result<Registry> {
         require("docker-registry");
         let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
         let port = free_port();
@@ -70,7 +77,7 @@ impl Registry {
             );
         }
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_config}{auth}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n{tls_config}{auth}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
@@ -79,6 +86,7 @@ impl Registry {
             port,
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
             tls,
+            ip,
             child: None,
         };
         reg.spawn().await?;
@@ -123,9 +131,9 @@ impl Registry {
         self.spawn().await
     }
 
-    /// `127.0.0.1:<port>`, the name containerd and the mirror use.
+    /// `<ip>:<port>`, the name containerd and the mirror use.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// `http://127.0.0.1:<port>` (or `https://`).

@@ -1,0 +1,110 @@
+//! A small network of hosts on one machine: one network namespace per host, each with a veth into
+//! a bridge in the root namespace (which holds the registry and the scheduler at the gateway
+//! address). Everything is removed on drop, even when a test fails.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context};
+
+use crate::require;
+
+/// A bridge and some hosts.
+pub struct Lab {
+    /// Prefix of every name this lab made.
+    tag: String,
+    /// Third octet of the lab's 10.201.x.0/24 subnet.
+    subnet: u8,
+    /// Namespace names, one per host.
+    hosts: Vec<String>,
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// A lab of `n` hosts (at most 200).
+    pub fn new(n: usize) -> anyhow::Result<Lab> {
+        require("ip");
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id() % 100_000;
+        let tag = format!("sh{pid}{k}");
+        let subnet = ((pid * 7 + k * 13) % 200 + 20) as u8;
+        let mut lab = Lab { tag, subnet, hosts: Vec::new() };
+        lab.cleanup();
+        let bridge = lab.bridge();
+        sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
+        sh(&["ip", "addr", "add", &format!("{}/24", lab.gateway()), "dev", &bridge])?;
+        sh(&["ip", "link", "set", &bridge, "up"])?;
+        for i in 0..n {
+            let ns = format!("{}-{i}", lab.tag);
+            let veth = format!("{}v{i}", lab.tag);
+            sh(&["ip", "netns", "add", &ns])?;
+            lab.hosts.push(ns.clone());
+            sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh(&["ip", "link", "set", &veth, "master", &bridge])?;
+            sh(&["ip", "link", "set", &veth, "up"])?;
+            let ip = lab.ip(i).to_string();
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}br", self.tag)
+    }
+
+    /// The root namespace's address on the bridge: where the registry and scheduler listen.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, self.subnet, 1)
+    }
+
+    /// Host `i`'s address.
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, self.subnet, i as u8 + 2)
+    }
+
+    /// Host `i`'s namespace.
+    pub fn ns(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// True with no hosts.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    fn cleanup(&self) {
+        let out = Command::new("ip").args(["netns", "list"]).output();
+        if let Ok(out) = out {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or("");
+                if name.starts_with(&format!("{}-", self.tag)) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).output();
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge()]).output();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth, and so the pair.
+        self.cleanup();
+    }
+}
