@@ -30,6 +30,9 @@ const MAX_FETCHES: usize = 8;
 const MAX_PER_PARENT: usize = 4;
 /// With parents but no new piece for this long, the rest comes from the origin.
 const STALL: Duration = Duration::from_secs(15);
+/// While fetching from parents, a download asks for a fresh set this often, so peers that joined
+/// later (and have pieces to trade) become parents too.
+const RESCHEDULE_EVERY: Duration = Duration::from_secs(2);
 /// Hosts announce themselves this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -138,15 +141,19 @@ impl P2p {
         }
     }
 
-    /// Opens a peer stream for `task` on the first replica that answers.
-    async fn open(&self, task: &Task) -> Option<(mpsc::Sender<pb::PeerEvent>, tonic::Streaming<pb::PeerCommand>)> {
+    fn register(&self, task: &Task) -> pb::Register {
         let origin = task.origin();
-        let register = pb::Register {
+        pb::Register {
             task_id: task.id.to_string(),
             host_id: self.config.host_id.clone(),
             length: task.layout.len,
             origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string() }),
-        };
+        }
+    }
+
+    /// Opens a peer stream for `task` on the first replica that answers.
+    async fn open(&self, task: &Task) -> Option<(mpsc::Sender<pb::PeerEvent>, tonic::Streaming<pb::PeerCommand>)> {
+        let register = self.register(task);
         for r in self.replicas_for(&task.id) {
             let (tx, rx) = mpsc::channel(1024);
             let _ = tx.send(pb::PeerEvent { event: Some(Event::Register(register.clone())) }).await;
@@ -177,6 +184,8 @@ impl P2p {
         let mut changes = task.changed.subscribe();
         let mut scheduler_alive = true;
         let mut stall = tokio::time::interval(Duration::from_secs(1));
+        let mut reschedule = tokio::time::interval(RESCHEDULE_EVERY);
+        reschedule.reset();
         loop {
             if let Some(outcome) = task.outcome() {
                 let event = match outcome {
@@ -228,6 +237,9 @@ impl P2p {
                     Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
                 },
                 _ = changes.changed() => {}
+                _ = reschedule.tick(), if scheduler_alive && d.mode == Mode::Parents => {
+                    let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
+                }
                 _ = stall.tick() => {
                     if d.mode == Mode::Parents && d.last_progress.elapsed() > STALL {
                         warn!(task = %task.id, "parents stalled; fetching the rest from the origin");
@@ -303,7 +315,11 @@ impl Download {
                 if self.mode == Mode::Origin {
                     return;
                 }
-                info!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "fetching from parents");
+                if self.mode != Mode::Parents {
+                    info!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "fetching from parents");
+                } else {
+                    debug!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "parents refreshed");
+                }
                 self.mode = Mode::Parents;
                 self.last_progress = Instant::now();
                 let wanted: HashSet<String> = p.parents.iter().map(|p| p.host_id.clone()).collect();
@@ -322,16 +338,14 @@ impl Download {
             }
             Command::Wait(w) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
-                let origin = self.task.origin();
-                let register = pb::Register {
-                    task_id: self.task.id.to_string(),
-                    host_id: self.p2p.config.host_id.clone(),
-                    length: self.task.layout.len,
-                    origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string() }),
-                };
-                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await;
+                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.register())) }).await;
             }
         }
+    }
+
+    /// A registration, sent again to ask for a new decision.
+    fn register(&self) -> pb::Register {
+        self.p2p.register(&self.task)
     }
 
     fn subscribe(&mut self, id: String, addr: SocketAddr, seed: bool) {
@@ -381,24 +395,33 @@ impl Download {
         }
     }
 
-    /// Starts fetches of the lowest missing pieces whose digest is known, from the least busy
-    /// parent that has them.
+    /// Starts fetches of missing pieces whose digest is known, rarest among the parents first,
+    /// each from the least busy parent that has it. Ties go round from a point that differs per
+    /// host, so children of one parent fetch different pieces and can trade them with each other.
     fn start_fetches(&mut self) {
         let local = self.task.file.bitmap();
         let count = self.task.layout.count();
+        if count == 0 {
+            return;
+        }
         let mut load: HashMap<String, usize> = HashMap::new();
         for p in self.fetching.values() {
             *load.entry(p.clone()).or_default() += 1;
         }
+        let start = u32::from_le_bytes(blake3::hash(self.p2p.config.host_id.as_bytes()).as_bytes()[..4].try_into().unwrap_or_default()) % count;
+        let mut wanted: Vec<(usize, u32, u32)> = (0..count)
+            .filter(|&n| !local.has(n) && !self.fetching.contains_key(&n) && self.digests.contains_key(&n))
+            .filter_map(|n| {
+                let holders = self.have.values().filter(|bits| bits.has(n)).count();
+                (holders > 0).then_some((holders, (n + count - start) % count, n))
+            })
+            .collect();
+        wanted.sort_unstable();
         let mut starts = Vec::new();
-        for n in 0..count {
+        for (_, _, n) in wanted {
             if self.fetching.len() + starts.len() >= MAX_FETCHES {
                 break;
             }
-            if local.has(n) || self.fetching.contains_key(&n) {
-                continue;
-            }
-            let Some(digest) = self.digests.get(&n) else { continue };
             let busy = |id: &String| load.get(id).copied().unwrap_or(0);
             let best = self
                 .have
@@ -408,7 +431,7 @@ impl Download {
                 .map(|(id, _)| id.clone());
             if let Some(parent) = best {
                 *load.entry(parent.clone()).or_default() += 1;
-                starts.push((n, parent, digest.clone()));
+                starts.push((n, parent, self.digests[&n].clone()));
             }
         }
         for (n, parent, digest) in starts {

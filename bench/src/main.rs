@@ -2,8 +2,10 @@
 //! with its baselines on the same machine in the same run, and is written to `bench/results/` as
 //! JSON and a Markdown table.
 //!
-//! `cargo run --release -p shoal-bench -- mirror` (build the agent first: `cargo build --release -p shoal`).
+//! `cargo run --release -p shoal-bench -- mirror` or `-- fanout --nodes 8` (build the agent first:
+//! `cargo build --release -p shoal`). Run as root: scenarios make network namespaces.
 
+mod fanout;
 mod mirror;
 mod report;
 
@@ -26,6 +28,9 @@ enum Scenario {
     /// Mirror throughput: cache hits vs nginx serving the same file, cold misses vs pulling straight
     /// from the registry, and 64 concurrent pulls (throughput and agent memory).
     Mirror(mirror::Args),
+    /// Fan-out: N nodes in network namespaces with shaped links pull one blob at once, Shoal
+    /// against every node pulling from the registry, with the Kumar–Ross lower bound.
+    Fanout(fanout::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -33,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Mirror(args) => mirror::run(args, &cli.out).await,
+        Scenario::Fanout(args) => fanout::run(args, &cli.out).await,
     }
 }

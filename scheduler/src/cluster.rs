@@ -165,7 +165,9 @@ impl Cluster {
         let candidates: Vec<Candidate> = t
             .peers
             .iter()
-            .filter(|(id, p)| *id != host && p.status != PeerStatus::Failed && !p.parents.contains(host))
+            // Two peers may feed each other different pieces (as in a swarm); `sourced` keeps a
+            // group that only waits on itself from being chosen.
+            .filter(|(id, p)| *id != host && p.status != PeerStatus::Failed)
             .filter_map(|(id, p)| {
                 let h = self.hosts.get(id)?;
                 let useful = (0..t.layout.count()).filter(|&n| p.bitmap.has(n) && !child.bitmap.has(n)).count() as u32;

@@ -88,6 +88,34 @@ impl Lab {
         self.hosts.is_empty()
     }
 
+    /// Shapes host `i`'s link: egress with `tc tbf`, and ingress too (through an ifb device)
+    /// when `down_mbit` is given.
+    pub fn shape(&self, i: usize, up_mbit: u32, down_mbit: Option<u32>) -> anyhow::Result<()> {
+        require("tc");
+        let ns = self.ns(i);
+        let tbf = |dev: &str, mbit: u32| -> anyhow::Result<()> {
+            sh(&["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &format!("{mbit}mbit"),
+                "burst", "256kb", "latency", "50ms"])
+        };
+        tbf("eth0", up_mbit)?;
+        if let Some(down) = down_mbit {
+            sh(&["ip", "-n", ns, "link", "add", "ifb0", "type", "ifb"])?;
+            sh(&["ip", "-n", ns, "link", "set", "ifb0", "up"])?;
+            sh(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "handle", "ffff:", "ingress"])?;
+            sh(&["ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0", "action",
+                "mirred", "egress", "redirect", "dev", "ifb0"])?;
+            tbf("ifb0", down)?;
+        }
+        Ok(())
+    }
+
+    /// A command run inside host `i`'s namespace.
+    pub fn command(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns(i), program]);
+        c
+    }
+
     fn cleanup(&self) {
         let out = Command::new("ip").args(["netns", "list"]).output();
         if let Ok(out) = out {

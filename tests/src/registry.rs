@@ -28,6 +28,8 @@ pub struct Registry {
     pub tls: bool,
     /// The address it listens on.
     pub ip: std::net::Ipv4Addr,
+    /// The network namespace it runs in, if not the root one.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -42,6 +44,11 @@ impl Registry {
         Registry::start_with(None, false, ip).await
     }
 
+    /// Starts a registry as host `i` of `lab` (so its uplink can be shaped like any host's).
+    pub async fn start_in(lab: &crate::netns::Lab, i: usize) -> anyhow::Result<Registry> {
+        Registry::start_placed(None, false, lab.ip(i), Some(lab.ns(i).to_string())).await
+    }
+
     /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 signed by a fresh CA.
     pub async fn start_tls() -> anyhow::Result<Registry> {
         Registry::start_with(None, true, std::net::Ipv4Addr::LOCALHOST).await
@@ -53,6 +60,15 @@ impl Registry {
     }
 
     async fn start_with(credentials: Option<(&str, &str)>, tls: bool, ip: std::net::Ipv4Addr) -> anyhow::Result<Registry> {
+        Registry::start_placed(credentials, tls, ip, None).await
+    }
+
+    async fn start_placed(
+        credentials: Option<(&str, &str)>,
+        tls: bool,
+        ip: std::net::Ipv4Addr,
+        netns: Option<String>,
+    ) -> anyhow::Result<Registry> {
         require("docker-registry");
         let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
         let port = free_port();
@@ -87,6 +103,7 @@ impl Registry {
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
             tls,
             ip,
+            netns,
             child: None,
         };
         reg.spawn().await?;
@@ -95,7 +112,15 @@ impl Registry {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("access.log"))?;
-        let child = Command::new("docker-registry")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => Command::new("docker-registry"),
+        };
+        let child = cmd
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
             .stdout(log.try_clone()?)
