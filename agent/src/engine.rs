@@ -128,6 +128,8 @@ pub struct Task {
     pub(crate) file: Arc<TaskFile>,
     state: Mutex<TaskState>,
     pub(crate) changed: watch::Sender<()>,
+    /// Some of its pieces are being fetched from the origin by this host.
+    pub(crate) sourcing: std::sync::atomic::AtomicBool,
     /// Where finished piece numbers are reported (to the scheduler) while a P2P download runs.
     pub(crate) reporter: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u32>>>,
     /// sha256 of the blob's first `.0` bytes, fed while bytes arrive in order, so the final check
@@ -220,6 +222,11 @@ impl Shared {
             Some(t) => matches!(t.state().status, Status::Complete),
             None => self.file.is_complete(),
         }
+    }
+
+    /// Whether this host is fetching (some of) the task from the origin.
+    pub fn is_sourcing(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| t.sourcing.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Why the download failed, if it did.
@@ -369,6 +376,7 @@ impl Engine {
             file,
             changed: watch::channel(()).0,
             reporter: Mutex::new(None),
+            sourcing: std::sync::atomic::AtomicBool::new(false),
             sha: Mutex::new((0, sha2::Sha256::new())),
         });
         if !complete {
@@ -457,6 +465,7 @@ impl Engine {
     /// Fetches a run of consecutive pieces from the origin with one ranged request, resuming after
     /// the last finished piece when the connection breaks, up to the configured retries.
     pub(crate) async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
+        task.sourcing.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut next = run.start;
         let mut failures = 0u32;
         let retries = self.registry.retries();

@@ -120,10 +120,14 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     let busy = 1.0 - (idle1 - idle0) as f64 / (cpu1 - cpu0).max(1) as f64;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shoal_egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
-    for a in &agents {
-        let task = shoal_tests::task_dir(&digest);
-        if !a.stored_tasks().contains(&task) {
-            bail!("a node did not store a verified copy");
+    // Keep every node's log next to the results: where the time went.
+    let logs = out.join(format!("fanout-{n}-logs"));
+    std::fs::create_dir_all(&logs)?;
+    std::fs::write(logs.join("scheduler.log"), scheduler.log())?;
+    for (k, a) in agents.iter().enumerate() {
+        std::fs::write(logs.join(format!("node-{}.log", k + 1)), a.log())?;
+        if !a.stored_tasks().contains(&shoal_tests::task_dir(&digest)) {
+            bail!("node {} did not store a verified copy", k + 1);
         }
     }
     shoal.sort_by(|a, b| a.total_cmp(b));

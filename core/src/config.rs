@@ -180,7 +180,7 @@ impl Default for SchedulerConfig {
     fn default() -> SchedulerConfig {
         SchedulerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8002)),
-            max_parents: 4,
+            max_parents: 8,
             max_depth: 6,
             max_back_to_source: 1,
             enough_peers: 2,
@@ -471,7 +471,7 @@ seed = false
 # Address the scheduler's gRPC API listens on (shoal scheduler).
 listen = "0.0.0.0:8002"
 # Most parents handed to a peer at once.
-max_parents = 4
+max_parents = 8
 # Most hops between the origin and a peer, so a cold fan-out is a pipeline, not a chain.
 max_depth = 6
 # Peers fetching one task from the origin at once when no seed is available.

@@ -25,7 +25,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_parents: 4, max_depth: 6, max_back_to_source: 1, enough_peers: 2 }
+        Limits { max_parents: 8, max_depth: 6, max_back_to_source: 1, enough_peers: 2 }
     }
 }
 
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn at_most_max_parents_are_returned_and_ties_are_deterministic() {
         let c: Vec<Candidate> = (0..10).map(|i| cand(&format!("h{i}"), 1)).collect();
-        let chosen = names(choose(&c, &Limits::default()));
-        assert_eq!(chosen, ["h0", "h1", "h2", "h3"]);
+        let limits = Limits { max_parents: 4, ..Limits::default() };
+        assert_eq!(names(choose(&c, &limits)), ["h0", "h1", "h2", "h3"]);
     }
 }

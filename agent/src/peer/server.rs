@@ -14,6 +14,41 @@ use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
 use crate::engine::Engine;
 
+/// How long a source holds a new piece back from all but one subscriber.
+const HOLD: std::time::Duration = std::time::Duration::from_millis(3000);
+
+/// Subscriptions per task, so a source can hand each new piece to one child first.
+#[derive(Default)]
+struct Subscribers {
+    tasks: std::sync::Mutex<std::collections::HashMap<TaskId, (u64, usize)>>,
+}
+
+impl Subscribers {
+    /// A new subscription: its turn number.
+    fn join(&self, task: &TaskId) -> u64 {
+        let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t.entry(task.clone()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += 1;
+        e.0 - 1
+    }
+
+    fn leave(&self, task: &TaskId) {
+        let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = t.get_mut(task) {
+            e.1 = e.1.saturating_sub(1);
+            if e.1 == 0 {
+                t.remove(task);
+            }
+        }
+    }
+
+    /// Subscriptions open now.
+    fn count(&self, task: &TaskId) -> usize {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(task).map_or(0, |e| e.1)
+    }
+}
+
 /// Bytes read from the store and written to the stream at a time.
 const SEND_CHUNK: usize = 256 << 10;
 
@@ -57,12 +92,14 @@ impl PeerServer {
             warn!("FAULT INJECTION: this host corrupts every piece it serves (testing only)");
         }
         let slots = Arc::new(Semaphore::new(config.upload_slots.max(1)));
+        let subscribers = Arc::new(Subscribers::default());
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
             let (engine, slots, corrupt, seed) = (engine.clone(), slots.clone(), config.corrupt_pieces, config.seed);
+            let subscribers = subscribers.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -73,9 +110,9 @@ impl PeerServer {
                 };
                 let remote = conn.remote_address();
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    let (engine, slots) = (engine.clone(), slots.clone());
+                    let (engine, slots, subscribers) = (engine.clone(), slots.clone(), subscribers.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(&engine, &slots, corrupt, seed, send, recv).await {
+                        if let Err(e) = serve_stream(&engine, &slots, &subscribers, corrupt, seed, send, recv).await {
                             debug!(%remote, error = %e, "peer request ended with an error");
                         }
                     });
@@ -89,6 +126,7 @@ impl PeerServer {
 async fn serve_stream(
     engine: &Arc<Engine>,
     slots: &Semaphore,
+    subscribers: &Subscribers,
     corrupt: bool,
     seed: bool,
     mut send: quinn::SendStream,
@@ -146,34 +184,60 @@ async fn serve_stream(
             let len = file.layout().len;
             let mut changes = shared.changes();
             let mut sent = shoal_core::piece::Bitmap::new(file.layout().count());
-            loop {
-                if let Some(rx) = changes.as_mut() {
-                    rx.borrow_and_update();
-                }
-                let have = file.bitmap();
-                let numbers: Vec<u32> = (0..have.len()).filter(|&n| have.has(n) && !sent.has(n)).collect();
-                for &n in &numbers {
-                    sent.set(n);
-                }
-                let (done, failed) = (shared.is_complete(), shared.failure());
-                let update = PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default() };
-                let last = update.done || !update.error.is_empty();
-                wire::write(&mut send, &update).await?;
-                if last {
-                    return Ok(finish(send));
-                }
-                match changes.as_mut() {
-                    Some(rx) => {
-                        if rx.changed().await.is_err() {
+            let task = file.id().clone();
+            let me = subscribers.join(&task);
+            let mut first_seen: std::collections::HashMap<u32, std::time::Instant> = std::collections::HashMap::new();
+            let result = async {
+                loop {
+                    if let Some(rx) = changes.as_mut() {
+                        rx.borrow_and_update();
+                    }
+                    let have = file.bitmap();
+                    let (done, failed) = (shared.is_complete(), shared.failure());
+                    // While this host is the one fetching from the origin, each new piece goes
+                    // first to one subscriber only (in turn), so the children fetch different
+                    // pieces here and trade the rest among themselves; after HOLD, to everyone.
+                    let others = subscribers.count(&task);
+                    let share = shared.is_sourcing() && !done && others > 1;
+                    let now = std::time::Instant::now();
+                    let numbers: Vec<u32> = (0..have.len())
+                        .filter(|&n| have.has(n) && !sent.has(n))
+                        .filter(|&n| {
+                            !share
+                                || (n as u64 + me) % others as u64 == 0
+                                || now.duration_since(*first_seen.entry(n).or_insert(now)) >= HOLD
+                        })
+                        .collect();
+                    for &n in &numbers {
+                        sent.set(n);
+                    }
+                    let update = PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default() };
+                    let last = update.done || !update.error.is_empty();
+                    if !update.numbers.is_empty() || last || sent.count() == 0 {
+                        wire::write(&mut send, &update).await?;
+                    }
+                    if last {
+                        return Ok(true);
+                    }
+                    match changes.as_mut() {
+                        Some(rx) => match tokio::time::timeout(HOLD / 4, rx.changed()).await {
+                            Ok(Ok(())) | Err(_) => {}
                             // The task ended between two looks; one more round reports how.
-                            changes = None;
-                        }
-                    }
-                    None => {
-                        let _ = send.reset(2u32.into());
-                        return Ok(());
+                            Ok(Err(_)) => changes = None,
+                        },
+                        None => return Ok(false),
                     }
                 }
+            }
+            .await;
+            subscribers.leave(&task);
+            match result {
+                Ok(true) => Ok(finish(send)),
+                Ok(false) => {
+                    let _ = send.reset(2u32.into());
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
         }
         None => Ok(finish(send)),

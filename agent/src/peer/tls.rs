@@ -124,6 +124,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
     t.max_concurrent_bidi_streams(256u32.into());
+    // BBR paces to the measured bottleneck instead of filling a shaped link's queue until it
+    // drops (Cubic's way), which on rate-limited links costs far more than the loss itself.
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     // A dead host (no close, just silence) is noticed within seconds, so its children move on.
     t.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(4_000))));
