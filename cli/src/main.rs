@@ -107,47 +107,50 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn daemon(args: DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+/// What every long-running role does first: print the default or the effective config when asked
+/// (then `None`), else load the config, adjust it for the role, start logging and signal handling.
+fn prepare(args: &DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<Option<(Config, CancellationToken)>> {
     if args.print_default_config {
         print!("{DEFAULT_CONFIG_TOML}");
-        return Ok(());
+        return Ok(None);
     }
     let mut config = args.load()?;
     role(&mut config);
     if args.check_config {
         print!("{}", toml::to_string_pretty(&config)?);
-        return Ok(());
+        return Ok(None);
     }
     logging::init(&config.log);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    Ok(Some((config, shutdown)))
+}
+
+async fn daemon(args: DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+    let Some((config, shutdown)) = prepare(&args, role)? else { return Ok(()) };
     shoal_agent::run(config, shutdown).await?;
     Ok(())
 }
 
 /// The all-in-one node: scheduler, seed and agent in one process, all on loopback.
 async fn up(args: DaemonArgs) -> anyhow::Result<()> {
-    if args.print_default_config {
-        print!("{DEFAULT_CONFIG_TOML}");
+    let Some((config, shutdown)) = prepare(&args, |config| {
+        config.peer.enabled = true;
+        config.peer.seed = true;
+        if config.peer.listen.ip().is_unspecified() {
+            config.peer.listen.set_ip([127, 0, 0, 1].into());
+        }
+        if config.scheduler.listen.ip().is_unspecified() {
+            config.scheduler.listen.set_ip([127, 0, 0, 1].into());
+        }
+        if config.peer.schedulers.is_empty() {
+            config.peer.schedulers = vec![config.scheduler.listen.to_string()];
+        }
+    })?
+    else {
         return Ok(());
-    }
-    let mut config = args.load()?;
-    let scheduler_addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.scheduler.listen.port()));
-    config.peer.enabled = true;
-    config.peer.seed = true;
-    if config.peer.listen.ip().is_unspecified() {
-        config.peer.listen.set_ip([127, 0, 0, 1].into());
-    }
-    if config.peer.schedulers.is_empty() {
-        config.peer.schedulers = vec![scheduler_addr.to_string()];
-    }
-    if args.check_config {
-        print!("{}", toml::to_string_pretty(&config)?);
-        return Ok(());
-    }
-    logging::init(&config.log);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    };
+    let scheduler_addr = config.scheduler.listen;
     let listener = tokio::net::TcpListener::bind(scheduler_addr)
         .await
         .with_context(|| format!("cannot listen on {scheduler_addr} for the embedded scheduler (change [scheduler] listen)"))?;
@@ -171,21 +174,15 @@ fn limits(config: &Config) -> shoal_scheduler::parents::Limits {
 }
 
 async fn scheduler(args: DaemonArgs) -> anyhow::Result<()> {
-    if args.print_default_config {
-        print!("{DEFAULT_CONFIG_TOML}");
+    let listen = args.listen;
+    let Some((config, shutdown)) = prepare(&args, |config| {
+        if let Some(l) = listen {
+            config.scheduler.listen = l;
+        }
+    })?
+    else {
         return Ok(());
-    }
-    let mut config = args.load()?;
-    if let Some(l) = args.listen {
-        config.scheduler.listen = l;
-    }
-    if args.check_config {
-        print!("{}", toml::to_string_pretty(&config)?);
-        return Ok(());
-    }
-    logging::init(&config.log);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    };
     shoal_scheduler::service::run(config.scheduler.listen, limits(&config), shutdown).await?;
     Ok(())
 }
