@@ -11,6 +11,9 @@ use crate::hosts::{HostId, HostInfo, Hosts};
 pub use crate::parents::Limits;
 use crate::parents::{choose, Candidate};
 
+/// Largest task the scheduler tracks (1 TiB): a bound on what one announcement may make it allocate.
+pub const MAX_TASK_LEN: u64 = 1 << 40;
+
 /// Where a peer stands in its download.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerStatus {
@@ -39,6 +42,8 @@ pub enum ClusterError {
     UnknownPeer(TaskId),
     #[error("task {task}: length {got} does not match the {known} bytes other peers reported")]
     LengthMismatch { task: TaskId, known: u64, got: u64 },
+    #[error("task {task}: length {len} is larger than the {MAX_TASK_LEN}-byte limit")]
+    TooLarge { task: TaskId, len: u64 },
     #[error("task {task}: piece {piece} is out of range")]
     PieceOutOfRange { task: TaskId, piece: u32 },
     #[error("task {task}: piece {piece} digest {got} differs from the {known} its first source reported")]
@@ -130,6 +135,9 @@ impl Cluster {
     pub fn register(&mut self, task: &TaskId, len: u64, host: &HostId, now: u64) -> Result<Decision, ClusterError> {
         if self.hosts.get(host).is_none() {
             return Err(ClusterError::UnknownHost(host.clone()));
+        }
+        if len > MAX_TASK_LEN {
+            return Err(ClusterError::TooLarge { task: task.clone(), len });
         }
         let t = self.tasks.entry(task.clone()).or_insert_with(|| {
             let layout = PieceLayout::for_len(len);
@@ -446,6 +454,8 @@ mod tests {
         assert!(matches!(err, ClusterError::DigestMismatch { .. }));
         assert!(matches!(c.piece_finished(&t, &id("a"), 9, "x"), Err(ClusterError::PieceOutOfRange { .. })));
         assert!(matches!(c.register(&t, 3 * MIB, &id("b"), 0), Err(ClusterError::LengthMismatch { .. })));
+        let other = TaskId::of_digest(&Digest::of(b"huge"));
+        assert!(matches!(c.register(&other, u64::MAX, &id("b"), 0), Err(ClusterError::TooLarge { .. })));
     }
 
     #[test]
