@@ -120,7 +120,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             let client = crate::peer::PeerClient::new(peer_config.cluster_tls.as_ref())?;
             let p2p = crate::p2p::P2p::new(p2p_config, client);
             engine.enable_p2p(p2p.clone());
-            servers.spawn(p2p.announce_loop(shutdown.clone()));
+            servers.spawn(p2p.clone().announce_loop(shutdown.clone()));
+            servers.spawn(p2p.job_loop(engine.clone(), shutdown.clone()));
         }
         servers.spawn(server.run(engine.clone(), peer_config, shutdown.clone()));
     }

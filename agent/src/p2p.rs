@@ -147,7 +147,63 @@ impl P2p {
             task_id: task.id.to_string(),
             host_id: self.config.host_id.clone(),
             length: task.layout.len,
-            origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string() }),
+            origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string(), length: task.layout.len }),
+        }
+    }
+
+    /// Waits on every replica for preheat work and does it, until `shutdown`.
+    pub async fn job_loop(self: Arc<Self>, engine: Arc<Engine>, shutdown: CancellationToken) {
+        let mut watchers = JoinSet::new();
+        for i in 0..self.replicas.len() {
+            let (p2p, engine, shutdown) = (self.clone(), engine.clone(), shutdown.clone());
+            watchers.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = p2p.watch(i, &engine) => {}
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            });
+        }
+        while watchers.join_next().await.is_some() {}
+    }
+
+    /// One WatchJobs stream on replica `i`, until it breaks.
+    async fn watch(self: &Arc<Self>, i: usize, engine: &Arc<Engine>) {
+        let r = &self.replicas[i];
+        let mut client = match self.client(r).await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let mut jobs = match client.watch_jobs(pb::WatchJobsRequest { host_id: self.config.host_id.clone() }).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                debug!(scheduler = %r.addr, error = %e, "cannot watch for preheat jobs");
+                return;
+            }
+        };
+        while let Ok(Some(job)) = jobs.message().await {
+            let (engine, mut client) = (engine.clone(), client.clone());
+            let host_id = self.config.host_id.clone();
+            tokio::spawn(async move {
+                let Some(blob) = job.blob else { return };
+                let result = preheat_blob(&engine, &blob).await;
+                if let Err(e) = &result {
+                    warn!(job = %job.job_id, digest = %blob.digest, error = %e, "preheat failed");
+                }
+                let report = pb::ReportJobRequest {
+                    job_id: job.job_id,
+                    host_id,
+                    digest: blob.digest,
+                    ok: result.is_ok(),
+                    error: result.err().unwrap_or_default(),
+                };
+                let _ = client.report_job(report).await;
+            });
         }
     }
 
@@ -465,6 +521,35 @@ impl Download {
         let engine = self.engine.clone();
         let task = self.task.clone();
         tokio::spawn(async move { from_origin(&engine, &task, &HashSet::new()).await });
+    }
+}
+
+/// Fetches one blob a preheat job names (from peers or the origin, as for any pull) and waits
+/// until it is stored and verified.
+async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), String> {
+    let digest: shoal_core::Digest = blob.digest.parse().map_err(|e: shoal_core::digest::DigestError| e.to_string())?;
+    let origin = crate::engine::Origin {
+        registry: blob.registry.clone(),
+        repository: blob.repository.clone(),
+        digest,
+        authorization: None,
+    };
+    info!(digest = %blob.digest, registry = %blob.registry, "preheating");
+    let task = match engine.open(&origin, blob.length).await {
+        crate::engine::Opened::Task(t) => t,
+        crate::engine::Opened::Direct(e) => return Err(format!("the store cannot hold it: {e}")),
+    };
+    let mut changes = task.changed.subscribe();
+    engine.start(&task);
+    loop {
+        match task.outcome() {
+            Some(r) => return r.map_err(|e| e.to_string()),
+            None => {
+                if changes.changed().await.is_err() {
+                    return task.outcome().unwrap_or(Ok(())).map_err(|e| e.to_string());
+                }
+            }
+        }
     }
 }
 

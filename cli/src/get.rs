@@ -10,12 +10,13 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::Digest as _;
 use shoal_agent::engine::{Engine, Opened, Origin};
 use shoal_core::config::{Config, RegistryConfig};
 use shoal_core::metrics::Metrics;
 use shoal_core::reference::{is_loopback_host, is_repository, Reference};
+
+use crate::image;
 use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
 use shoal_core::store::Store;
 use shoal_core::Digest;
@@ -116,7 +117,7 @@ fn parse_blob_url(target: &str) -> anyhow::Result<Option<(String, String, String
     Ok(Some((url.scheme().into(), registry, repository.into(), digest.parse()?)))
 }
 
-fn bar(len: Option<u64>) -> ProgressBar {
+pub fn bar(len: Option<u64>) -> ProgressBar {
     let pb = ProgressBar::new(len.unwrap_or(0));
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
@@ -127,30 +128,14 @@ fn bar(len: Option<u64>) -> ProgressBar {
 }
 
 async fn get_image(fetcher: &Fetcher, r: &Reference, platform: &str, out: &Path) -> anyhow::Result<()> {
-    let (mut body, mut media_type) = fetcher.manifest(&r.registry, &r.repository, &r.manifest_ref()).await?;
-    if is_index(&body, media_type.as_deref()) {
-        let index: ImageIndex = serde_json::from_slice(&body).context("reading the image index")?;
-        let chosen = index
-            .manifests()
-            .iter()
-            .find(|m| m.platform().as_ref().is_some_and(|p| platform_matches(p, platform)))
-            .ok_or_else(|| anyhow!("{r}: no manifest for platform {platform}"))?;
-        let digest: Digest = chosen.digest().to_string().parse()?;
-        (body, media_type) = fetcher.manifest(&r.registry, &r.repository, &digest.to_string()).await?;
-        if Digest::of(&body) != digest {
-            bail!("{r}: manifest content does not match {digest}");
-        }
-    }
-    let manifest: ImageManifest = serde_json::from_slice(&body).context("reading the image manifest")?;
+    let image = image::resolve(r, platform, |reference| async move { fetcher.manifest(&r.registry, &r.repository, &reference).await }).await?;
+    let (body, media_type) = (image.manifest, image.media_type);
     let blobs_dir = out.join("blobs/sha256");
     tokio::fs::create_dir_all(&blobs_dir).await.with_context(|| format!("creating {}", blobs_dir.display()))?;
-    let mut wanted = vec![(manifest.config().digest().to_string(), manifest.config().size())];
-    wanted.extend(manifest.layers().iter().map(|l| (l.digest().to_string(), l.size())));
-    let total: u64 = wanted.iter().map(|(_, s)| *s).sum();
+    let total: u64 = image.blobs.iter().map(|(_, s)| *s).sum();
     let pb = bar(Some(total));
     pb.set_message(r.to_string());
-    for (digest, size) in wanted {
-        let digest: Digest = digest.parse()?;
+    for (digest, size) in image.blobs {
         let path = blobs_dir.join(digest.hex());
         fetcher.blob(&r.registry, &r.repository, &digest, Some(size), &path, &pb).await?;
     }
@@ -170,22 +155,6 @@ async fn get_image(fetcher: &Fetcher, r: &Reference, platform: &str, out: &Path)
     tokio::fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).await?;
     eprintln!("{r} ({} bytes) -> {} (OCI layout)", total, out.display());
     Ok(())
-}
-
-fn is_index(body: &[u8], media_type: Option<&str>) -> bool {
-    match media_type {
-        Some(t) if t.contains("index") || t.contains("manifest.list") => true,
-        Some(_) => false,
-        None => serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.get("manifests").is_some()),
-    }
-}
-
-fn platform_matches(p: &oci_spec::image::Platform, want: &str) -> bool {
-    let mut parts = want.split('/');
-    let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
-    os == Some(p.os().to_string().as_str())
-        && arch == Some(p.architecture().to_string().as_str())
-        && variant.is_none_or(|v| p.variant().as_deref() == Some(v))
 }
 
 impl Fetcher {

@@ -2,7 +2,9 @@
 //! crates.
 
 mod get;
+mod image;
 mod logging;
+mod preheat;
 mod status;
 
 use std::net::SocketAddr;
@@ -36,6 +38,8 @@ enum Command {
     /// Run the scheduler: the gRPC service agents ask for parents (no database; state is rebuilt
     /// from announcements).
     Scheduler(DaemonArgs),
+    /// Have seeds (or every host) fetch images before a rollout, with progress until done.
+    Preheat(preheat::PreheatArgs),
     /// Show what the local agent is doing: store usage and downloads in progress.
     Status(status::StatusArgs),
     /// Download an image (as an OCI layout directory) or one blob (to a file) through Shoal.
@@ -103,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Command::Scheduler(args) => scheduler(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Get(args) => get::run(args).await,
+            Command::Preheat(args) => preheat::run(args).await,
         }
     })
 }

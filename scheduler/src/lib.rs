@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod hosts;
+pub mod jobs;
 pub mod parents;
 pub mod service;
 

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::{Cluster, ClusterError, Decision};
 use crate::hosts::{HostId, HostInfo};
+use crate::jobs::{Job, JobState};
 use crate::parents::Limits;
 
 /// Hosts silent for this long are dropped (they announce every few seconds).
@@ -35,6 +36,10 @@ struct DigestNote {
 /// State shared by every RPC.
 pub struct Service {
     cluster: Mutex<Cluster>,
+    /// Hosts waiting for preheat work, and where to send it.
+    watchers: Mutex<HashMap<HostId, mpsc::Sender<Result<pb::HostJob, Status>>>>,
+    /// Preheat jobs by id.
+    jobs: Mutex<HashMap<String, Job>>,
     /// Per task, where new digests are announced to its peers' streams.
     digests: Mutex<HashMap<TaskId, broadcast::Sender<DigestNote>>>,
     started: Instant,
@@ -43,7 +48,13 @@ pub struct Service {
 impl Service {
     /// A service with these limits.
     pub fn new(limits: Limits) -> Arc<Service> {
-        Arc::new(Service { cluster: Mutex::new(Cluster::new(limits)), digests: Mutex::new(HashMap::new()), started: Instant::now() })
+        Arc::new(Service {
+            cluster: Mutex::new(Cluster::new(limits)),
+            watchers: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        })
     }
 
     fn now(&self) -> u64 {
@@ -221,12 +232,96 @@ impl Scheduler for Api {
         Ok(Response::new(resp))
     }
 
-    async fn preheat(&self, _req: Request<pb::PreheatRequest>) -> Result<Response<pb::PreheatResponse>, Status> {
-        Err(Status::unimplemented("preheat is not available in this version of the scheduler"))
+    async fn preheat(&self, req: Request<pb::PreheatRequest>) -> Result<Response<pb::PreheatResponse>, Status> {
+        let req = req.into_inner();
+        for b in &req.blobs {
+            b.digest.parse::<shoal_core::Digest>().map_err(bad)?;
+            if !shoal_core::reference::is_registry_host(&b.registry) || !shoal_core::reference::is_repository(&b.repository) {
+                return Err(bad(format!("invalid blob origin {}/{}", b.registry, b.repository)));
+            }
+            if b.length > crate::cluster::MAX_TASK_LEN {
+                return Err(bad(format!("blob {} is too large", b.digest)));
+            }
+        }
+        let all = match req.scope.as_str() {
+            "" | "seeds" => false,
+            "all" => true,
+            other => return Err(bad(format!("scope {other:?} must be \"seeds\" or \"all\""))),
+        };
+        let targets: Vec<(HostId, mpsc::Sender<Result<pb::HostJob, Status>>)> = {
+            let c = self.cluster();
+            let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+            w.retain(|_, tx| !tx.is_closed());
+            w.iter()
+                .filter(|(id, _)| all || c.hosts().get(id).is_some_and(|h| h.info.seed))
+                .map(|(id, tx)| (id.clone(), tx.clone()))
+                .collect()
+        };
+        if targets.is_empty() {
+            return Err(Status::failed_precondition(if all {
+                "no host is connected to this scheduler"
+            } else {
+                "no seed is connected to this scheduler (run `shoal seed`, or preheat with scope \"all\")"
+            }));
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let job_id = format!("preheat-{}-{}", self.now(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let job = Job {
+            blobs: req.blobs.iter().map(|b| (b.digest.clone(), b.length)).collect(),
+            targets: targets.iter().map(|(id, _)| id.clone()).collect(),
+            results: HashMap::new(),
+        };
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.clone(), job);
+        info!(job = %job_id, blobs = req.blobs.len(), hosts = targets.len(), "preheat job started");
+        for (_, tx) in &targets {
+            for b in &req.blobs {
+                let _ = tx.send(Ok(pb::HostJob { job_id: job_id.clone(), blob: Some(b.clone()) })).await;
+            }
+        }
+        Ok(Response::new(pb::PreheatResponse { job_id }))
     }
 
-    async fn job_status(&self, _req: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
-        Err(Status::unimplemented("preheat jobs are not available in this version of the scheduler"))
+    async fn job_status(&self, req: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let job = jobs.get(&id).ok_or_else(|| Status::not_found(format!("no preheat job {id:?} on this scheduler")))?;
+        let (state, error) = match job.state() {
+            JobState::Running => ("running", String::new()),
+            JobState::Done => ("done", String::new()),
+            JobState::Failed(e) => ("failed", e),
+        };
+        let blobs = job
+            .blobs
+            .iter()
+            .map(|(digest, length)| pb::BlobProgress {
+                digest: digest.clone(),
+                length: *length,
+                hosts_done: job.hosts_done(digest) as u32,
+                hosts_total: job.targets.len() as u32,
+            })
+            .collect();
+        Ok(Response::new(pb::JobStatusResponse { state: state.into(), blobs, error }))
+    }
+
+    type WatchJobsStream = Pin<Box<dyn Stream<Item = Result<pb::HostJob, Status>> + Send>>;
+
+    async fn watch_jobs(&self, req: Request<pb::WatchJobsRequest>) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let host = HostId(req.into_inner().host_id);
+        if host.0.is_empty() {
+            return Err(bad("host id is empty"));
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).insert(host, tx);
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Response<pb::ReportJobResponse>, Status> {
+        let r = req.into_inner();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let job = jobs.get_mut(&r.job_id).ok_or_else(|| Status::not_found(format!("no preheat job {:?}", r.job_id)))?;
+        let outcome = if r.ok { Ok(()) } else { Err(format!("{}: {}", r.host_id, r.error)) };
+        job.results.insert((r.digest, HostId(r.host_id)), outcome);
+        Ok(Response::new(pb::ReportJobResponse {}))
     }
 }
 

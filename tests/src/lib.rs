@@ -234,6 +234,13 @@ impl Agent {
         Ok(reqwest::get(format!("http://{}:{}/status", self.ip(), self.admin_port)).await?.json().await?)
     }
 
+    /// Waits until the blob `digest` is recorded complete in the store (that is written just
+    /// after readers get the last bytes).
+    pub async fn wait_stored(&self, digest: &str) -> anyhow::Result<()> {
+        let task = task_dir(digest);
+        wait_for(&format!("{digest} in the store"), Duration::from_secs(10), || self.stored_tasks().contains(&task)).await
+    }
+
     /// Task ids in the store directory with a complete `meta.json`.
     pub fn stored_tasks(&self) -> Vec<String> {
         let mut out = Vec::new();

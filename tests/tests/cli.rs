@@ -43,7 +43,7 @@ async fn get_writes_an_image_as_an_oci_layout_and_a_blob_to_a_file() {
         .unwrap();
     assert!(status.success());
     assert_eq!(&digest_of(&std::fs::read(&file).unwrap()), layer);
-    assert!(agent.stored_tasks().contains(&shoal_tests::task_dir(layer)), "the blob must have gone through the agent");
+    agent.wait_stored(layer).await.expect("the blob must have gone through the agent");
 
     // A blob that does not exist is a clear failure, not a file.
     let missing = format!("{}/v2/team/app/blobs/{}", registry.url(), digest_of(b"nope"));

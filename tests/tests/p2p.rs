@@ -119,7 +119,7 @@ async fn a_seed_fetches_for_the_cluster_and_nobody_else_touches_the_registry() {
     }
     assert!(seed.log().contains("seed fetching a task for a child"), "{}", seed.log());
     assert_eq!(registry.blob_fetches(&digest).len(), 1, "only the seed may fetch from the registry");
-    assert!(seed.stored_tasks().contains(&shoal_tests::task_dir(&digest)));
+    seed.wait_stored(&digest).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,4 +164,40 @@ async fn shoal_up_runs_mirror_scheduler_and_seed_in_one_process() {
     assert!(log.contains("embedded scheduler listening") && log.contains("peer-to-peer downloads on"), "{log}");
     assert!(log.contains("fetching from the origin for the cluster"), "the seed goes to the origin itself: {log}");
     assert!(log.contains(&format!("127.0.0.1:{peer_port}")), "the peer server stays on loopback: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_has_seeds_fetch_an_image_and_nodes_then_pull_it_from_them() {
+    let registry = Registry::start(None).await.unwrap();
+    registry.push_image("team/warm", "v1", &[("/data.bin", random_bytes(6 * MIB, 49))]).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let seed = Agent::start_role("seed", &p2p_config(&[&scheduler]), &[]).await.unwrap();
+    let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    let image = format!("{}/team/warm:v1", registry.host());
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["preheat", &image, "--scheduler", &scheduler.addr()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("preheat done"));
+    let blobs = registry.image_blobs("team/warm", "v1").await.unwrap();
+    for (digest, _) in &blobs {
+        seed.wait_stored(digest).await.expect("the seed must hold every blob");
+        assert!(!node.stored_tasks().contains(&shoal_tests::task_dir(digest)), "scope seeds leaves the nodes alone");
+    }
+    // The node's pull comes from the seed: the registry still sent each blob once.
+    for (digest, _) in &blobs {
+        assert_eq!(digest_of(&get(&node, &registry, "team/warm", digest).await), *digest);
+        assert_eq!(registry.blob_fetches(digest).len(), 1, "{digest}");
+    }
+
+    // Nothing to preheat on: a clear refusal.
+    let empty = Scheduler::start().await.unwrap();
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["preheat", &image, "--scheduler", &empty.addr()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no seed is connected"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -18,10 +18,7 @@ async fn agent_with_blob(registry: &Registry, repo: &str, digest: &str, extra: &
     let agent = Agent::start_with_env(&format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{extra}"), env).await.unwrap();
     let body = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap().bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
-    let task = shoal_tests::task_dir(digest);
-    shoal_tests::wait_for("the blob to be stored", std::time::Duration::from_secs(10), || agent.stored_tasks().contains(&task))
-        .await
-        .unwrap();
+    agent.wait_stored(digest).await.unwrap();
     (agent, format!("127.0.0.1:{port}").parse().unwrap())
 }
 

@@ -51,6 +51,7 @@ async fn agent_killed_mid_download_resumes_fetching_only_missing_pieces() {
     // Only what was missing came again (plus at most a few unsynced pieces).
     assert!(after <= size as u64 - before + (20 << 20), "resumed fetch took {after} bytes, {before} were already sent");
     assert!(after < size as u64, "the whole blob was fetched again");
+    agent.wait_stored(&digest).await.unwrap();
     assert!(agent.stored_tasks().contains(&task));
 }
 
@@ -92,8 +93,7 @@ async fn full_quota_evicts_the_least_recently_used_blob() {
     for d in &digests {
         let body = reqwest::get(agent.blob_url(&registry, "team/q", d)).await.unwrap().bytes().await.unwrap();
         assert_eq!(&digest_of(&body), d);
-        let task = task_dir(d);
-        wait_for("the blob to be stored", Duration::from_secs(10), || agent.stored_tasks().contains(&task)).await.unwrap();
+        agent.wait_stored(d).await.unwrap();
     }
     let stored = agent.stored_tasks();
     assert!(!stored.contains(&task_dir(&digests[0])), "the oldest blob must be evicted: {stored:?}");
@@ -137,8 +137,7 @@ async fn full_disk_streams_from_the_origin_and_leaves_the_store_consistent() {
     assert!(agent.log().contains("disk full"), "the log must say the disk is full");
     let body = reqwest::get(agent.blob_url(&registry, "team/disk", &small_digest)).await.unwrap().bytes().await.unwrap();
     assert_eq!(digest_of(&body), small_digest);
-    let task = task_dir(&small_digest);
-    wait_for("the small blob to be stored", Duration::from_secs(10), || agent.stored_tasks().contains(&task)).await.unwrap();
+    agent.wait_stored(&small_digest).await.unwrap();
     assert!(!agent.stored_tasks().contains(&task_dir(&large_digest)));
     agent.kill();
     drop(mount);

@@ -1,0 +1,130 @@
+//! `shoal preheat`: has seeds (or every host) fetch an image's blobs before a rollout, with a
+//! progress bar per blob and one overall, until every host reports them stored.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use shoal_core::config::Config;
+use shoal_core::reference::Reference;
+use shoal_core::registry::{RegistryClient, Request};
+use shoal_proto::scheduler as pb;
+use shoal_proto::scheduler::scheduler_client::SchedulerClient;
+
+use crate::image;
+
+#[derive(Args)]
+pub struct PreheatArgs {
+    /// Images to preheat (`registry/repo:tag`).
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// Platform to pick from multi-platform images, as `os/arch[/variant]`.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// `seeds` fetch the blobs (default), or `all` hosts do.
+    #[arg(long, default_value = "seeds", value_parser = ["seeds", "all"])]
+    scope: String,
+    /// Scheduler replicas to ask (the first that answers runs the job). Default: [peer] schedulers.
+    #[arg(long)]
+    scheduler: Vec<String>,
+    /// Config file, for registry credentials and TLS settings used to read the manifests.
+    #[arg(long, short, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+}
+
+pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    let schedulers = if args.scheduler.is_empty() { config.peer.schedulers.clone() } else { args.scheduler.clone() };
+    if schedulers.is_empty() {
+        bail!("no scheduler to ask: pass --scheduler host:port or set [peer] schedulers");
+    }
+    let registry = Arc::new(RegistryClient::new(Arc::new(config)));
+    let mut blobs: Vec<pb::Origin> = Vec::new();
+    for name in &args.images {
+        let r = Reference::parse(name)?;
+        let resolved = image::resolve(&r, &args.platform, |reference| {
+            let (registry, r) = (registry.clone(), r.clone());
+            async move {
+                let req = Request::manifest(&r.registry, &r.repository, &reference);
+                let resp = registry.send(&req).await?;
+                if !resp.status().is_success() {
+                    bail!("manifest {r}: {}", resp.status());
+                }
+                let media_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
+                Ok((resp.bytes().await?, media_type))
+            }
+        })
+        .await?;
+        for (digest, length) in resolved.blobs {
+            if !blobs.iter().any(|b| b.digest == digest.to_string()) {
+                blobs.push(pb::Origin { registry: r.registry.clone(), repository: r.repository.clone(), digest: digest.to_string(), length });
+            }
+        }
+    }
+    let (mut client, addr) = connect(&schedulers).await?;
+    let job = client
+        .preheat(pb::PreheatRequest { blobs: blobs.clone(), scope: args.scope.clone() })
+        .await
+        .map_err(|e| anyhow!("scheduler {addr}: {}", e.message()))?
+        .into_inner()
+        .job_id;
+    eprintln!("preheat job {job} on {addr}: {} blobs on {}", blobs.len(), args.scope);
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>19} [{bar:30}] {pos}/{len} hosts {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let overall = bars.add(ProgressBar::new(0).with_style(style.clone()).with_prefix("overall"));
+    let per_blob: Vec<ProgressBar> = blobs
+        .iter()
+        .map(|b| {
+            let short = b.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+            bars.add(ProgressBar::new(0).with_style(style.clone()).with_prefix(short).with_message(crate::status::human(b.length)))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        let status = client.job_status(pb::JobStatusRequest { job_id: job.clone() }).await.map_err(|e| anyhow!("{}", e.message()))?.into_inner();
+        let (mut done, mut total) = (0, 0);
+        for (bar, p) in per_blob.iter().zip(&status.blobs) {
+            bar.set_length(p.hosts_total as u64);
+            bar.set_position(p.hosts_done as u64);
+            done += p.hosts_done as u64;
+            total += p.hosts_total as u64;
+        }
+        overall.set_length(total);
+        overall.set_position(done);
+        match status.state.as_str() {
+            "done" => {
+                bars.clear().ok();
+                eprintln!("preheat done: {} blobs on {} hosts", blobs.len(), total / blobs.len().max(1) as u64);
+                return Ok(());
+            }
+            "failed" => bail!("preheat failed: {}", status.error),
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("preheat did not finish within {} s ({done}/{total} done)", args.timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn connect(schedulers: &[String]) -> anyhow::Result<(SchedulerClient<tonic::transport::Channel>, String)> {
+    let mut last = None;
+    for addr in schedulers {
+        let endpoint = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .context("scheduler address")?
+            .connect_timeout(Duration::from_secs(3));
+        match endpoint.connect().await {
+            Ok(ch) => return Ok((SchedulerClient::new(ch), addr.clone())),
+            Err(e) => last = Some(format!("{addr}: {e}")),
+        }
+    }
+    bail!("no scheduler answers ({})", last.unwrap_or_default())
+}
