@@ -240,8 +240,9 @@ impl P2p {
         let mut changes = task.changed.subscribe();
         let mut scheduler_alive = true;
         let mut stall = tokio::time::interval(Duration::from_secs(1));
-        let mut reschedule = tokio::time::interval(RESCHEDULE_EVERY);
-        reschedule.reset();
+        // Peers asking at the same moment only see those registered before them: a first refresh
+        // soon after the start gives everyone the whole set, later ones follow joiners.
+        let mut reschedule = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(300), RESCHEDULE_EVERY);
         loop {
             if let Some(outcome) = task.outcome() {
                 let event = match outcome {
