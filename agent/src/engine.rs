@@ -319,7 +319,7 @@ impl Engine {
         if let Some(t) = self.tasks().get(&id) {
             return Some(t.len());
         }
-        self.store.complete(&id).map(|f| f.layout().len)
+        self.store.complete_len(&id)
     }
 
     /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one
@@ -452,6 +452,18 @@ impl Engine {
     /// Starts downloading the whole task in the background (a seed asked for it by a child).
     pub fn start(self: &Arc<Self>, task: &Arc<Task>) {
         self.ensure(task, 0..task.layout.count(), true);
+    }
+
+    /// Opens the task for `origin`'s blob of `len` bytes and starts fetching all of it, for a
+    /// child or a preheat job rather than a reader.
+    pub async fn fetch_ahead(self: &Arc<Self>, origin: &Origin, len: u64) -> Result<Arc<Task>, StoreError> {
+        match self.open(origin, len).await {
+            Opened::Task(task) => {
+                self.start(&task);
+                Ok(task)
+            }
+            Opened::Direct(e) => Err(e),
+        }
     }
 
     /// Fetches `run` (claimed by the caller) from the origin in the background.

@@ -536,12 +536,8 @@ async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), Str
         authorization: None,
     };
     info!(digest = %blob.digest, registry = %blob.registry, "preheating");
-    let task = match engine.open(&origin, blob.length).await {
-        crate::engine::Opened::Task(t) => t,
-        crate::engine::Opened::Direct(e) => return Err(format!("the store cannot hold it: {e}")),
-    };
+    let task = engine.fetch_ahead(&origin, blob.length).await.map_err(|e| format!("the store cannot hold it: {e}"))?;
     let mut changes = task.changed.subscribe();
-    engine.start(&task);
     loop {
         match task.outcome() {
             Some(r) => return r.map_err(|e| e.to_string()),

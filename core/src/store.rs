@@ -215,6 +215,11 @@ impl Store {
         }
     }
 
+    /// The length of a completed task, from memory (no file is touched).
+    pub fn complete_len(&self, id: &TaskId) -> Option<u64> {
+        self.state().entries.get(id).filter(|e| e.complete).map(|e| e.len)
+    }
+
     /// A handle on a completed task, marking it recently used; `None` if absent or incomplete.
     pub fn complete(&self, id: &TaskId) -> Option<Arc<TaskFile>> {
         let handle = {

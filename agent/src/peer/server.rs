@@ -264,8 +264,8 @@ async fn start_for_child(engine: &Arc<Engine>, s: &shoal_proto::peer::SubscribeP
         authorization: http::HeaderValue::from_str(&s.authorization).ok().filter(|_| !s.authorization.is_empty()),
     };
     info!(task = %id, registry = %origin.registry, "seed fetching a task for a child");
-    if let crate::engine::Opened::Task(task) = engine.open(&origin, s.length).await {
-        engine.start(&task);
+    if let Err(e) = engine.fetch_ahead(&origin, s.length).await {
+        warn!(task = %id, error = %e, "seed cannot fetch the task");
     }
 }
 
