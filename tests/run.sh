@@ -32,7 +32,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-command -v kubernetes-validate >/dev/null 2>&1 || pip install -q kubernetes-validate==1.37.0
+# Kubernetes schema check for deploy/ (offline, bundled schemas).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    python3 -m pip install -q kubernetes-validate==1.37.0
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+fi
 
 cargo build --release --locked --workspace --bins
 cargo test --release --locked --workspace "$@"
