@@ -21,6 +21,8 @@ declare -A packages=(
     [nginx]=nginx-light
     [curl]=curl
     [ip]=iproute2
+    [tc]=iproute2
+    [openssl]=openssl
 )
 missing=()
 for cmd in "${!packages[@]}"; do
