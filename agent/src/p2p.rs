@@ -33,6 +33,10 @@ const STALL: Duration = Duration::from_secs(15);
 /// While fetching from parents, a download asks for a fresh set this often, so peers that joined
 /// later (and have pieces to trade) become parents too.
 const RESCHEDULE_EVERY: Duration = Duration::from_secs(2);
+/// What a fetch returns when the parent has no free upload slot: not a failure, try later.
+const BUSY: &str = "busy";
+/// How long a busy parent is left alone.
+const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// Hosts announce themselves this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -290,6 +294,10 @@ impl P2p {
                         d.fetching.remove(&n);
                         d.last_progress = Instant::now();
                     }
+                    Ok((n, parent, Err(reason))) if reason == BUSY => {
+                        d.fetching.remove(&n);
+                        d.busy_until.insert(parent, Instant::now() + BUSY_BACKOFF);
+                    }
                     Ok((n, parent, Err(reason))) => d.on_failure(n, &parent, reason, &events).await,
                     Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
                 },
@@ -334,6 +342,8 @@ struct Download {
     digests: HashMap<u32, String>,
     /// Pieces being fetched, and from whom.
     fetching: HashMap<u32, String>,
+    /// Parents that answered "busy", left alone until then.
+    busy_until: HashMap<String, Instant>,
     fetches: JoinSet<(u32, String, Result<(), String>)>,
     subscriptions: JoinSet<()>,
     updates_tx: mpsc::Sender<(String, Option<shoal_proto::peer::PieceUpdate>)>,
@@ -353,6 +363,7 @@ impl Download {
             have: HashMap::new(),
             digests: HashMap::new(),
             fetching: HashMap::new(),
+            busy_until: HashMap::new(),
             fetches: JoinSet::new(),
             subscriptions: JoinSet::new(),
             updates_tx,
@@ -465,6 +476,11 @@ impl Download {
         for p in self.fetching.values() {
             *load.entry(p.clone()).or_default() += 1;
         }
+        let now = Instant::now();
+        self.busy_until.retain(|_, until| *until > now);
+        for p in self.busy_until.keys() {
+            load.insert(p.clone(), MAX_PER_PARENT);
+        }
         let start = u32::from_le_bytes(blake3::hash(self.p2p.config.host_id.as_bytes()).as_bytes()[..4].try_into().unwrap_or_default()) % count;
         let mut wanted: Vec<(usize, u32, u32)> = (0..count)
             .filter(|&n| !local.has(n) && !self.fetching.contains_key(&n) && self.digests.contains_key(&n))
@@ -566,7 +582,10 @@ async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, skip: &HashSet<u32>
 /// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it.
 async fn fetch_piece(peers: &PeerClient, addr: SocketAddr, engine: &Arc<Engine>, task: &Arc<Task>, n: u32, digest: &str) -> Result<(), String> {
     let range = task.layout.range(n);
-    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| e.to_string())?;
+    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| match e {
+        crate::peer::PeerError::Refused { reason, .. } if reason == "busy" => BUSY.to_string(),
+        e => e.to_string(),
+    })?;
     let got = blake3::hash(&bytes).to_hex().to_string();
     if got != digest {
         return Err(format!("piece {n} does not match its digest (got {got}, want {digest})"));

@@ -146,7 +146,7 @@ impl Default for PeerConfig {
         PeerConfig {
             enabled: false,
             listen: SocketAddr::from(([0, 0, 0, 0], 65003)),
-            upload_slots: 16,
+            upload_slots: 4,
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -449,7 +449,7 @@ enabled = false
 # UDP address of the peer server.
 listen = "0.0.0.0:65003"
 # Pieces uploaded at once; more requests are turned away to other parents.
-upload_slots = 16
+upload_slots = 4
 # Mutual TLS: the cluster CA, and this host's certificate and key signed by it (PEM). Peers then
 # refuse hosts without a certificate from this CA. Without them, certificates are self-signed.
 # ca_file = "/etc/shoal/peer-ca.pem"
