@@ -269,6 +269,11 @@ impl Engine {
     }
 
     /// Turns on peer-to-peer downloads: whole-blob downloads ask the scheduler for parents.
+    /// The cluster this engine downloads through, when P2P is on.
+    pub fn p2p(&self) -> Option<&Arc<crate::p2p::P2p>> {
+        self.p2p.get()
+    }
+
     pub fn enable_p2p(&self, p2p: Arc<crate::p2p::P2p>) {
         let _ = self.p2p.set(p2p);
     }

@@ -211,6 +211,38 @@ impl P2p {
         }
     }
 
+    /// The manifest a preheat recorded for `registry/repository:reference` on any replica: what
+    /// lets a node resolve a preheated image while its registry cannot be reached.
+    pub async fn recorded_manifest(&self, registry: &str, repository: &str, reference: &str) -> Option<pb::Manifest> {
+        let req = pb::GetManifestRequest { registry: registry.into(), repository: repository.into(), reference: reference.into() };
+        for r in &self.replicas {
+            match self.client(r).await {
+                Ok(mut c) => match c.get_manifest(req.clone()).await {
+                    Ok(resp) => {
+                        if let Some(m) = resp.into_inner().manifest {
+                            return Some(m);
+                        }
+                    }
+                    Err(e) => warn!(scheduler = %r.addr, error = %e.message(), "asking for a recorded manifest"),
+                },
+                Err(e) => warn!(scheduler = %r.addr, error = %e, "asking for a recorded manifest"),
+            }
+        }
+        None
+    }
+
+    /// The length of `task` if the cluster holds it: whoever fetched it from the origin knew.
+    pub async fn task_len(&self, task: &TaskId) -> Option<u64> {
+        for r in self.replicas_for(task) {
+            let Ok(mut c) = self.client(r).await else { continue };
+            if let Ok(resp) = c.stat_task(pb::StatTaskRequest { task_id: task.to_string() }).await {
+                let stat = resp.into_inner();
+                return (stat.known && stat.length > 0).then_some(stat.length);
+            }
+        }
+        None
+    }
+
     /// Opens a peer stream for `task` on the first replica that answers.
     async fn open(&self, task: &Task) -> Option<(mpsc::Sender<pb::PeerEvent>, tonic::Streaming<pb::PeerCommand>)> {
         let register = self.register(task);

@@ -44,12 +44,16 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     if schedulers.is_empty() {
         bail!("no scheduler to ask: pass --scheduler host:port or set [peer] schedulers");
     }
-    let registry = Arc::new(RegistryClient::new(Arc::new(config)));
+    let registry = Arc::new(RegistryClient::new(Arc::new(config.clone())));
     let mut blobs: Vec<pb::Origin> = Vec::new();
+    let manifests = Arc::new(std::sync::Mutex::new(Vec::<pb::Manifest>::new()));
     for name in &args.images {
         let r = Reference::parse(name)?;
+        // Read without configured credentials, the image is public: agents may then serve it to
+        // anyone while the registry is down. With credentials, only to clients already checked.
+        let public = config.registry.get(&r.registry).is_none_or(|c| c.username.is_none());
         let resolved = image::resolve(&r, &args.platform, |reference| {
-            let (registry, r) = (registry.clone(), r.clone());
+            let (registry, r, manifests) = (registry.clone(), r.clone(), manifests.clone());
             async move {
                 let req = Request::manifest(&r.registry, &r.repository, &reference);
                 let resp = registry.send(&req).await?;
@@ -57,7 +61,17 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
                     bail!("manifest {r}: {}", resp.status());
                 }
                 let media_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
-                Ok((resp.bytes().await?, media_type))
+                let body = resp.bytes().await?;
+                manifests.lock().unwrap_or_else(|p| p.into_inner()).push(pb::Manifest {
+                    registry: r.registry.clone(),
+                    repository: r.repository.clone(),
+                    reference,
+                    digest: shoal_core::Digest::of(&body).to_string(),
+                    media_type: media_type.clone().unwrap_or_default(),
+                    body: body.to_vec(),
+                    public,
+                });
+                Ok((body, media_type))
             }
         })
         .await?;
@@ -67,9 +81,10 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let manifests = std::mem::take(&mut *manifests.lock().unwrap_or_else(|p| p.into_inner()));
     let (mut client, addr) = connect(&schedulers).await?;
     let job = client
-        .preheat(pb::PreheatRequest { blobs: blobs.clone(), scope: args.scope.clone() })
+        .preheat(pb::PreheatRequest { blobs: blobs.clone(), scope: args.scope.clone(), manifests })
         .await
         .map_err(|e| anyhow!("scheduler {addr}: {}", e.message()))?
         .into_inner()

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod hosts;
 pub mod jobs;
+pub mod manifests;
 pub mod parents;
 pub mod service;
 

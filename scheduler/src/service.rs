@@ -19,10 +19,13 @@ use tracing::{debug, info, warn};
 use crate::cluster::{Cluster, ClusterError, Decision};
 use crate::hosts::{HostId, HostInfo};
 use crate::jobs::{Job, JobState};
+use crate::manifests::{Manifest, ManifestBook};
 use crate::parents::Limits;
 
 /// Hosts silent for this long are dropped (they announce every few seconds).
 pub const HOST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of preheated manifests kept in memory.
+const MANIFEST_BUDGET: usize = 64 << 20;
 /// How long a peer told to wait should wait before registering again.
 const WAIT_MS: u32 = 200;
 
@@ -42,6 +45,8 @@ pub struct Service {
     jobs: Mutex<HashMap<String, Job>>,
     /// Per task, where new digests are announced to its peers' streams.
     digests: Mutex<HashMap<TaskId, broadcast::Sender<DigestNote>>>,
+    /// Manifests of preheated images, for agents whose registry is down.
+    manifests: Mutex<ManifestBook>,
     started: Instant,
 }
 
@@ -53,6 +58,7 @@ impl Service {
             watchers: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(ManifestBook::new(MANIFEST_BUDGET)),
             started: Instant::now(),
         })
     }
@@ -264,6 +270,14 @@ impl Scheduler for Api {
                 "no seed is connected to this scheduler (run `shoal seed`, or preheat with scope \"all\")"
             }));
         }
+        {
+            let mut book = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+            for m in req.manifests {
+                let digest = m.digest.parse().map_err(bad)?;
+                let manifest = Manifest { digest, media_type: m.media_type, body: m.body, public: m.public };
+                book.record(&m.registry, &m.repository, &m.reference, manifest).map_err(bad)?;
+            }
+        }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let job_id = format!("preheat-{}-{}", self.now(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let job = Job {
@@ -322,6 +336,21 @@ impl Scheduler for Api {
         let outcome = if r.ok { Ok(()) } else { Err(format!("{}: {}", r.host_id, r.error)) };
         job.results.insert((r.digest, HostId(r.host_id)), outcome);
         Ok(Response::new(pb::ReportJobResponse {}))
+    }
+
+    async fn get_manifest(&self, req: Request<pb::GetManifestRequest>) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let r = req.into_inner();
+        let book = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        let manifest = book.get(&r.registry, &r.repository, &r.reference).map(|m| pb::Manifest {
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            reference: r.reference.clone(),
+            digest: m.digest.to_string(),
+            media_type: m.media_type.clone(),
+            body: m.body.clone(),
+            public: m.public,
+        });
+        Ok(Response::new(pb::GetManifestResponse { manifest }))
     }
 }
 

@@ -38,7 +38,7 @@ pub fn require(tool: &str) {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status();
     assert!(
         found.is_ok_and(|s| s.success()),
-        "{tool} is not installed: run the README's test command (bash .ci/test), which installs it"
+        "{tool} is not installed: run the README's test command (sudo bash tests/run.sh), which installs it"
     );
 }
 

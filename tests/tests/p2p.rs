@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use shoal_tests::{digest_of, p2p_config, random_bytes, Agent, Registry, Scheduler};
+use shoal_tests::{digest_of, p2p_config, random_bytes, Agent, Containerd, Registry, Scheduler};
 
 const MIB: usize = 1 << 20;
 
@@ -200,4 +200,70 @@ async fn preheat_has_seeds_fetch_an_image_and_nodes_then_pull_it_from_them() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no seed is connected"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preheated_image_still_pulls_and_runs_while_its_registry_is_down() {
+    let mut registry = Registry::start(None).await.unwrap();
+    registry
+        .push_image("team/offline", "v1", &[("/data.bin", random_bytes(5 * MIB, 53)), ("/hello.txt", b"served by the cluster\n".to_vec())])
+        .await
+        .unwrap();
+    registry.push_image("team/cold", "v1", &[("/x.txt", b"never preheated\n".to_vec())]).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let _seed = Agent::start_role("seed", &p2p_config(&[&scheduler]), &[]).await.unwrap();
+    let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    let image = format!("{}/team/offline:v1", registry.host());
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["preheat", &image, "--scheduler", &scheduler.addr()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    registry.stop();
+    let ctd = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let pulled = ctd.pull(&image, None).unwrap();
+    assert!(pulled.status.success(), "pull with the registry down failed: {}\n{}", String::from_utf8_lossy(&pulled.stderr), node.log());
+    assert_eq!(ctd.run(&image, &["/bin/busybox", "cat", "/hello.txt"]).unwrap(), "served by the cluster\n");
+    assert!(node.log().contains("serving the manifest a preheat recorded"), "{}", node.log());
+
+    // An image nobody preheated cannot be resolved: the pull fails as a direct one would.
+    let cold = ctd.pull(&format!("{}/team/cold:v1", registry.host()), None).unwrap();
+    assert!(!cold.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preheated_private_image_is_served_offline_only_to_clients_the_registry_already_let_in() {
+    let mut registry = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    registry.push_image("private/offline", "v1", &[("/secret.txt", b"for alice only\n".to_vec())]).await.unwrap();
+    let credentials = format!("[registry.\"{}\"]\nusername = \"alice\"\npassword = \"s3cret\"\n", registry.host());
+    let scheduler = Scheduler::start().await.unwrap();
+    let _seed = Agent::start_role("seed", &format!("{}{credentials}", p2p_config(&[&scheduler])), &[]).await.unwrap();
+    let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), &credentials).unwrap();
+    let image = format!("{}/private/offline:v1", registry.host());
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["preheat", &image, "--scheduler", &scheduler.addr(), "--config"])
+        .arg(config.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Alice pulls once while the registry is up, so the node has checked her access.
+    let alice = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    assert!(alice.pull(&image, Some("alice:s3cret")).unwrap().status.success());
+
+    registry.stop();
+    let stranger = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let out = stranger.pull(&image, None).unwrap();
+    assert!(!out.status.success(), "a client without credentials must not get a private image");
+    let mallory = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let out = mallory.pull(&image, Some("mallory:guess")).unwrap();
+    assert!(!out.status.success(), "credentials the registry never accepted must not get a private image");
+    assert!(node.log().contains("repository is private"), "{}", node.log());
+    let again = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let out = again.pull(&image, Some("alice:s3cret")).unwrap();
+    assert!(out.status.success(), "alice was let in minutes ago: {}", String::from_utf8_lossy(&out.stderr));
 }

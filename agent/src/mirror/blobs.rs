@@ -1,14 +1,12 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: access check with the origin, then bytes from the engine.
 
-
-
 use futures_util::stream;
 use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use shoal_core::registry::{header_len, Request};
-use shoal_core::Digest;
+use shoal_core::{Digest, TaskId};
 use tracing::warn;
 
 use super::route::{byte_range, ByteRange};
@@ -25,7 +23,8 @@ impl Mirror {
             authorization: call.authorization.clone(),
         };
         let auth = call.authorization.as_ref();
-        let known = if self.access.allowed(&call.registry, &repository, auth) { self.engine.known_len(&digest) } else { None };
+        let allowed = self.access.allowed(&call.registry, &repository, auth);
+        let known = if allowed { self.engine.known_len(&digest) } else { None };
         let len = match known {
             Some(len) => len,
             None => {
@@ -33,17 +32,39 @@ impl Mirror {
                 let mut head = Request::blob(&call.registry, &repository, &digest);
                 head.method = Method::HEAD;
                 head.authorization = call.authorization.clone();
-                let resp = self.engine.registry().send(&head).await.map_err(|e| ApiError::upstream(e.to_string()))?;
-                if !resp.status().is_success() {
-                    return Ok(upstream_refusal(resp, call.head).await);
-                }
-                self.access.grant(&call.registry, &repository, auth);
-                match header_len(&resp).filter(|_| resp.status() == reqwest::StatusCode::OK) {
-                    Some(len) => len,
-                    None => return Err(ApiError::upstream(format!("origin gave no length for blob {digest}"))),
+                let problem = match self.engine.registry().send(&head).await {
+                    Ok(resp) if resp.status().is_success() => {
+                        self.access.grant(&call.registry, &repository, auth);
+                        match header_len(&resp).filter(|_| resp.status() == reqwest::StatusCode::OK) {
+                            Some(len) => return self.serve_blob(call, origin, len).await,
+                            None => return Err(ApiError::upstream(format!("origin gave no length for blob {digest}"))),
+                        }
+                    }
+                    Ok(resp) if !resp.status().is_server_error() => return Ok(upstream_refusal(resp, call.head).await),
+                    Ok(resp) => format!("blob {digest} from {}: {}", call.registry, resp.status()),
+                    Err(e) => e.to_string(),
+                };
+                // The origin cannot be reached. A client already allowed to read the repository
+                // (or a public one, see the recorded manifests) may still get what the cluster holds.
+                let cluster_len = match (allowed, self.engine.p2p()) {
+                    (true, Some(p2p)) => p2p.task_len(&TaskId::of_digest(&digest)).await,
+                    _ => None,
+                };
+                match cluster_len {
+                    Some(len) => {
+                        warn!(%digest, error = %problem, "origin unreachable; fetching the blob from the cluster");
+                        len
+                    }
+                    None => return Err(ApiError::upstream(problem)),
                 }
             }
         };
+        self.serve_blob(call, origin, len).await
+    }
+
+    /// Answers with `len` bytes of `origin`'s blob (or the requested range) from the engine.
+    async fn serve_blob(&self, call: &Call, origin: Origin, len: u64) -> Result<Response<Body>, ApiError> {
+        let digest = origin.digest.clone();
         let range = byte_range(call.headers.get(RANGE).and_then(|v| v.to_str().ok()), len);
         let (status, bytes) = match range {
             ByteRange::Whole => (StatusCode::OK, 0..len),

@@ -23,6 +23,10 @@ impl ApiError {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
     }
 
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+    }
+
     pub fn not_found(path: &str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no such endpoint {path:?}; the mirror serves /v2/, manifests and blobs"))
     }

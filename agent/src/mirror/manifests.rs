@@ -11,6 +11,7 @@ use shoal_core::Digest;
 use super::route::ManifestRef;
 use super::{upstream_refusal, ApiError, Call, CachedManifest, Mirror};
 use crate::serve::{empty, full, Body};
+use tracing::warn;
 
 /// Largest manifest accepted; registries cap them at 4 MiB too.
 const MAX_MANIFEST: usize = 4 << 20;
@@ -38,7 +39,14 @@ impl Mirror {
             range: None,
             authorization: call.authorization.clone(),
         };
-        let resp = self.engine.registry().send(&req).await.map_err(|e| ApiError::upstream(e.to_string()))?;
+        let resp = match self.engine.registry().send(&req).await {
+            Ok(resp) if !resp.status().is_server_error() => resp,
+            Ok(resp) => {
+                let problem = format!("manifest {repository}:{reference} from {}: {}", call.registry, resp.status());
+                return self.recorded_manifest(call, &repository, &reference, problem).await;
+            }
+            Err(e) => return self.recorded_manifest(call, &repository, &reference, e.to_string()).await,
+        };
         if !resp.status().is_success() {
             return Ok(upstream_refusal(resp, call.head).await);
         }
@@ -77,6 +85,55 @@ impl Mirror {
         let cached = CachedManifest { media_type: media_type.clone(), body: body.clone() };
         self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put(digest.clone(), cached);
         respond(&digest, media_type, body, false)
+    }
+
+    /// The origin cannot be reached (`problem`): answer from the manifests a preheat recorded in the
+    /// cluster. A public image may go to anyone; a private one only to a client the origin
+    /// recently let read the repository.
+    async fn recorded_manifest(
+        &self,
+        call: &Call,
+        repository: &str,
+        reference: &ManifestRef,
+        problem: String,
+    ) -> Result<Response<Body>, ApiError> {
+        let Some(p2p) = self.engine.p2p() else { return Err(ApiError::upstream(problem)) };
+        let Some(m) = p2p.recorded_manifest(&call.registry, repository, &reference.to_string()).await else {
+            return Err(ApiError::upstream(problem));
+        };
+        let digest = Digest::of(&m.body);
+        let wanted = match reference {
+            ManifestRef::Digest(d) => d.to_string(),
+            ManifestRef::Tag(_) => m.digest.clone(),
+        };
+        if digest.to_string() != wanted {
+            return Err(ApiError::manifest_invalid(format!(
+                "manifest {repository}:{reference} recorded by the scheduler has digest {digest}, not {wanted}"
+            )));
+        }
+        let auth = call.authorization.as_ref();
+        if m.public {
+            self.access.grant(&call.registry, repository, None);
+        } else if auth.is_none() {
+            // Clients send credentials only when challenged; the registry cannot challenge now.
+            let refusal = ApiError::unauthorized(format!("{repository} is private; send the credentials the registry accepted before"));
+            let mut resp = super::error_response(&refusal, call.head);
+            let challenge = format!("Basic realm=\"{}\"", call.registry);
+            if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+            }
+            return Ok(resp);
+        } else if !self.access.allowed(&call.registry, repository, auth) {
+            return Err(ApiError::upstream(format!(
+                "{problem}; the cluster holds {repository}:{reference}, but the repository is private and this client's access cannot be checked while the registry is down"
+            )));
+        }
+        warn!(registry = %call.registry, %repository, %reference, error = %problem, "origin unreachable; serving the manifest a preheat recorded");
+        let media_type = http::HeaderValue::from_str(&m.media_type).ok().filter(|_| !m.media_type.is_empty());
+        let body = Bytes::from(m.body);
+        let cached = CachedManifest { media_type: media_type.clone(), body: body.clone() };
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put(digest.clone(), cached);
+        respond(&digest, media_type, body, call.head)
     }
 }
 

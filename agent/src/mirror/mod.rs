@@ -22,7 +22,7 @@ use prometheus_client::metrics::family::Family;
 use shoal_core::config::Config;
 use shoal_core::metrics::Metrics;
 use shoal_core::Digest;
-use tracing::{debug, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::engine::Engine;
 use crate::serve::{empty, full, Body};
@@ -86,7 +86,15 @@ impl Mirror {
         async move {
             let (kind, resp) = match self.dispatch(&req).await {
                 Ok(r) => r,
-                Err(e) => ("error", error_response(&e, req.method() == http::Method::HEAD)),
+                Err(e) => {
+                    // Server-side failures are the operator's to see; client mistakes stay at debug.
+                    if e.status.is_server_error() {
+                        warn!(status = e.status.as_u16(), error = %e.message, "request failed");
+                    } else {
+                        debug!(status = e.status.as_u16(), error = %e.message, "request refused");
+                    }
+                    ("error", error_response(&e, req.method() == http::Method::HEAD))
+                }
             };
             debug!(status = resp.status().as_u16(), "answered");
             self.requests.get_or_create(&RequestLabels { kind, status: resp.status().as_u16() }).inc();
