@@ -3,6 +3,7 @@
 
 mod get;
 mod image;
+mod import;
 mod logging;
 mod preheat;
 mod status;

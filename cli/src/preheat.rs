@@ -14,7 +14,9 @@ use shoal_core::registry::{RegistryClient, Request};
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::scheduler_client::SchedulerClient;
 
-use crate::image;
+use futures_util::{FutureExt, StreamExt};
+
+use crate::{image, import};
 
 #[derive(Args)]
 pub struct PreheatArgs {
@@ -36,6 +38,20 @@ pub struct PreheatArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    /// Then also import the images into this node's containerd at SOCKET (blobs, image record and
+    /// unpacked layers), so that a later `ctr run` or pod start needs no pull. The blobs are read
+    /// through the local agent, so they come from the seeds and peers.
+    #[arg(long, value_name = "SOCKET")]
+    containerd_socket: Option<PathBuf>,
+    /// containerd namespace to import into: `k8s.io` is the kubelet's, `ctr` uses `default`.
+    #[arg(long, default_value = "k8s.io", requires = "containerd_socket")]
+    containerd_namespace: String,
+    /// containerd snapshotter to unpack the layers into.
+    #[arg(long, default_value = "overlayfs", requires = "containerd_socket")]
+    snapshotter: String,
+    /// The local agent's registry mirror (`host:port` or a URL), for the blobs to import. Default: [mirror] listen.
+    #[arg(long, requires = "containerd_socket")]
+    mirror: Option<String>,
 }
 
 pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
@@ -46,14 +62,16 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     }
     let registry = Arc::new(RegistryClient::new(Arc::new(config.clone())));
     let mut blobs: Vec<pb::Origin> = Vec::new();
-    let manifests = Arc::new(std::sync::Mutex::new(Vec::<pb::Manifest>::new()));
+    let mut manifests = Vec::<pb::Manifest>::new();
+    let mut imports = Vec::new();
     for name in &args.images {
         let r = Reference::parse(name)?;
+        let fetched = Arc::new(std::sync::Mutex::new(Vec::<pb::Manifest>::new()));
         // Read without configured credentials, the image is public: agents may then serve it to
         // anyone while the registry is down. With credentials, only to clients already checked.
         let public = config.registry.get(&r.registry).is_none_or(|c| c.username.is_none());
         let resolved = image::resolve(&r, &args.platform, |reference| {
-            let (registry, r, manifests) = (registry.clone(), r.clone(), manifests.clone());
+            let (registry, r, fetched) = (registry.clone(), r.clone(), fetched.clone());
             async move {
                 let req = Request::manifest(&r.registry, &r.repository, &reference);
                 let resp = registry.send(&req).await?;
@@ -62,7 +80,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
                 }
                 let media_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
                 let body = resp.bytes().await?;
-                manifests.lock().unwrap_or_else(|p| p.into_inner()).push(pb::Manifest {
+                fetched.lock().unwrap_or_else(|p| p.into_inner()).push(pb::Manifest {
                     registry: r.registry.clone(),
                     repository: r.repository.clone(),
                     reference,
@@ -80,8 +98,14 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
                 blobs.push(pb::Origin { registry: r.registry.clone(), repository: r.repository.clone(), digest: digest.to_string(), length });
             }
         }
+        let fetched = std::mem::take(&mut *fetched.lock().unwrap_or_else(|p| p.into_inner()));
+        let to_import = fetched
+            .iter()
+            .map(|m| Ok(import::Manifest { digest: m.digest.parse()?, media_type: m.media_type.clone(), body: m.body.clone().into() }))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        imports.push((r.clone(), import::ImportImage { name: r.to_string(), manifests: to_import }));
+        manifests.extend(fetched);
     }
-    let manifests = std::mem::take(&mut *manifests.lock().unwrap_or_else(|p| p.into_inner()));
     let (mut client, addr) = connect(&schedulers).await?;
     let job = client
         .preheat(pb::PreheatRequest { blobs: blobs.clone(), scope: args.scope.clone(), manifests })
@@ -118,7 +142,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             "done" => {
                 bars.clear().ok();
                 eprintln!("preheat done: {} blobs on {} hosts", blobs.len(), total / blobs.len().max(1) as u64);
-                return Ok(());
+                break;
             }
             "failed" => bail!("preheat failed: {}", status.error),
             _ => {}
@@ -128,6 +152,32 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let Some(socket) = &args.containerd_socket else { return Ok(()) };
+    let mirror = args.mirror.clone().unwrap_or_else(|| config.mirror.listen.to_string());
+    let mirror = if mirror.starts_with("http://") || mirror.starts_with("https://") { mirror } else { format!("http://{mirror}") };
+    let target = import::Target { socket, namespace: &args.containerd_namespace, snapshotter: &args.snapshotter };
+    let http = reqwest::Client::new();
+    for (r, image) in &imports {
+        let fetch = |digest: &shoal_core::Digest| {
+            let url = format!("{mirror}/v2/{}/blobs/{digest}?ns={}", r.repository, r.registry);
+            let (http, mirror) = (http.clone(), mirror.clone());
+            async move {
+                let resp = http.get(&url).send().await.with_context(|| format!("agent mirror at {mirror}"))?;
+                if !resp.status().is_success() {
+                    bail!("blob {url}: the agent answered {}", resp.status());
+                }
+                Ok(resp.bytes_stream().map(|c| c.map_err(anyhow::Error::from)).boxed())
+            }
+            .boxed()
+        };
+        let bar = ProgressBar::new(0)
+            .with_style(ProgressStyle::with_template("importing {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()))
+            .with_prefix(image.name.clone());
+        import::import(&target, image, &fetch, &bar).await.with_context(|| format!("importing {} into containerd", image.name))?;
+        bar.finish_and_clear();
+        eprintln!("imported {} into containerd ({} namespace)", image.name, args.containerd_namespace);
+    }
+    Ok(())
 }
 
 async fn connect(schedulers: &[String]) -> anyhow::Result<(SchedulerClient<tonic::transport::Channel>, String)> {

@@ -55,7 +55,8 @@ impl Containerd {
         Ok(c)
     }
 
-    fn socket(&self) -> PathBuf {
+    /// containerd's API socket.
+    pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
     }
 

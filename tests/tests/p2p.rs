@@ -267,3 +267,41 @@ async fn a_preheated_private_image_is_served_offline_only_to_clients_the_registr
     let out = again.pull(&image, Some("alice:s3cret")).unwrap();
     assert!(out.status.success(), "alice was let in minutes ago: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_imports_into_containerd_so_a_run_needs_no_pull() {
+    let mut registry = Registry::start(None).await.unwrap();
+    registry
+        .push_image("team/imported", "v1", &[("/data.bin", random_bytes(3 * MIB, 57)), ("/hello.txt", b"imported ahead of time\n".to_vec())])
+        .await
+        .unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let _seed = Agent::start_role("seed", &p2p_config(&[&scheduler]), &[]).await.unwrap();
+    let mut node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    let ctd = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let image = format!("{}/team/imported:v1", registry.host());
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["preheat", &image, "--scheduler", &scheduler.addr(), "--containerd-namespace", "default", "--mirror", &node.mirror()])
+        .arg("--containerd-socket")
+        .arg(ctd.socket())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), node.log());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("imported"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The node's copies came from the seed: the registry sent each blob once.
+    for (digest, _) in registry.image_blobs("team/imported", "v1").await.unwrap() {
+        assert_eq!(registry.blob_fetches(&digest).len(), 1, "{digest}");
+    }
+
+    // Nothing left to pull from: the image must already be in containerd, unpacked.
+    registry.stop();
+    node.kill();
+    let listed = ctd.ctr(&["images", "ls", "-q"]).unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).lines().any(|l| l == image), "{}", String::from_utf8_lossy(&listed.stdout));
+    let check = ctd.ctr(&["images", "check"]).unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("complete"), "{}", String::from_utf8_lossy(&check.stdout));
+    let snapshots = ctd.ctr(&["snapshots", "ls"]).unwrap();
+    assert!(String::from_utf8_lossy(&snapshots.stdout).lines().count() > 1, "the layers must be unpacked already");
+    assert_eq!(ctd.run(&image, &["/bin/busybox", "cat", "/hello.txt"]).unwrap(), "imported ahead of time\n");
+}
