@@ -23,11 +23,17 @@ declare -A packages=(
     [ip]=iproute2
     [tc]=iproute2
     [openssl]=openssl
+    [aria2c]=aria2
+    [opentracker]=opentracker
+    [transmission-create]=transmission-cli
+    [fusermount3]=fuse3
 )
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
 done
+# The benchmark's plots are labelled with this font.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -q

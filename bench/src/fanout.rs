@@ -1,35 +1,90 @@
-//! The fan-out scenario: N nodes, each a network namespace with shaped links, pull one blob at
-//! once. Shoal (scheduler + agents, P2P) against every node pulling straight from the registry,
-//! in the same run; completion times against the Kumar–Ross lower bound
-//! `T_min = max(S/u_s, S/d_min, N·S/(u_s + Σu_i))`, and the bytes the registry sent.
+//! The fan-out scenario: N nodes, each a network namespace with shaped links, pull one blob.
+//! Shoal (scheduler + agents, P2P) against every node pulling straight from the registry, the
+//! registry as a pull-through central cache, and BitTorrent (aria2 + opentracker), in the same
+//! run on the same network; completion times against the Kumar–Ross lower bound
+//! `T_min = max(S/u_s, S/d_min, N·S/(u_s + Σu_i))`, and the bytes the origin sent.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use shoal_tests::netns::Lab;
 use shoal_tests::{lab_p2p_config, random_bytes, require, Agent, Registry, Scheduler};
 
 use crate::report::{machine, write};
+use crate::{bittorrent, plot};
 
-#[derive(clap::Args)]
+/// A system the scenario measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    /// Shoal agents with a scheduler (P2P).
+    Shoal,
+    /// Every node pulls from the registry itself.
+    Direct,
+    /// The registry in pull-through proxy mode on its own host: one central cache.
+    Proxy,
+    /// aria2c peers with opentracker; the origin host seeds.
+    Bittorrent,
+}
+
+impl System {
+    /// How tables and plots name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Shoal => "Shoal (P2P)",
+            System::Direct => "every node from the registry",
+            System::Proxy => "registry pull-through cache",
+            System::Bittorrent => "BitTorrent (aria2 + opentracker)",
+        }
+    }
+
+    /// How the JSON names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            System::Shoal => "shoal",
+            System::Direct => "direct",
+            System::Proxy => "proxy",
+            System::Bittorrent => "bittorrent",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Nodes pulling the blob.
     #[arg(long, default_value_t = 8)]
-    nodes: usize,
+    pub nodes: usize,
     /// Blob size in MiB.
     #[arg(long, default_value_t = 64)]
-    size_mib: usize,
+    pub size_mib: usize,
     /// Every node's upload and download rate, Mbit/s.
     #[arg(long, default_value_t = 100)]
-    rate_mbit: u32,
+    pub rate_mbit: u32,
     /// The registry's upload rate, Mbit/s (default: the node rate).
     #[arg(long)]
-    origin_mbit: Option<u32>,
+    pub origin_mbit: Option<u32>,
+    /// Systems to measure, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Shoal, System::Direct, System::Proxy, System::Bittorrent])]
+    pub systems: Vec<System>,
+    /// Staggered arrivals: node k starts this many milliseconds after node k-1 (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub stagger_ms: u64,
+    /// Shoal only: a seed host (shaped like a node) joins the cluster.
+    #[arg(long)]
+    pub seed: bool,
+    /// Shoal only: the seed holds the blob before the nodes start (implies --seed).
+    #[arg(long)]
+    pub preheat: bool,
+    /// Give up on a system after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Result file name (default: `fanout-<nodes>`, with `-staggered`/`-preheated` when so).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Percentile of sorted samples (nearest rank).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -37,32 +92,77 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-/// Whole-machine CPU busy fraction between two `/proc/stat` readings.
+/// `/proc/stat` totals: (all jiffies, idle jiffies).
 fn cpu_times() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (v.iter().sum(), idle)
 }
 
-/// Runs `curl` in each node's namespace at once; returns each node's seconds.
-fn pull_all(lab: &Lab, urls: &[(usize, String)], size: usize) -> anyhow::Result<Vec<f64>> {
+/// CPU seconds a process has used (user + system).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Runs `curl` in each node's namespace (node k after `k * stagger`); returns each node's seconds.
+fn pull_all(
+    lab: &Lab,
+    urls: &[(usize, String)],
+    size: usize,
+    digest: &str,
+    stagger: Duration,
+) -> anyhow::Result<Vec<f64>> {
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(urls.len()));
+    let want = digest.strip_prefix("sha256:").unwrap_or(digest).to_string();
     let handles: Vec<_> = urls
         .iter()
-        .map(|(i, url)| {
-            let mut cmd = lab.command(*i, "curl");
-            cmd.args(["-sS", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", url]);
+        .enumerate()
+        .map(|(k, (i, url))| {
+            // The bytes go through sha256sum as they arrive (no copy on disk); curl's figures go to stderr.
+            let mut cmd = lab.command(*i, "sh");
+            cmd.args(["-c", r#"curl -sS -w '%{stderr}%{time_total} %{size_download} %{http_code}\n' "$1" | sha256sum"#, "pull", url]);
             let barrier = barrier.clone();
+            let want = want.clone();
+            let url = url.clone();
             std::thread::spawn(move || -> anyhow::Result<f64> {
                 barrier.wait();
+                std::thread::sleep(stagger * k as u32);
                 let out = cmd.output().context("running curl")?;
-                let text = String::from_utf8_lossy(&out.stdout).to_string();
-                let mut p = text.split_whitespace();
-                let secs: f64 = p.next().unwrap_or("").parse().context("curl time")?;
-                let got: usize = p.next().unwrap_or("").parse().context("curl size")?;
+                let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+                let figures = stderr.lines().last().unwrap_or("");
+                let mut p = figures.split_whitespace();
+                let secs: f64 = p.next().unwrap_or("").parse().with_context(|| format!("curl {url}: {stderr}"))?;
+                let got: usize = p.next().unwrap_or("").parse().with_context(|| format!("curl {url}: {stderr}"))?;
                 if got != size || p.next() != Some("200") {
-                    bail!("curl got {got} bytes ({text}): {}", String::from_utf8_lossy(&out.stderr));
+                    bail!("curl {url} got {got} bytes: {stderr}");
+                }
+                let sum = String::from_utf8_lossy(&out.stdout);
+                if sum.split_whitespace().next() != Some(want.as_str()) {
+                    bail!("{url} delivered bytes whose sha256 is {sum}, not {want}");
                 }
                 Ok(secs)
             })
@@ -70,91 +170,234 @@ fn pull_all(lab: &Lab, urls: &[(usize, String)], size: usize) -> anyhow::Result<
         .collect();
     let mut out = vec![];
     for h in handles {
-        out.push(h.join().map_err(|_| anyhow::anyhow!("curl thread panicked"))??);
+        out.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("curl thread panicked"))??,
+        );
     }
     Ok(out)
 }
 
-pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
+/// One system's outcome.
+pub struct Outcome {
+    pub system: System,
+    /// Per node, sorted.
+    pub seconds: Vec<f64>,
+    /// Bytes the origin sent, per blob size.
+    pub origin_egress: f64,
+    /// Whole-machine CPU busy fraction during the run.
+    pub machine_busy: f64,
+    /// Shoal only: CPU seconds of all agents (and the scheduler), and the largest agent peak RSS.
+    pub agent_cpu_seconds: Option<f64>,
+    pub agent_peak_rss: Option<u64>,
+}
+
+/// The figures of one fan-out run, for the scaling scenario.
+pub struct FanoutResult {
+    pub nodes: usize,
+    pub bound: f64,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Runs the scenario and writes `fanout-<N>[...].{json,md,png}`.
+pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     require("curl");
     require("tc");
     let n = args.nodes;
+    if n == 0 {
+        bail!("--nodes must be at least 1");
+    }
     let size = args.size_mib << 20;
     let origin_mbit = args.origin_mbit.unwrap_or(args.rate_mbit);
-    // Host 0 is the registry; hosts 1..=n are the nodes.
-    let lab = Lab::new(n + 1)?;
+    let stagger = Duration::from_millis(args.stagger_ms);
+    let seed = args.seed || args.preheat;
+    // Host 0 is the registry; hosts 1..=n the nodes; then the central cache and the seed.
+    let proxy_host = n + 1;
+    let seed_host = n + 2;
+    let lab = Lab::new(n + 3)?;
     let registry = Registry::start_in(&lab, 0).await?;
     let blob = random_bytes(size, 61);
     let digest = registry.push_blob("bench/fanout", &blob).await?;
+    let work = tempfile::Builder::new().prefix("shoal-bench-").tempdir()?;
+    let blob_file = work.path().join("blob.bin");
+    std::fs::write(&blob_file, &blob)?;
     drop(blob);
     lab.shape(0, origin_mbit, None)?;
     for i in 1..=n {
         lab.shape(i, args.rate_mbit, Some(args.rate_mbit))?;
     }
+    lab.shape(proxy_host, args.rate_mbit, Some(args.rate_mbit))?;
+    lab.shape(seed_host, args.rate_mbit, Some(args.rate_mbit))?;
     let bits = size as f64 * 8.0;
-    let (us, u, d) = (origin_mbit as f64 * 1e6, args.rate_mbit as f64 * 1e6, args.rate_mbit as f64 * 1e6);
-    let bound = (bits / us).max(bits / d).max(n as f64 * bits / (us + n as f64 * u));
-    eprintln!("fan-out: {n} nodes, {} MiB, {} Mbit/s links, origin {origin_mbit} Mbit/s; Kumar–Ross bound {bound:.2} s", args.size_mib, args.rate_mbit);
-
-    // Baseline: every node straight from the registry.
-    let direct_urls: Vec<(usize, String)> = (1..=n).map(|i| (i, format!("{}/v2/bench/fanout/blobs/{digest}", registry.url()))).collect();
-    let before = registry.blob_bytes(&digest);
-    let mut direct = pull_all(&lab, &direct_urls, size)?;
-    let direct_egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
-
-    // Shoal: scheduler in the root namespace, one agent per node.
-    let scheduler = Scheduler::start_on(lab.gateway()).await?;
-    let config = lab_p2p_config(&[&scheduler], &registry);
-    let mut agents = vec![];
-    for i in 1..=n {
-        agents.push(Agent::start_in(&lab, i, "agent", &config, &[]).await?);
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let urls: Vec<(usize, String)> = agents.iter().enumerate().map(|(k, a)| (k + 1, a.blob_url(&registry, "bench/fanout", &digest))).collect();
-    let before = registry.blob_bytes(&digest);
-    let (cpu0, idle0) = cpu_times();
-    let started = Instant::now();
-    let mut shoal = pull_all(&lab, &urls, size)?;
-    let wall = started.elapsed().as_secs_f64();
-    let (cpu1, idle1) = cpu_times();
-    let busy = 1.0 - (idle1 - idle0) as f64 / (cpu1 - cpu0).max(1) as f64;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let shoal_egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
-    // Keep every node's log next to the results: where the time went.
-    let logs = out.join(format!("fanout-{n}-logs"));
-    std::fs::create_dir_all(&logs)?;
-    std::fs::write(logs.join("scheduler.log"), scheduler.log())?;
-    for (k, a) in agents.iter().enumerate() {
-        std::fs::write(logs.join(format!("node-{}.log", k + 1)), a.log())?;
-        if !a.stored_tasks().contains(&shoal_tests::task_dir(&digest)) {
-            bail!("node {} did not store a verified copy", k + 1);
+    let (us, u, d) = (
+        origin_mbit as f64 * 1e6,
+        args.rate_mbit as f64 * 1e6,
+        args.rate_mbit as f64 * 1e6,
+    );
+    let bound = (bits / us)
+        .max(bits / d)
+        .max(n as f64 * bits / (us + n as f64 * u));
+    let shape = if args.stagger_ms > 0 {
+        format!(", node k starts {} ms after node k-1", args.stagger_ms)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "fan-out: {n} nodes, {} MiB, {} Mbit/s links, origin {origin_mbit} Mbit/s{shape}; Kumar–Ross bound {bound:.2} s",
+        args.size_mib, args.rate_mbit
+    );
+    let name = args.name.clone().unwrap_or_else(|| {
+        let mut s = format!("fanout-{n}");
+        if args.stagger_ms > 0 {
+            s.push_str("-staggered");
         }
+        if args.preheat {
+            s.push_str("-preheated");
+        }
+        s
+    });
+    let url_of = |base: String| format!("{base}/v2/bench/fanout/blobs/{digest}");
+    let nodes: Vec<usize> = (1..=n).collect();
+    let mut outcomes = Vec::new();
+    for system in &args.systems {
+        eprintln!("  {}...", system.label());
+        let (cpu0, idle0) = cpu_times();
+        let mut outcome = match system {
+            System::Direct => {
+                let before = registry.blob_bytes(&digest);
+                let urls: Vec<(usize, String)> =
+                    nodes.iter().map(|&i| (i, url_of(registry.url()))).collect();
+                let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
+                let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
+                Outcome {
+                    system: *system,
+                    seconds,
+                    origin_egress: egress,
+                    machine_busy: 0.0,
+                    agent_cpu_seconds: None,
+                    agent_peak_rss: None,
+                }
+            }
+            System::Proxy => {
+                let proxy = Registry::start_proxy_in(&lab, proxy_host, &registry).await?;
+                let before = registry.blob_bytes(&digest);
+                let urls: Vec<(usize, String)> =
+                    nodes.iter().map(|&i| (i, url_of(proxy.url()))).collect();
+                let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
+                Outcome {
+                    system: *system,
+                    seconds,
+                    origin_egress: egress,
+                    machine_busy: 0.0,
+                    agent_cpu_seconds: None,
+                    agent_peak_rss: None,
+                }
+            }
+            System::Bittorrent => {
+                let swarm = bittorrent::run(
+                    &lab,
+                    0,
+                    &nodes,
+                    &blob_file,
+                    stagger,
+                    Duration::from_secs(args.timeout),
+                )?;
+                let egress = swarm.origin_bytes as f64 / size as f64;
+                Outcome {
+                    system: *system,
+                    seconds: swarm.seconds,
+                    origin_egress: egress,
+                    machine_busy: 0.0,
+                    agent_cpu_seconds: None,
+                    agent_peak_rss: None,
+                }
+            }
+            System::Shoal => shoal(&args, &lab, &registry, &digest, size, seed, out, &name).await?,
+        };
+        let (cpu1, idle1) = cpu_times();
+        outcome.machine_busy = 1.0 - (idle1 - idle0) as f64 / (cpu1 - cpu0).max(1) as f64;
+        outcome.seconds.sort_by(|a, b| a.total_cmp(b));
+        if outcome.machine_busy > 0.9 {
+            eprintln!(
+                "WARNING: the machine was {:.0}% busy during {}: the CPUs, not the links, may have set the pace; lower --rate-mbit",
+                outcome.machine_busy * 100.0,
+                system.label()
+            );
+        }
+        outcomes.push(outcome);
     }
-    shoal.sort_by(|a, b| a.total_cmp(b));
-    direct.sort_by(|a, b| a.total_cmp(b));
-    if busy > 0.9 {
-        eprintln!("WARNING: the machine was {:.0}% busy: the CPUs, not the links, may have set the pace; lower --rate-mbit", busy * 100.0);
-    }
-    let row = |name: &str, v: &[f64], egress: f64| {
+
+    let row = |o: &Outcome| {
+        let v = &o.seconds;
         format!(
-            "| {name} | {:.2} s | {:.2} s | {:.2} s | {:.2}× | {:.2}× | {egress:.3}× |\n",
+            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.2}× | {:.2}× | {:.3}× | {:.0}% |\n",
+            o.system.label(),
             percentile(v, 50.0),
             percentile(v, 90.0),
             percentile(v, 100.0),
             percentile(v, 50.0) / bound,
-            percentile(v, 100.0) / bound
+            percentile(v, 100.0) / bound,
+            o.origin_egress,
+            o.machine_busy * 100.0
         )
     };
+    let mut notes = String::new();
+    if let Some(o) = outcomes.iter().find(|o| o.system == System::Shoal) {
+        if let (Some(cpu), Some(rss)) = (o.agent_cpu_seconds, o.agent_peak_rss) {
+            notes.push_str(&format!(
+                "Shoal agents and scheduler used {cpu:.1} CPU-seconds in all; largest agent peak RSS {:.0} MiB.\n",
+                rss as f64 / (1 << 20) as f64
+            ));
+        }
+    }
+    if outcomes.iter().any(|o| o.system == System::Bittorrent) {
+        notes.push_str("BitTorrent's origin egress is the origin host's interface counter (payload plus protocol overhead); the others count blob bytes in the registry's access log.\n");
+    }
+    let staggered = if args.stagger_ms > 0 {
+        format!(
+            " Arrivals staggered by {} ms; times are from each node's own start.",
+            args.stagger_ms
+        )
+    } else {
+        String::new()
+    };
+    let seeded = if args.preheat {
+        " Shoal has one seed host that held the blob before the nodes started."
+    } else if seed {
+        " Shoal has one seed host."
+    } else {
+        ""
+    };
     let md = format!(
-        "### Fan-out: {n} nodes pull one {} MiB blob at once ({} Mbit/s links, origin {origin_mbit} Mbit/s, tc tbf in network namespaces)\n\n\
-         Kumar–Ross lower bound: {bound:.2} s. Machine busy {:.0}% during the Shoal run.\n\n\
-         | system | p50 | p90 | p100 | p50 / bound | p100 / bound | registry egress / blob |\n|---|---|---|---|---|---|---|\n{}{}",
+        "### Fan-out: {n} nodes pull one {} MiB blob ({} Mbit/s links, origin {origin_mbit} Mbit/s, tc tbf in network namespaces)\n\n\
+         Kumar–Ross lower bound: {bound:.2} s.{staggered}{seeded}\n\n\
+         | system | p50 | p90 | p100 | p50 / bound | p100 / bound | origin egress / blob | machine busy |\n|---|---|---|---|---|---|---|---|\n{}\n{notes}\n![completion CDF]({name}.png)\n",
         args.size_mib,
         args.rate_mbit,
-        busy * 100.0,
-        row("Shoal (P2P)", &shoal, shoal_egress),
-        row("every node from the registry", &direct, direct_egress),
+        outcomes.iter().map(row).collect::<String>(),
     );
+    let systems_json: serde_json::Map<String, serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.system.key().to_string(),
+                serde_json::json!({
+                    "seconds": o.seconds,
+                    "p50": percentile(&o.seconds, 50.0),
+                    "p90": percentile(&o.seconds, 90.0),
+                    "p100": percentile(&o.seconds, 100.0),
+                    "p100_over_bound": percentile(&o.seconds, 100.0) / bound,
+                    "p50_over_bound": percentile(&o.seconds, 50.0) / bound,
+                    "origin_egress_per_blob": o.origin_egress,
+                    "machine_busy": o.machine_busy,
+                    "agent_cpu_seconds": o.agent_cpu_seconds,
+                    "agent_peak_rss_bytes": o.agent_peak_rss,
+                }),
+            )
+        })
+        .collect();
     let json = serde_json::json!({
         "scenario": "fanout",
         "machine": machine(),
@@ -162,10 +405,116 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         "blob_bytes": size,
         "rate_mbit": args.rate_mbit,
         "origin_mbit": origin_mbit,
+        "stagger_ms": args.stagger_ms,
+        "seed": seed,
+        "preheated": args.preheat,
         "bound_seconds": bound,
-        "machine_busy": busy,
-        "shoal": { "seconds": shoal, "registry_egress_per_blob": shoal_egress, "wall_seconds": wall },
-        "direct": { "seconds": direct, "registry_egress_per_blob": direct_egress },
+        "systems": systems_json,
     });
-    write(out, &format!("fanout-{n}"), &json, &md)
+    write(out, &name, &json, &md)?;
+    let cdf: Vec<(String, Vec<f64>)> = outcomes
+        .iter()
+        .map(|o| (o.system.label().to_string(), o.seconds.clone()))
+        .collect();
+    plot::completion_cdf(
+        &out.join(format!("{name}.png")),
+        &format!(
+            "{n} nodes, {} MiB, {} Mbit/s links",
+            args.size_mib, args.rate_mbit
+        ),
+        &cdf,
+        bound,
+    )?;
+    Ok(FanoutResult {
+        nodes: n,
+        bound,
+        outcomes,
+    })
+}
+
+/// Shoal's run: a scheduler in the root namespace, an agent per node (and a seed when asked).
+#[allow(clippy::too_many_arguments)]
+async fn shoal(
+    args: &Args,
+    lab: &Lab,
+    registry: &Registry,
+    digest: &str,
+    size: usize,
+    seed: bool,
+    out: &Path,
+    name: &str,
+) -> anyhow::Result<Outcome> {
+    let n = args.nodes;
+    let scheduler = Scheduler::start_on(lab.gateway()).await?;
+    let config = lab_p2p_config(&[&scheduler], registry);
+    let seed_agent = if seed {
+        Some(Agent::start_in(lab, n + 2, "seed", &config, &[]).await?)
+    } else {
+        None
+    };
+    let mut agents = vec![];
+    for i in 1..=n {
+        agents.push(Agent::start_in(lab, i, "agent", &config, &[]).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if let (true, Some(s)) = (args.preheat, &seed_agent) {
+        pull_all(
+            lab,
+            &[(n + 2, s.blob_url(registry, "bench/fanout", digest))],
+            size,
+            digest,
+            Duration::ZERO,
+        )?;
+        s.wait_stored(digest).await?;
+    }
+    let pids: Vec<u32> = agents
+        .iter()
+        .chain(seed_agent.iter())
+        .filter_map(Agent::pid)
+        .chain(scheduler.pid())
+        .collect();
+    let cpu_before: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum();
+    let urls: Vec<(usize, String)> = agents
+        .iter()
+        .enumerate()
+        .map(|(k, a)| (k + 1, a.blob_url(registry, "bench/fanout", digest)))
+        .collect();
+    let before = registry.blob_bytes(digest);
+    let seconds = pull_all(
+        lab,
+        &urls,
+        size,
+        digest,
+        Duration::from_millis(args.stagger_ms),
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let egress = (registry.blob_bytes(digest) - before) as f64 / size as f64;
+    let cpu: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let rss = agents
+        .iter()
+        .filter_map(Agent::pid)
+        .map(peak_rss)
+        .max()
+        .unwrap_or(0);
+    // Keep every node's log next to the results: where the time went.
+    let logs = out.join(format!("{name}-logs"));
+    std::fs::create_dir_all(&logs)?;
+    std::fs::write(logs.join("scheduler.log"), scheduler.log())?;
+    if let Some(s) = &seed_agent {
+        std::fs::write(logs.join("seed.log"), s.log())?;
+    }
+    for (k, a) in agents.iter().enumerate() {
+        std::fs::write(logs.join(format!("node-{}.log", k + 1)), a.log())?;
+        if !a.stored_tasks().contains(&shoal_tests::task_dir(digest)) {
+            bail!("node {} did not store a verified copy", k + 1);
+        }
+    }
+    Ok(Outcome {
+        system: System::Shoal,
+        seconds,
+        origin_egress: egress,
+        machine_busy: 0.0,
+        agent_cpu_seconds: Some(cpu),
+        agent_peak_rss: Some(rss),
+    })
 }

@@ -2,12 +2,16 @@
 //! with its baselines on the same machine in the same run, and is written to `bench/results/` as
 //! JSON and a Markdown table.
 //!
-//! `cargo run --release -p shoal-bench -- mirror` or `-- fanout --nodes 8` (build the agent first:
-//! `cargo build --release -p shoal`). Run as root: scenarios make network namespaces.
+//! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8` or `-- scaling` (build the
+//! agent first: `cargo build --release -p shoal`). Run as root: scenarios make network namespaces.
+//! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
+mod bittorrent;
 mod fanout;
 mod mirror;
+mod plot;
 mod report;
+mod scaling;
 
 use std::path::PathBuf;
 
@@ -28,16 +32,46 @@ enum Scenario {
     /// Mirror throughput: cache hits vs nginx serving the same file, cold misses vs pulling straight
     /// from the registry, and 64 concurrent pulls (throughput and agent memory).
     Mirror(mirror::Args),
-    /// Fan-out: N nodes in network namespaces with shaped links pull one blob at once, Shoal
-    /// against every node pulling from the registry, with the Kumar–Ross lower bound.
+    /// Fan-out: N nodes in network namespaces with shaped links pull one blob, Shoal against
+    /// every node pulling from the registry, a central pull-through cache and BitTorrent, with the
+    /// Kumar–Ross lower bound. `--stagger-ms` for rolling arrivals, `--preheat` for a warmed seed.
     Fanout(fanout::Args),
+    /// Scaling: the fan-out scenario for N = 4, 8, 16, 32, 64 (`--sizes`), and completion / bound against N.
+    Scaling(scaling::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.scenario {
-        Scenario::Mirror(args) => mirror::run(args, &cli.out).await,
-        Scenario::Fanout(args) => fanout::run(args, &cli.out).await,
-    }
+    let out = cli.out.clone();
+    let scenario = async move {
+        match cli.scenario {
+            Scenario::Mirror(args) => mirror::run(args, &out).await,
+            Scenario::Fanout(args) => fanout::run(args, &out).await.map(|_| ()),
+            Scenario::Scaling(args) => scaling::run(args, &out).await,
+        }
+    };
+    // Scenarios block in places, so teardown on a signal does not wait for them: kill every
+    // process the run started, delete its namespaces, and exit.
+    tokio::spawn(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
+        }
+        eprintln!("interrupted: stopping everything the run started");
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-P", &std::process::id().to_string()])
+            .status();
+        shoal_tests::netns::Lab::cleanup_all_of_this_process();
+        std::process::exit(130);
+    });
+    scenario.await
 }

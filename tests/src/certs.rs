@@ -11,8 +11,19 @@ pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
     require("openssl");
     let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
     run(Command::new("openssl").args([
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &format!("/CN=shoal-test-{name}"),
-        "-keyout", &d(&format!("{name}.key")), "-out", &d(&format!("{name}.pem")),
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=shoal-test-{name}"),
+        "-keyout",
+        &d(&format!("{name}.key")),
+        "-out",
+        &d(&format!("{name}.pem")),
     ]))
 }
 
@@ -21,13 +32,36 @@ pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
 pub fn issue(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> anyhow::Result<()> {
     let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
     run(Command::new("openssl").args([
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={name}"),
-        "-keyout", &d(&format!("{name}.key")), "-out", &d(&format!("{name}.csr")),
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        &d(&format!("{name}.key")),
+        "-out",
+        &d(&format!("{name}.csr")),
     ]))?;
-    std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"))?;
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"),
+    )?;
     run(Command::new("openssl").args([
-        "x509", "-req", "-days", "2", "-in", &d(&format!("{name}.csr")), "-CA", &d(&format!("{ca}.pem")),
-        "-CAkey", &d(&format!("{ca}.key")), "-CAcreateserial", "-extfile", &d(&format!("{name}.ext")),
-        "-out", &d(&format!("{name}.pem")),
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &d(&format!("{name}.csr")),
+        "-CA",
+        &d(&format!("{ca}.pem")),
+        "-CAkey",
+        &d(&format!("{ca}.key")),
+        "-CAcreateserial",
+        "-extfile",
+        &d(&format!("{name}.ext")),
+        "-out",
+        &d(&format!("{name}.pem")),
     ]))
 }

@@ -1,0 +1,169 @@
+//! PNG plots of results: completion-time CDFs per system, and completion / bound against N.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use plotters::prelude::*;
+
+/// Where the plots' font comes from (Debian's fonts-dejavu-core; the test command installs it).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+fn register_font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes =
+            std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (install fonts-dejavu-core)"))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{FONT}: not a usable font"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(230, 159, 0),
+];
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing the plot: {e:?}")
+}
+
+/// A CDF of per-node completion seconds for each system, with the lower bound as a vertical line.
+pub fn completion_cdf(
+    path: &Path,
+    title: &str,
+    systems: &[(String, Vec<f64>)],
+    bound: f64,
+) -> anyhow::Result<()> {
+    register_font()?;
+    let max_x = systems
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(bound, f64::max)
+        * 1.05;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..max_x, 0f64..1.02f64)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds until the node has the whole blob")
+        .y_desc("fraction of nodes done")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(draw_err)?;
+    for (k, (name, secs)) in systems.iter().enumerate() {
+        let mut sorted = secs.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let n = sorted.len().max(1) as f64;
+        let mut points = vec![(0.0, 0.0)];
+        for (i, s) in sorted.iter().enumerate() {
+            points.push((*s, i as f64 / n));
+            points.push((*s, (i + 1) as f64 / n));
+        }
+        let color = COLORS[k % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(draw_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(bound, 0.0), (bound, 1.02)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(draw_err)?
+        .label("lower bound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Completion / bound against the number of nodes, one line per series.
+pub fn ratio_by_nodes(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(usize, f64)>)],
+) -> anyhow::Result<()> {
+    register_font()?;
+    let max_n = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(4)
+        .max(4) as f64;
+    let max_y = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.1))
+        .fold(2.0, f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d((2f64..max_n * 1.3).log_scale(), 0f64..max_y)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("nodes")
+        .y_desc("completion / Kumar–Ross bound")
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(draw_err)?;
+    for (k, (name, points)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let pts: Vec<(f64, f64)> = points.iter().map(|(n, r)| (*n as f64, *r)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(draw_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(draw_err)?;
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(2.0, 1.0), (max_n * 1.3, 1.0)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,83 @@
+//! The scaling scenario: the fan-out scenario for several cluster sizes in one run, and how each
+//! system's completion / bound grows with N (Shoal's target: flat within 10 % from 4 to 64).
+
+use std::path::Path;
+
+use crate::fanout::{self, percentile, System};
+use crate::plot;
+use crate::report::{machine, write};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Cluster sizes to run.
+    #[arg(long = "sizes", value_delimiter = ',', default_values_t = [4usize, 8, 16, 32, 64])]
+    sizes: Vec<usize>,
+    #[command(flatten)]
+    fanout: fanout::Args,
+}
+
+pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for &n in &args.sizes {
+        let mut a = args.fanout.clone();
+        a.nodes = n;
+        a.name = None;
+        results.push(fanout::run(a, out).await?);
+    }
+    let systems: Vec<System> = args.fanout.systems.clone();
+    let mut md = format!(
+        "### Scaling: one {} MiB blob to N nodes ({} Mbit/s links)\n\np100 / Kumar–Ross bound (p50 / bound in brackets) per cluster size:\n\n| system |",
+        args.fanout.size_mib, args.fanout.rate_mbit
+    );
+    for r in &results {
+        md.push_str(&format!(" N={} |", r.nodes));
+    }
+    md.push_str(" spread |\n|---|");
+    md.push_str(&"---|".repeat(results.len() + 1));
+    md.push('\n');
+    let mut series = Vec::new();
+    let mut json_systems = serde_json::Map::new();
+    for s in &systems {
+        let mut points = Vec::new();
+        let mut line = format!("| {} |", s.label());
+        for r in &results {
+            if let Some(o) = r.outcomes.iter().find(|o| o.system == *s) {
+                let p100 = percentile(&o.seconds, 100.0) / r.bound;
+                let p50 = percentile(&o.seconds, 50.0) / r.bound;
+                line.push_str(&format!(" {p100:.2}× ({p50:.2}×) |"));
+                points.push((r.nodes, p100));
+            } else {
+                line.push_str(" – |");
+            }
+        }
+        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
+        line.push_str(&format!(" {:.0}% |\n", (hi / lo - 1.0) * 100.0));
+        md.push_str(&line);
+        json_systems.insert(
+            s.key().to_string(),
+            serde_json::json!(points
+                .iter()
+                .map(|(n, r)| serde_json::json!({"nodes": n, "p100_over_bound": r}))
+                .collect::<Vec<_>>()),
+        );
+        series.push((s.label().to_string(), points));
+    }
+    md.push_str("\nSpread: how much the worst ratio exceeds the best across sizes.\n\n![scaling](scaling.png)\n");
+    let json = serde_json::json!({
+        "scenario": "scaling",
+        "machine": machine(),
+        "blob_bytes": args.fanout.size_mib << 20,
+        "rate_mbit": args.fanout.rate_mbit,
+        "sizes": args.sizes,
+        "bounds": results.iter().map(|r| r.bound).collect::<Vec<_>>(),
+        "systems": json_systems,
+    });
+    write(out, "scaling", &json, &md)?;
+    plot::ratio_by_nodes(
+        &out.join("scaling.png"),
+        "p100 / lower bound against cluster size",
+        &series,
+    )
+}
