@@ -58,11 +58,7 @@ impl Admin {
             "/status" => (StatusCode::OK, "application/json", serde_json::to_string_pretty(&self.status()).unwrap_or_default()),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /status\n".to_string()),
         };
-        Response::builder()
-            .status(status)
-            .header(CONTENT_TYPE, kind)
-            .body(full(body))
-            .unwrap_or_else(|_| Response::new(full("")))
+        Response::builder().status(status).header(CONTENT_TYPE, kind).body(full(body)).unwrap_or_else(|_| Response::new(full("")))
     }
 
     fn status(&self) -> Status {

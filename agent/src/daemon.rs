@@ -34,11 +34,7 @@ pub enum StartError {
 /// The local IP that routes to `scheduler` (`host:port`): what other hosts will reach us at.
 async fn route_ip(scheduler: &str) -> Result<std::net::IpAddr, StartError> {
     let err = |reason: String| StartError::Advertise { scheduler: scheduler.to_string(), reason };
-    let addr = tokio::net::lookup_host(scheduler)
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .next()
-        .ok_or_else(|| err("no address".into()))?;
+    let addr = tokio::net::lookup_host(scheduler).await.map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("no address".into()))?;
     let bind: std::net::SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let socket = tokio::net::UdpSocket::bind(bind).await.map_err(|e| err(e.to_string()))?;
     // Connecting a UDP socket sends nothing; it only picks the route and so the source address.
@@ -52,20 +48,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let metrics = Arc::new(Metrics::new());
     let store = {
         let c = config.clone();
-        tokio::task::spawn_blocking(move || {
-            Store::open(&c.data_dir, c.store.quota.0, c.store.high_watermark, c.store.low_watermark)
-        })
-        .await
-        .map_err(|e| StoreError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e) })??
+        tokio::task::spawn_blocking(move || Store::open(&c.data_dir, c.store.quota.0, c.store.high_watermark, c.store.low_watermark))
+            .await
+            .map_err(|e| StoreError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e) })??
     };
     let registry = Arc::new(RegistryClient::new(config.clone()));
     let engine = Arc::new(Engine::new(store, registry, config.download.rate_limit.0, &metrics));
     let mirror = Arc::new(Mirror::new(engine.clone(), config.clone(), &metrics));
 
     let listen = config.mirror.listen;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Bind { what: "registry mirror", section: "mirror", addr: listen, source })?;
+    let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Bind {
+        what: "registry mirror",
+        section: "mirror",
+        addr: listen,
+        source,
+    })?;
     info!(addr = %listen, data_dir = %config.data_dir.display(), "registry mirror listening");
     let mut servers = tokio::task::JoinSet::new();
     {
@@ -75,9 +72,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     }
     if config.admin.enabled {
         let addr = config.admin.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what: "admin endpoint", section: "admin", addr, source })?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "admin endpoint", section: "admin", addr, source })?;
         info!(%addr, "admin endpoint listening (/metrics, /healthz, /status)");
         let admin = Arc::new(Admin { engine: engine.clone(), metrics, mirror: listen.to_string() });
         let handler = Arc::new(move |req| admin.clone().handle(req));
@@ -86,9 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     if config.peer.enabled {
         let p = &config.peer;
         let cluster_tls = match (&p.ca_file, &p.cert_file, &p.key_file) {
-            (Some(ca), Some(cert), Some(key)) => {
-                Some(ClusterTls { ca_file: ca.clone(), cert_file: cert.clone(), key_file: key.clone() })
-            }
+            (Some(ca), Some(cert), Some(key)) => Some(ClusterTls { ca_file: ca.clone(), cert_file: cert.clone(), key_file: key.clone() }),
             _ => None,
         };
         let peer_config = PeerServerConfig {

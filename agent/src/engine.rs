@@ -406,14 +406,7 @@ impl Engine {
         self.ensure(&task, pieces, whole);
         let rx = task.changed.subscribe();
         let origin = task.state().origin.clone();
-        BlobReader {
-            engine: self.clone(),
-            source: Source::Task { task, rx },
-            origin,
-            pos: range.start,
-            end: range.end,
-            whole,
-        }
+        BlobReader { engine: self.clone(), source: Source::Task { task, rx }, origin, pos: range.start, end: range.end, whole }
     }
 
     /// A reader straight from the origin, for blobs the store cannot hold.
@@ -526,9 +519,7 @@ impl Engine {
         let mut skip = match status {
             StatusCode::PARTIAL_CONTENT => 0,
             StatusCode::OK => start,
-            s if s.is_client_error() => {
-                return Err((pieces.start, FetchError::Fatal(RegistryError::from_status(&req, s).to_string())))
-            }
+            s if s.is_client_error() => return Err((pieces.start, FetchError::Fatal(RegistryError::from_status(&req, s).to_string()))),
             s => return Err((pieces.start, FetchError::Retry(RegistryError::from_status(&req, s).to_string()))),
         };
         let mut body = resp.bytes_stream();
@@ -789,7 +780,9 @@ impl BlobReader {
                             let keep = (self.end - self.pos).min(b.len() as u64) as usize;
                             Ok(b.slice(..keep))
                         }
-                        Some(Err(e)) => Err(EngineError::origin(format!("blob {}: {}", self.origin.digest, shoal_core::registry::error_chain(&e)))),
+                        Some(Err(e)) => {
+                            Err(EngineError::origin(format!("blob {}: {}", self.origin.digest, shoal_core::registry::error_chain(&e))))
+                        }
                         None => Err(EngineError::origin(format!("origin closed the stream for {} early", self.origin.digest))),
                     }
                 }
@@ -801,42 +794,41 @@ impl BlobReader {
         }
         Some(result)
     }
-
 }
 
 type ByteStream = std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// Opens a ranged GET of `range` straight from the origin.
 async fn open_direct(engine: Arc<Engine>, origin: Origin, range: Range<u64>) -> Result<ByteStream, EngineError> {
-        engine.metrics.direct_reads.inc();
-        let mut req = origin.request();
-        req.range = Some((range.start, range.end));
-        let resp = engine.registry.send(&req).await.map_err(EngineError::origin)?;
-        let skip = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => 0,
-            StatusCode::OK => range.start,
-            s => return Err(EngineError::origin(RegistryError::from_status(&req, s))),
+    engine.metrics.direct_reads.inc();
+    let mut req = origin.request();
+    req.range = Some((range.start, range.end));
+    let resp = engine.registry.send(&req).await.map_err(EngineError::origin)?;
+    let skip = match resp.status() {
+        StatusCode::PARTIAL_CONTENT => 0,
+        StatusCode::OK => range.start,
+        s => return Err(EngineError::origin(RegistryError::from_status(&req, s))),
+    };
+    let stream = resp.bytes_stream();
+    if skip == 0 {
+        return Ok(Box::pin(stream));
+    }
+    let mut left = skip;
+    Ok(Box::pin(stream.filter_map(move |r| {
+        let out = match r {
+            Ok(b) if left >= b.len() as u64 => {
+                left -= b.len() as u64;
+                None
+            }
+            Ok(b) => {
+                let s = left as usize;
+                left = 0;
+                Some(Ok(b.slice(s..)))
+            }
+            Err(e) => Some(Err(e)),
         };
-        let stream = resp.bytes_stream();
-        if skip == 0 {
-            return Ok(Box::pin(stream));
-        }
-        let mut left = skip;
-        Ok(Box::pin(stream.filter_map(move |r| {
-            let out = match r {
-                Ok(b) if left >= b.len() as u64 => {
-                    left -= b.len() as u64;
-                    None
-                }
-                Ok(b) => {
-                    let s = left as usize;
-                    left = 0;
-                    Some(Ok(b.slice(s..)))
-                }
-                Err(e) => Some(Err(e)),
-            };
-            std::future::ready(out)
-        })))
+        std::future::ready(out)
+    })))
 }
 
 enum Ready {
@@ -865,10 +857,7 @@ fn ready_bytes(task: &Task, pos: u64, end: u64, whole: bool) -> Ready {
 
 async fn read_task(task: &Arc<Task>, pos: u64, len: usize) -> Result<Bytes, EngineError> {
     let file = task.file.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        file.read_vec(pos, len).map(Bytes::from)
-    })
-    .await;
+    let read = tokio::task::spawn_blocking(move || file.read_vec(pos, len).map(Bytes::from)).await;
     match read {
         Ok(Ok(b)) if !b.is_empty() => Ok(b),
         Ok(Ok(_)) => Err(EngineError::Store(format!("task {}: store file shorter than expected", task.id).into())),

@@ -71,19 +71,15 @@ pub struct P2p {
 impl P2p {
     /// P2P for this host.
     pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
-        let replicas =
-            config.schedulers.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
+        let replicas = config.schedulers.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
         Arc::new(P2p { config, replicas, peers })
     }
 
     /// Replicas for `task`, best first: rendezvous hashing, so every host picks the same replica
     /// for a task and the others in the same order when it fails.
     fn replicas_for(&self, task: &TaskId) -> Vec<&Replica> {
-        let mut r: Vec<(blake3::Hash, &Replica)> = self
-            .replicas
-            .iter()
-            .map(|r| (blake3::hash(format!("{task}\n{}", r.addr).as_bytes()), r))
-            .collect();
+        let mut r: Vec<(blake3::Hash, &Replica)> =
+            self.replicas.iter().map(|r| (blake3::hash(format!("{task}\n{}", r.addr).as_bytes()), r)).collect();
         r.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
         r.into_iter().map(|(_, r)| r).collect()
     }
@@ -151,7 +147,12 @@ impl P2p {
             task_id: task.id.to_string(),
             host_id: self.config.host_id.clone(),
             length: task.layout.len,
-            origin: Some(pb::Origin { registry: origin.registry, repository: origin.repository, digest: origin.digest.to_string(), length: task.layout.len }),
+            origin: Some(pb::Origin {
+                registry: origin.registry,
+                repository: origin.repository,
+                digest: origin.digest.to_string(),
+                length: task.layout.len,
+            }),
         }
     }
 
@@ -513,7 +514,8 @@ impl Download {
         for p in self.busy_until.keys() {
             load.insert(p.clone(), MAX_PER_PARENT);
         }
-        let start = u32::from_le_bytes(blake3::hash(self.p2p.config.host_id.as_bytes()).as_bytes()[..4].try_into().unwrap_or_default()) % count;
+        let start =
+            u32::from_le_bytes(blake3::hash(self.p2p.config.host_id.as_bytes()).as_bytes()[..4].try_into().unwrap_or_default()) % count;
         let mut wanted: Vec<(usize, u32, u32)> = (0..count)
             .filter(|&n| !local.has(n) && !self.fetching.contains_key(&n) && self.digests.contains_key(&n))
             .filter_map(|n| {
@@ -577,12 +579,8 @@ impl Download {
 /// until it is stored and verified.
 async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), String> {
     let digest: shoal_core::Digest = blob.digest.parse().map_err(|e: shoal_core::digest::DigestError| e.to_string())?;
-    let origin = crate::engine::Origin {
-        registry: blob.registry.clone(),
-        repository: blob.repository.clone(),
-        digest,
-        authorization: None,
-    };
+    let origin =
+        crate::engine::Origin { registry: blob.registry.clone(), repository: blob.repository.clone(), digest, authorization: None };
     info!(digest = %blob.digest, registry = %blob.registry, "preheating");
     let task = engine.fetch_ahead(&origin, blob.length).await.map_err(|e| format!("the store cannot hold it: {e}"))?;
     let mut changes = task.changed.subscribe();
@@ -612,7 +610,14 @@ async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, skip: &HashSet<u32>
 }
 
 /// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it.
-async fn fetch_piece(peers: &PeerClient, addr: SocketAddr, engine: &Arc<Engine>, task: &Arc<Task>, n: u32, digest: &str) -> Result<(), String> {
+async fn fetch_piece(
+    peers: &PeerClient,
+    addr: SocketAddr,
+    engine: &Arc<Engine>,
+    task: &Arc<Task>,
+    n: u32,
+    digest: &str,
+) -> Result<(), String> {
     let range = task.layout.range(n);
     let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| match e {
         crate::peer::PeerError::Refused { reason, .. } if reason == "busy" => BUSY.to_string(),

@@ -27,7 +27,11 @@ impl RateLimiter {
             b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(burst);
             b.1 = now;
             b.0 -= bytes as f64;
-            if b.0 < 0.0 { Duration::from_secs_f64(-b.0 / self.rate) } else { Duration::ZERO }
+            if b.0 < 0.0 {
+                Duration::from_secs_f64(-b.0 / self.rate)
+            } else {
+                Duration::ZERO
+            }
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;

@@ -95,14 +95,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// `/proc/stat` totals: (all jiffies, idle jiffies).
 fn cpu_times() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
+    let v: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (v.iter().sum(), idle)
 }
@@ -113,8 +106,7 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
     ticks as f64 / 100.0
 }
 
@@ -129,13 +121,7 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 /// Runs `curl` in each node's namespace (node k after `k * stagger`); returns each node's seconds.
-fn pull_all(
-    lab: &Lab,
-    urls: &[(usize, String)],
-    size: usize,
-    digest: &str,
-    stagger: Duration,
-) -> anyhow::Result<Vec<f64>> {
+fn pull_all(lab: &Lab, urls: &[(usize, String)], size: usize, digest: &str, stagger: Duration) -> anyhow::Result<Vec<f64>> {
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(urls.len()));
     let want = digest.strip_prefix("sha256:").unwrap_or(digest).to_string();
     let handles: Vec<_> = urls
@@ -170,10 +156,7 @@ fn pull_all(
         .collect();
     let mut out = vec![];
     for h in handles {
-        out.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("curl thread panicked"))??,
-        );
+        out.push(h.join().map_err(|_| anyhow::anyhow!("curl thread panicked"))??);
     }
     Ok(out)
 }
@@ -229,19 +212,9 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     lab.shape(proxy_host, args.rate_mbit, Some(args.rate_mbit))?;
     lab.shape(seed_host, args.rate_mbit, Some(args.rate_mbit))?;
     let bits = size as f64 * 8.0;
-    let (us, u, d) = (
-        origin_mbit as f64 * 1e6,
-        args.rate_mbit as f64 * 1e6,
-        args.rate_mbit as f64 * 1e6,
-    );
-    let bound = (bits / us)
-        .max(bits / d)
-        .max(n as f64 * bits / (us + n as f64 * u));
-    let shape = if args.stagger_ms > 0 {
-        format!(", node k starts {} ms after node k-1", args.stagger_ms)
-    } else {
-        String::new()
-    };
+    let (us, u, d) = (origin_mbit as f64 * 1e6, args.rate_mbit as f64 * 1e6, args.rate_mbit as f64 * 1e6);
+    let bound = (bits / us).max(bits / d).max(n as f64 * bits / (us + n as f64 * u));
+    let shape = if args.stagger_ms > 0 { format!(", node k starts {} ms after node k-1", args.stagger_ms) } else { String::new() };
     eprintln!(
         "fan-out: {n} nodes, {} MiB, {} Mbit/s links, origin {origin_mbit} Mbit/s{shape}; Kumar–Ross bound {bound:.2} s",
         args.size_mib, args.rate_mbit
@@ -265,8 +238,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         let mut outcome = match system {
             System::Direct => {
                 let before = registry.blob_bytes(&digest);
-                let urls: Vec<(usize, String)> =
-                    nodes.iter().map(|&i| (i, url_of(registry.url()))).collect();
+                let urls: Vec<(usize, String)> = nodes.iter().map(|&i| (i, url_of(registry.url()))).collect();
                 let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
                 let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
                 Outcome {
@@ -281,8 +253,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
             System::Proxy => {
                 let proxy = Registry::start_proxy_in(&lab, proxy_host, &registry).await?;
                 let before = registry.blob_bytes(&digest);
-                let urls: Vec<(usize, String)> =
-                    nodes.iter().map(|&i| (i, url_of(proxy.url()))).collect();
+                let urls: Vec<(usize, String)> = nodes.iter().map(|&i| (i, url_of(proxy.url()))).collect();
                 let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
@@ -296,14 +267,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                 }
             }
             System::Bittorrent => {
-                let swarm = bittorrent::run(
-                    &lab,
-                    0,
-                    &nodes,
-                    &blob_file,
-                    stagger,
-                    Duration::from_secs(args.timeout),
-                )?;
+                let swarm = bittorrent::run(&lab, 0, &nodes, &blob_file, stagger, Duration::from_secs(args.timeout))?;
                 let egress = swarm.origin_bytes as f64 / size as f64;
                 Outcome {
                     system: *system,
@@ -356,10 +320,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         notes.push_str("BitTorrent's origin egress is the origin host's interface counter (payload plus protocol overhead); the others count blob bytes in the registry's access log.\n");
     }
     let staggered = if args.stagger_ms > 0 {
-        format!(
-            " Arrivals staggered by {} ms; times are from each node's own start.",
-            args.stagger_ms
-        )
+        format!(" Arrivals staggered by {} ms; times are from each node's own start.", args.stagger_ms)
     } else {
         String::new()
     };
@@ -412,24 +373,14 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         "systems": systems_json,
     });
     write(out, &name, &json, &md)?;
-    let cdf: Vec<(String, Vec<f64>)> = outcomes
-        .iter()
-        .map(|o| (o.system.label().to_string(), o.seconds.clone()))
-        .collect();
+    let cdf: Vec<(String, Vec<f64>)> = outcomes.iter().map(|o| (o.system.label().to_string(), o.seconds.clone())).collect();
     plot::completion_cdf(
         &out.join(format!("{name}.png")),
-        &format!(
-            "{n} nodes, {} MiB, {} Mbit/s links",
-            args.size_mib, args.rate_mbit
-        ),
+        &format!("{n} nodes, {} MiB, {} Mbit/s links", args.size_mib, args.rate_mbit),
         &cdf,
         bound,
     )?;
-    Ok(FanoutResult {
-        nodes: n,
-        bound,
-        outcomes,
-    })
+    Ok(FanoutResult { nodes: n, bound, outcomes })
 }
 
 /// Shoal's run: a scheduler in the root namespace, an agent per node (and a seed when asked).
@@ -447,55 +398,26 @@ async fn shoal(
     let n = args.nodes;
     let scheduler = Scheduler::start_on(lab.gateway()).await?;
     let config = lab_p2p_config(&[&scheduler], registry);
-    let seed_agent = if seed {
-        Some(Agent::start_in(lab, n + 2, "seed", &config, &[]).await?)
-    } else {
-        None
-    };
+    let seed_agent = if seed { Some(Agent::start_in(lab, n + 2, "seed", &config, &[]).await?) } else { None };
     let mut agents = vec![];
     for i in 1..=n {
         agents.push(Agent::start_in(lab, i, "agent", &config, &[]).await?);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     if let (true, Some(s)) = (args.preheat, &seed_agent) {
-        pull_all(
-            lab,
-            &[(n + 2, s.blob_url(registry, "bench/fanout", digest))],
-            size,
-            digest,
-            Duration::ZERO,
-        )?;
+        pull_all(lab, &[(n + 2, s.blob_url(registry, "bench/fanout", digest))], size, digest, Duration::ZERO)?;
         s.wait_stored(digest).await?;
     }
-    let pids: Vec<u32> = agents
-        .iter()
-        .chain(seed_agent.iter())
-        .filter_map(Agent::pid)
-        .chain(scheduler.pid())
-        .collect();
+    let pids: Vec<u32> = agents.iter().chain(seed_agent.iter()).filter_map(Agent::pid).chain(scheduler.pid()).collect();
     let cpu_before: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum();
-    let urls: Vec<(usize, String)> = agents
-        .iter()
-        .enumerate()
-        .map(|(k, a)| (k + 1, a.blob_url(registry, "bench/fanout", digest)))
-        .collect();
+    let urls: Vec<(usize, String)> =
+        agents.iter().enumerate().map(|(k, a)| (k + 1, a.blob_url(registry, "bench/fanout", digest))).collect();
     let before = registry.blob_bytes(digest);
-    let seconds = pull_all(
-        lab,
-        &urls,
-        size,
-        digest,
-        Duration::from_millis(args.stagger_ms),
-    )?;
+    let seconds = pull_all(lab, &urls, size, digest, Duration::from_millis(args.stagger_ms))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let egress = (registry.blob_bytes(digest) - before) as f64 / size as f64;
     let cpu: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>() - cpu_before;
-    let rss = agents
-        .iter()
-        .filter_map(Agent::pid)
-        .map(peak_rss)
-        .max()
-        .unwrap_or(0);
+    let rss = agents.iter().filter_map(Agent::pid).map(peak_rss).max().unwrap_or(0);
     // Keep every node's log next to the results: where the time went.
     let logs = out.join(format!("{name}-logs"));
     std::fs::create_dir_all(&logs)?;

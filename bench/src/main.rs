@@ -54,8 +54,7 @@ async fn main() -> anyhow::Result<()> {
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every
     // process the run started, delete its namespaces, and exit.
     tokio::spawn(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let terminated = async {
             match term.as_mut() {
                 Some(t) => t.recv().await,
@@ -67,9 +66,7 @@ async fn main() -> anyhow::Result<()> {
             _ = terminated => {}
         }
         eprintln!("interrupted: stopping everything the run started");
-        let _ = std::process::Command::new("pkill")
-            .args(["-KILL", "-P", &std::process::id().to_string()])
-            .status();
+        let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &std::process::id().to_string()]).status();
         shoal_tests::netns::Lab::cleanup_all_of_this_process();
         std::process::exit(130);
     });

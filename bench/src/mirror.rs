@@ -37,9 +37,7 @@ struct Nginx {
 impl Nginx {
     fn start(file_name: &str, bytes: &[u8]) -> anyhow::Result<Nginx> {
         require("nginx");
-        let dir = tempfile::Builder::new()
-            .prefix("shoal-bench-nginx-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("shoal-bench-nginx-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("www"))?;
         std::fs::write(dir.path().join("www").join(file_name), bytes)?;
         let port = free_port();
@@ -63,10 +61,7 @@ impl Nginx {
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if start.elapsed() > Duration::from_secs(10) {
-                bail!(
-                    "nginx did not start: {}",
-                    std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
-                );
+                bail!("nginx did not start: {}", std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -84,14 +79,7 @@ impl Drop for Nginx {
 /// Seconds curl took to download `url` to /dev/null, checking the size.
 fn curl(url: &str, expect: usize) -> anyhow::Result<f64> {
     let out = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_total} %{size_download} %{http_code}",
-            url,
-        ])
+        .args(["-sS", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", url])
         .output()
         .context("running curl")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -100,10 +88,7 @@ fn curl(url: &str, expect: usize) -> anyhow::Result<f64> {
     let size: usize = parts.next().unwrap_or("").parse().context("curl size")?;
     let code = parts.next().unwrap_or("");
     if size != expect || code != "200" {
-        bail!(
-            "{url}: got {size} bytes with status {code}, expected {expect} bytes: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{url}: got {size} bytes with status {code}, expected {expect} bytes: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(secs)
 }
@@ -116,13 +101,7 @@ fn drop_caches() {
 /// Peak resident memory of a process, from `/proc/<pid>/status`.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn agent_pid(agent: &Agent) -> Option<u32> {
@@ -188,19 +167,13 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         })
         .collect();
     for h in handles {
-        h.join()
-            .map_err(|_| anyhow::anyhow!("curl thread panicked"))??;
+        h.join().map_err(|_| anyhow::anyhow!("curl thread panicked"))??;
     }
     let conc_secs = start.elapsed().as_secs_f64();
     let rss_kib = agent_pid(&agent).and_then(peak_rss_kib).unwrap_or(0);
 
     let mib = size as f64 / (1 << 20) as f64;
-    let (n, h, d, c) = (
-        median(&nginx_s),
-        median(&hit_s),
-        median(&direct_s),
-        median(&cold_s),
-    );
+    let (n, h, d, c) = (median(&nginx_s), median(&hit_s), median(&direct_s), median(&cold_s));
     let egress = cold_egress.iter().cloned().fold(0.0, f64::max);
     let conc_mibps = (args.concurrency * csize) as f64 / (1 << 20) as f64 / conc_secs;
     let json = serde_json::json!({
@@ -230,9 +203,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         rss = rss_kib as f64 / 1024.0,
     );
     let range = |v: &[f64]| {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        let (lo, hi) = v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
         format!("{lo:.3}–{hi:.3} s")
     };
     let md = format!(

@@ -11,11 +11,9 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 fn register_font() -> anyhow::Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        let bytes =
-            std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (install fonts-dejavu-core)"))?;
+        let bytes = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (install fonts-dejavu-core)"))?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{FONT}: not a usable font"))
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| format!("{FONT}: not a usable font"))
     })
     .clone()
     .map_err(|e| anyhow!(e))
@@ -35,18 +33,9 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// A CDF of per-node completion seconds for each system, with the lower bound as a vertical line.
-pub fn completion_cdf(
-    path: &Path,
-    title: &str,
-    systems: &[(String, Vec<f64>)],
-    bound: f64,
-) -> anyhow::Result<()> {
+pub fn completion_cdf(path: &Path, title: &str, systems: &[(String, Vec<f64>)], bound: f64) -> anyhow::Result<()> {
     register_font()?;
-    let max_x = systems
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .fold(bound, f64::max)
-        * 1.05;
+    let max_x = systems.iter().flat_map(|(_, v)| v.iter().copied()).fold(bound, f64::max) * 1.05;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -77,15 +66,10 @@ pub fn completion_cdf(
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(draw_err)?
             .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart
-        .draw_series(LineSeries::new(
-            vec![(bound, 0.0), (bound, 1.02)],
-            BLACK.stroke_width(1),
-        ))
+        .draw_series(LineSeries::new(vec![(bound, 0.0), (bound, 1.02)], BLACK.stroke_width(1)))
         .map_err(draw_err)?
         .label("lower bound")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
@@ -97,28 +81,14 @@ pub fn completion_cdf(
         .border_style(BLACK)
         .draw()
         .map_err(draw_err)?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    root.present().with_context(|| format!("writing {}", path.display()))
 }
 
 /// Completion / bound against the number of nodes, one line per series.
-pub fn ratio_by_nodes(
-    path: &Path,
-    title: &str,
-    series: &[(String, Vec<(usize, f64)>)],
-) -> anyhow::Result<()> {
+pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f64)>)]) -> anyhow::Result<()> {
     register_font()?;
-    let max_n = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().map(|p| p.0))
-        .max()
-        .unwrap_or(4)
-        .max(4) as f64;
-    let max_y = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().map(|p| p.1))
-        .fold(2.0, f64::max)
-        * 1.1;
+    let max_n = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)).max().unwrap_or(4).max(4) as f64;
+    let max_y = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(2.0, f64::max) * 1.1;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -143,19 +113,10 @@ pub fn ratio_by_nodes(
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(draw_err)?
             .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
-            .map_err(draw_err)?;
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(draw_err)?;
     }
-    chart
-        .draw_series(LineSeries::new(
-            vec![(2.0, 1.0), (max_n * 1.3, 1.0)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(draw_err)?;
+    chart.draw_series(LineSeries::new(vec![(2.0, 1.0), (max_n * 1.3, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -164,6 +125,5 @@ pub fn ratio_by_nodes(
         .border_style(BLACK)
         .draw()
         .map_err(draw_err)?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    root.present().with_context(|| format!("writing {}", path.display()))
 }

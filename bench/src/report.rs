@@ -21,13 +21,8 @@ pub fn median(samples: &[f64]) -> f64 {
 
 /// What machine produced the figures.
 pub fn machine() -> serde_json::Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -40,17 +35,9 @@ pub fn machine() -> serde_json::Value {
 }
 
 /// Writes `<name>.json` and `<name>.md` under `out`.
-pub fn write(
-    out: &Path,
-    name: &str,
-    json: &serde_json::Value,
-    markdown: &str,
-) -> anyhow::Result<()> {
+pub fn write(out: &Path, name: &str, json: &serde_json::Value, markdown: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join(format!("{name}.json")),
-        serde_json::to_vec_pretty(json)?,
-    )?;
+    std::fs::write(out.join(format!("{name}.json")), serde_json::to_vec_pretty(json)?)?;
     std::fs::write(out.join(format!("{name}.md")), markdown)?;
     println!("{markdown}");
     println!("results written to {}/{name}.{{json,md}}", out.display());

@@ -50,17 +50,12 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
                 line.push_str(" – |");
             }
         }
-        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
+        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
         line.push_str(&format!(" {:.0}% |\n", (hi / lo - 1.0) * 100.0));
         md.push_str(&line);
         json_systems.insert(
             s.key().to_string(),
-            serde_json::json!(points
-                .iter()
-                .map(|(n, r)| serde_json::json!({"nodes": n, "p100_over_bound": r}))
-                .collect::<Vec<_>>()),
+            serde_json::json!(points.iter().map(|(n, r)| serde_json::json!({"nodes": n, "p100_over_bound": r})).collect::<Vec<_>>()),
         );
         series.push((s.label().to_string(), points));
     }
@@ -75,9 +70,5 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         "systems": json_systems,
     });
     write(out, "scaling", &json, &md)?;
-    plot::ratio_by_nodes(
-        &out.join("scaling.png"),
-        "p100 / lower bound against cluster size",
-        &series,
-    )
+    plot::ratio_by_nodes(&out.join("scaling.png"), "p100 / lower bound against cluster size", &series)
 }

@@ -128,7 +128,8 @@ pub fn bar(len: Option<u64>) -> ProgressBar {
 }
 
 async fn get_image(fetcher: &Fetcher, r: &Reference, platform: &str, out: &Path) -> anyhow::Result<()> {
-    let image = image::resolve(r, platform, |reference| async move { fetcher.manifest(&r.registry, &r.repository, &reference).await }).await?;
+    let image =
+        image::resolve(r, platform, |reference| async move { fetcher.manifest(&r.registry, &r.repository, &reference).await }).await?;
     let (body, media_type) = (image.manifest, image.media_type);
     let blobs_dir = out.join("blobs/sha256");
     tokio::fs::create_dir_all(&blobs_dir).await.with_context(|| format!("creating {}", blobs_dir.display()))?;
@@ -213,7 +214,8 @@ impl Fetcher {
                 }
             }
             Fetcher::Local { engine } => {
-                let origin = Origin { registry: registry.into(), repository: repository.into(), digest: digest.clone(), authorization: None };
+                let origin =
+                    Origin { registry: registry.into(), repository: repository.into(), digest: digest.clone(), authorization: None };
                 let len = match size {
                     Some(s) => s,
                     None => {

@@ -8,16 +8,16 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
-use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest, Image, Info, InfoRequest, UpdateImageRequest,
-    UpdateRequest, WriteAction, WriteContentRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest, Image, Info, InfoRequest, UpdateImageRequest, UpdateRequest,
+    WriteAction, WriteContentRequest,
 };
 use containerd_client::types::Descriptor;
 use futures_util::{Stream, StreamExt};
@@ -150,7 +150,9 @@ impl Containerd {
             if pending.len() >= WRITE_CHUNK || (last && !pending.is_empty()) {
                 let len = pending.len() as u64;
                 let out = std::mem::replace(&mut pending, Vec::with_capacity(WRITE_CHUNK));
-                tx.send(message(WriteAction::Write, offset, out, HashMap::new())).await.map_err(|_| anyhow!("containerd closed the content write for {expected}"))?;
+                tx.send(message(WriteAction::Write, offset, out, HashMap::new()))
+                    .await
+                    .map_err(|_| anyhow!("containerd closed the content write for {expected}"))?;
                 offset += len;
                 sent += 1;
                 progress.inc(len);
@@ -195,7 +197,12 @@ impl Containerd {
                 continue;
             }
             let key = format!("shoal-extract-{}-{chain}", std::process::id());
-            let prepare = PrepareSnapshotRequest { snapshotter: snapshotter.into(), key: key.clone(), parent: parent.clone(), labels: HashMap::new() };
+            let prepare = PrepareSnapshotRequest {
+                snapshotter: snapshotter.into(),
+                key: key.clone(),
+                parent: parent.clone(),
+                labels: HashMap::new(),
+            };
             let mounts = snapshots
                 .prepare(self.request(prepare))
                 .await
@@ -236,7 +243,8 @@ pub fn chain_id(parent: &str, diff_id: &str) -> String {
 }
 
 /// Fetches one blob's bytes, as a stream.
-pub type Fetch<'a> = dyn Fn(&Digest) -> futures_util::future::BoxFuture<'a, anyhow::Result<futures_util::stream::BoxStream<'a, anyhow::Result<Bytes>>>> + 'a;
+pub type Fetch<'a> =
+    dyn Fn(&Digest) -> futures_util::future::BoxFuture<'a, anyhow::Result<futures_util::stream::BoxStream<'a, anyhow::Result<Bytes>>>> + 'a;
 
 /// Imports `image` into containerd at `target`, reading blobs with `fetch`.
 pub async fn import(target: &Target<'_>, image: &ImportImage, fetch: &Fetch<'_>, progress: &ProgressBar) -> anyhow::Result<()> {
@@ -245,7 +253,8 @@ pub async fn import(target: &Target<'_>, image: &ImportImage, fetch: &Fetch<'_>,
     let channel = containerd_client::connect(target.socket)
         .await
         .with_context(|| format!("connecting to containerd at {}", target.socket.display()))?;
-    let namespace = AsciiMetadataValue::try_from(target.namespace).map_err(|_| anyhow!("invalid containerd namespace {:?}", target.namespace))?;
+    let namespace =
+        AsciiMetadataValue::try_from(target.namespace).map_err(|_| anyhow!("invalid containerd namespace {:?}", target.namespace))?;
     let mut ctd = Containerd { channel: channel.clone(), namespace, lease: None };
 
     // Everything written is held by a lease until the image record and labels reference it.

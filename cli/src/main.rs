@@ -100,11 +100,13 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up(args) => up(args).await,
             Command::Agent(args) => daemon(args, |_| {}).await,
-            Command::Seed(args) => daemon(args, |c| {
-                c.peer.enabled = true;
-                c.peer.seed = true;
-            })
-            .await,
+            Command::Seed(args) => {
+                daemon(args, |c| {
+                    c.peer.enabled = true;
+                    c.peer.seed = true;
+                })
+                .await
+            }
             Command::Scheduler(args) => scheduler(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Get(args) => get::run(args).await,

@@ -95,7 +95,12 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         .await?;
         for (digest, length) in resolved.blobs {
             if !blobs.iter().any(|b| b.digest == digest.to_string()) {
-                blobs.push(pb::Origin { registry: r.registry.clone(), repository: r.repository.clone(), digest: digest.to_string(), length });
+                blobs.push(pb::Origin {
+                    registry: r.registry.clone(),
+                    repository: r.repository.clone(),
+                    digest: digest.to_string(),
+                    length,
+                });
             }
         }
         let fetched = std::mem::take(&mut *fetched.lock().unwrap_or_else(|p| p.into_inner()));
@@ -128,7 +133,8 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     loop {
-        let status = client.job_status(pb::JobStatusRequest { job_id: job.clone() }).await.map_err(|e| anyhow!("{}", e.message()))?.into_inner();
+        let status =
+            client.job_status(pb::JobStatusRequest { job_id: job.clone() }).await.map_err(|e| anyhow!("{}", e.message()))?.into_inner();
         let (mut done, mut total) = (0, 0);
         for (bar, p) in per_blob.iter().zip(&status.blobs) {
             bar.set_length(p.hosts_total as u64);
@@ -171,7 +177,10 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             .boxed()
         };
         let bar = ProgressBar::new(0)
-            .with_style(ProgressStyle::with_template("importing {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()))
+            .with_style(
+                ProgressStyle::with_template("importing {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            )
             .with_prefix(image.name.clone());
         import::import(&target, image, &fetch, &bar).await.with_context(|| format!("importing {} into containerd", image.name))?;
         bar.finish_and_clear();

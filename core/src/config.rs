@@ -318,9 +318,7 @@ impl Config {
         let s = &self.store;
         let p = &self.peer;
         if [&p.ca_file, &p.cert_file, &p.key_file].iter().filter(|f| f.is_some()).count() % 3 != 0 {
-            return Err(ConfigError::Check(
-                "[peer] mutual TLS needs all of ca_file, cert_file and key_file (or none of them)".into(),
-            ));
+            return Err(ConfigError::Check("[peer] mutual TLS needs all of ca_file, cert_file and key_file (or none of them)".into()));
         }
         if !(0.0 < s.low_watermark && s.low_watermark <= s.high_watermark && s.high_watermark <= 1.0) {
             return Err(ConfigError::Check(format!(

@@ -114,9 +114,8 @@ impl TaskId {
     /// Parses a task id as stored on disk (`sha256-<hex>` or `blake3-<hex>`).
     pub fn parse(s: &str) -> Option<TaskId> {
         let (alg, hex) = s.split_once('-')?;
-        let ok = matches!(alg, "sha256" | "blake3")
-            && hex.len() == 64
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let ok =
+            matches!(alg, "sha256" | "blake3") && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         ok.then(|| TaskId(s.to_string()))
     }
 
@@ -158,9 +157,15 @@ mod tests {
 
     #[test]
     fn digest_rejects_bad_input() {
-        for bad in ["", "sha256:", "sha512:abc", &format!("sha256:{}", HEX.to_uppercase()), &format!("sha256:{HEX}0"),
-            "sha256:../../../../etc/passwd", &format!("sha256:{}g", &HEX[1..])]
-        {
+        for bad in [
+            "",
+            "sha256:",
+            "sha512:abc",
+            &format!("sha256:{}", HEX.to_uppercase()),
+            &format!("sha256:{HEX}0"),
+            "sha256:../../../../etc/passwd",
+            &format!("sha256:{}g", &HEX[1..]),
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad:?} must be rejected");
         }
     }

@@ -48,8 +48,7 @@ impl Reference {
             }
             _ => ("docker.io".to_string(), name.to_string()),
         };
-        let repository =
-            if registry == "docker.io" && !repository.contains('/') { format!("library/{repository}") } else { repository };
+        let repository = if registry == "docker.io" && !repository.contains('/') { format!("library/{repository}") } else { repository };
         if !is_repository(&repository) {
             return Err(err("invalid repository name"));
         }

@@ -36,7 +36,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 pub enum StoreError {
     #[error("task {task} needs {needed} bytes but the store quota is {quota} bytes (raise [store] quota in shoal.toml)")]
     TooLarge { task: TaskId, needed: u64, quota: u64 },
-    #[error("store is full: task {task} needs {needed} bytes, {used} of {quota} are used by tasks in use (raise [store] quota or free disk)")]
+    #[error(
+        "store is full: task {task} needs {needed} bytes, {used} of {quota} are used by tasks in use (raise [store] quota or free disk)"
+    )]
     QuotaFull { task: TaskId, needed: u64, used: u64, quota: u64 },
     #[error("disk full writing {path}: free space under the data_dir or lower [store] quota")]
     DiskFull { path: PathBuf },
@@ -161,9 +163,7 @@ impl Store {
                     .then(|| (data.modified().unwrap_or(std::time::UNIX_EPOCH), id, meta))
             });
             match loaded {
-                Some((mtime, id, meta)) => {
-                    found.push((mtime, id, Entry { len: meta.layout.len, complete: meta.complete }))
-                }
+                Some((mtime, id, meta)) => found.push((mtime, id, Entry { len: meta.layout.len, complete: meta.complete })),
                 None => {
                     warn!(path = %path.display(), "removing unreadable task from the store");
                     let _ = fs::remove_dir_all(&path);
@@ -171,13 +171,7 @@ impl Store {
             }
         }
         found.sort_by_key(|(mtime, _, _)| *mtime);
-        let mut state = State {
-            entries: HashMap::new(),
-            lru: LruCache::unbounded(),
-            open: HashMap::new(),
-            used: 0,
-            evictions: 0,
-        };
+        let mut state = State { entries: HashMap::new(), lru: LruCache::unbounded(), open: HashMap::new(), used: 0, evictions: 0 };
         for (_, id, entry) in found {
             state.used += entry.len;
             if entry.complete {
@@ -438,10 +432,8 @@ impl TaskFile {
     pub fn verify_pieces(&self) -> Result<u32, StoreError> {
         let (layout, present) = {
             let m = self.meta();
-            let present: Vec<(u32, String)> = (0..m.meta.bitmap.len())
-                .filter(|&n| m.meta.bitmap.has(n))
-                .map(|n| (n, m.meta.piece_blake3[n as usize].clone()))
-                .collect();
+            let present: Vec<(u32, String)> =
+                (0..m.meta.bitmap.len()).filter(|&n| m.meta.bitmap.has(n)).map(|n| (n, m.meta.piece_blake3[n as usize].clone())).collect();
             (m.meta.layout, present)
         };
         let mut bad = Vec::new();
@@ -474,12 +466,7 @@ impl TaskFile {
             // SAFETY: pread writes at most `spare.len()` bytes into memory we own; we only extend
             // the vector by what it reports as written.
             let n = unsafe {
-                libc::pread(
-                    self.data.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    (offset + buf.len() as u64) as libc::off_t,
-                )
+                libc::pread(self.data.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), (offset + buf.len() as u64) as libc::off_t)
             };
             match n {
                 0 => break,

@@ -117,9 +117,8 @@ async fn bearer_tokens_are_fetched_for_the_scope_and_reused_until_they_expire() 
                 Some("Bearer t0k") => response("200 OK", &[("Content-Type", "application/vnd.oci.image.manifest.v1+json".into())], "{}"),
                 _ => {
                     let port = *cell.lock().unwrap();
-                    let challenge = format!(
-                        "Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\",scope=\"repository:team/app:pull\""
-                    );
+                    let challenge =
+                        format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\",scope=\"repository:team/app:pull\"");
                     response("401 Unauthorized", &[("WWW-Authenticate", challenge)], "")
                 }
             }
@@ -166,7 +165,11 @@ async fn server_errors_are_retried_then_returned() {
         Arc::new(move |_| {
             let mut n = n.lock().unwrap();
             *n += 1;
-            if *n < 3 { response("503 Service Unavailable", &[], "") } else { response("200 OK", &[], "ok") }
+            if *n < 3 {
+                response("503 Service Unavailable", &[], "")
+            } else {
+                response("200 OK", &[], "ok")
+            }
         }),
     )
     .await;

@@ -265,12 +265,7 @@ impl Cluster {
         let slot = &mut t.digests[n as usize];
         match slot {
             Some(known) if known != blake3 => {
-                return Err(ClusterError::DigestMismatch {
-                    task: task.clone(),
-                    piece: n,
-                    known: known.clone(),
-                    got: blake3.to_string(),
-                })
+                return Err(ClusterError::DigestMismatch { task: task.clone(), piece: n, known: known.clone(), got: blake3.to_string() })
             }
             Some(_) => {}
             None if peer.back_to_source || is_seed => *slot = Some(blake3.to_string()),

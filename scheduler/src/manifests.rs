@@ -94,7 +94,12 @@ mod tests {
     use super::*;
 
     fn manifest(body: &[u8]) -> Manifest {
-        Manifest { digest: Digest::of(body), media_type: "application/vnd.oci.image.manifest.v1+json".into(), body: body.to_vec(), public: true }
+        Manifest {
+            digest: Digest::of(body),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: body.to_vec(),
+            public: true,
+        }
     }
 
     #[test]

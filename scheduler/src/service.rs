@@ -113,9 +113,8 @@ impl Service {
     fn known_digests(&self, task: &TaskId) -> pb::PeerCommand {
         let c = self.cluster();
         let count = c.stat_task(task).map_or(0, |s| s.layout.count());
-        let digests = (0..count)
-            .filter_map(|n| c.piece_digest(task, n).map(|d| pb::PieceDigest { number: n, blake3: d.to_string() }))
-            .collect();
+        let digests =
+            (0..count).filter_map(|n| c.piece_digest(task, n).map(|d| pb::PieceDigest { number: n, blake3: d.to_string() })).collect();
         pb::PeerCommand { command: Some(pb::peer_command::Command::Digests(pb::PieceDigests { digests })) }
     }
 }

@@ -100,7 +100,8 @@ async fn malformed_announcements_are_refused_with_a_reason() {
     assert!(err.message().contains("peer_addr"), "{}", err.message());
     // A peer of an unknown host is refused.
     let (tx, rx) = mpsc::channel(1);
-    let register = pb::Register { task_id: TaskId::of_digest(&Digest::of(b"x")).to_string(), host_id: "ghost".into(), length: 1, origin: None };
+    let register =
+        pb::Register { task_id: TaskId::of_digest(&Digest::of(b"x")).to_string(), host_id: "ghost".into(), length: 1, origin: None };
     tx.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await.unwrap();
     let err = c.announce_peer(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);

@@ -43,10 +43,7 @@ pub fn issue(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> anyhow::
         "-out",
         &d(&format!("{name}.csr")),
     ]))?;
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"),
-    )?;
+    std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"))?;
     run(Command::new("openssl").args([
         "x509",
         "-req",

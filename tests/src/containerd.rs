@@ -20,9 +20,7 @@ impl Containerd {
         require("containerd");
         require("ctr");
         require("runc");
-        let dir = tempfile::Builder::new()
-            .prefix("shoal-containerd-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("shoal-containerd-").tempdir()?;
         let d = dir.path().to_path_buf();
         let config = format!(
             "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\n[grpc]\n  address = \"{}/containerd.sock\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
@@ -45,18 +43,12 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .context("starting containerd")?;
-        let c = Containerd {
-            dir,
-            child: Some(child),
-        };
+        let c = Containerd { dir, child: Some(child) };
         let start = Instant::now();
         let d = c.dir.path();
         while !c.ctr(&["version"])?.status.success() {
             if start.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "containerd did not start: {}",
-                    std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default()
-                );
+                bail!("containerd did not start: {}", std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -70,13 +62,7 @@ impl Containerd {
 
     /// Runs `ctr` against this containerd.
     pub fn ctr(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new("ctr")
-            .arg("-a")
-            .arg(self.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ctr")
+        Command::new("ctr").arg("-a").arg(self.socket()).args(args).stdin(Stdio::null()).output().context("running ctr")
     }
 
     /// `ctr images pull` through the hosts dir (and so the mirror), optionally with credentials.
@@ -94,11 +80,7 @@ impl Containerd {
     /// `ctr run --rm IMAGE id CMD...`, returning stdout.
     pub fn run(&self, image: &str, cmd: &[&str]) -> anyhow::Result<String> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let id = format!(
-            "t{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let id = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let mut args = vec!["run", "--rm", image, &id];
         args.extend(cmd);
         let out = self.ctr(&args)?;
@@ -118,11 +100,7 @@ impl Drop for Containerd {
         // Unmount anything containerd left under its root (snapshots of a failed run).
         let root = self.dir.path().to_string_lossy().into_owned();
         if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(1))
-                .filter(|m| m.starts_with(&root))
-                .collect();
+            let mut points: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|m| m.starts_with(&root)).collect();
             points.sort_by_key(|p| std::cmp::Reverse(p.len()));
             for p in points {
                 let _ = Command::new("umount").arg("-l").arg(p).status();

@@ -21,10 +21,7 @@ pub use registry::Registry;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding a free port")
 }
 
 /// The `shoal` binary built alongside the tests (`cargo build --release` puts it next to them).
@@ -32,24 +29,13 @@ pub fn shoal_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // Tests live in target/<profile>/deps/, the benchmark in target/<profile>/.
     let dir = exe.parent().expect("exe dir");
-    let bin = [dir.join("shoal"), dir.join("../shoal")]
-        .into_iter()
-        .find(|p| p.exists());
-    bin.unwrap_or_else(|| {
-        panic!(
-            "no shoal binary next to {}: build it first with `cargo build --release -p shoal`",
-            exe.display()
-        )
-    })
+    let bin = [dir.join("shoal"), dir.join("../shoal")].into_iter().find(|p| p.exists());
+    bin.unwrap_or_else(|| panic!("no shoal binary next to {}: build it first with `cargo build --release -p shoal`", exe.display()))
 }
 
 /// Fails the test with the reason when a tool it needs is missing (the test command installs them).
 pub fn require(tool: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status();
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status();
     assert!(
         found.is_ok_and(|s| s.success()),
         "{tool} is not installed: run the README's test command (sudo bash tests/run.sh), which installs it"
@@ -76,11 +62,7 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
-pub async fn wait_for(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
+pub async fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
     let start = Instant::now();
     while !check() {
         if start.elapsed() > timeout {
@@ -122,16 +104,9 @@ impl Agent {
     }
 
     /// Starts `shoal <role>` (`agent`, `seed`, `up`) with extra TOML and environment variables.
-    pub async fn start_role(
-        role: &str,
-        extra: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Agent> {
+    pub async fn start_role(role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut agent = Agent {
             dir,
             port: free_port(),
@@ -147,18 +122,9 @@ impl Agent {
     }
 
     /// Starts `shoal <role>` inside host `i` of `lab`, listening on that host's address.
-    pub async fn start_in(
-        lab: &netns::Lab,
-        i: usize,
-        role: &str,
-        extra: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Agent> {
+    pub async fn start_in(lab: &netns::Lab, i: usize, role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut agent = Agent {
             dir,
             port: 65001,
@@ -180,9 +146,7 @@ impl Agent {
 
     /// The address its listeners are on.
     fn ip(&self) -> String {
-        self.place
-            .as_ref()
-            .map_or("127.0.0.1".into(), |(_, ip)| ip.to_string())
+        self.place.as_ref().map_or("127.0.0.1".into(), |(_, ip)| ip.to_string())
     }
 
     /// The data directory.
@@ -197,26 +161,15 @@ impl Agent {
 
     /// The mirror URL of a blob of `registry`.
     pub fn blob_url(&self, registry: &Registry, repo: &str, digest: &str) -> String {
-        format!(
-            "{}/v2/{repo}/blobs/{digest}?ns={}",
-            self.mirror(),
-            registry.host().replace(':', "%3A")
-        )
+        format!("{}/v2/{repo}/blobs/{digest}?ns={}", self.mirror(), registry.host().replace(':', "%3A"))
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let config = self.dir.path().join("shoal.toml");
         // Ports come from the environment so `extra` may have its own [mirror] or [admin] section.
-        let text = format!(
-            "data_dir = \"{}\"\n{}\n",
-            self.data_dir().display(),
-            self.extra
-        );
+        let text = format!("data_dir = \"{}\"\n{}\n", self.data_dir().display(), self.extra);
         std::fs::write(&config, text)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
         let mut cmd = match &self.place {
             Some((ns, _)) => {
                 let mut c = Command::new("ip");
@@ -241,17 +194,10 @@ impl Agent {
         let url = format!("http://{ip}:{}/healthz", self.admin_port);
         let start = Instant::now();
         loop {
-            if reqwest::get(&url)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("agent exited with {status}:\n{}", self.log());
             }
             if start.elapsed() > Duration::from_secs(20) {
@@ -290,34 +236,20 @@ impl Agent {
 
     /// `/status` as JSON.
     pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(
-            reqwest::get(format!("http://{}:{}/status", self.ip(), self.admin_port))
-                .await?
-                .json()
-                .await?,
-        )
+        Ok(reqwest::get(format!("http://{}:{}/status", self.ip(), self.admin_port)).await?.json().await?)
     }
 
     /// Waits until the blob `digest` is recorded complete in the store (that is written just
     /// after readers get the last bytes).
     pub async fn wait_stored(&self, digest: &str) -> anyhow::Result<()> {
         let task = task_dir(digest);
-        wait_for(
-            &format!("{digest} in the store"),
-            Duration::from_secs(10),
-            || self.stored_tasks().contains(&task),
-        )
-        .await
+        wait_for(&format!("{digest} in the store"), Duration::from_secs(10), || self.stored_tasks().contains(&task)).await
     }
 
     /// Task ids in the store directory with a complete `meta.json`.
     pub fn stored_tasks(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.data_dir().join("tasks"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for e in std::fs::read_dir(self.data_dir().join("tasks")).into_iter().flatten().flatten() {
             let meta = std::fs::read_to_string(e.path().join("meta.json")).unwrap_or_default();
             if meta.contains("\"complete\":true") {
                 out.push(e.file_name().to_string_lossy().into_owned());
@@ -352,9 +284,7 @@ impl Scheduler {
 
     /// Starts a scheduler listening on `ip` (a lab's gateway).
     pub async fn start_on(ip: std::net::Ipv4Addr) -> anyhow::Result<Scheduler> {
-        let dir = tempfile::Builder::new()
-            .prefix("shoal-scheduler-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?;
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("scheduler.log"))?;
         let child = Command::new(shoal_bin())
@@ -364,12 +294,7 @@ impl Scheduler {
             .stderr(log)
             .spawn()
             .context("starting shoal scheduler")?;
-        let s = Scheduler {
-            port,
-            ip,
-            dir,
-            child: Some(child),
-        };
+        let s = Scheduler { port, ip, dir, child: Some(child) };
         let start = Instant::now();
         while std::net::TcpStream::connect((ip, port)).is_err() {
             if start.elapsed() > Duration::from_secs(20) {
@@ -416,10 +341,7 @@ impl Drop for Scheduler {
 /// TOML turning on the peer server of an agent in a lab (port 65003 on its own address), with
 /// these scheduler replicas and the lab's registry reached over plain HTTP.
 pub fn lab_p2p_config(schedulers: &[&Scheduler], registry: &Registry) -> String {
-    let list: Vec<String> = schedulers
-        .iter()
-        .map(|s| format!("\"{}\"", s.addr()))
-        .collect();
+    let list: Vec<String> = schedulers.iter().map(|s| format!("\"{}\"", s.addr())).collect();
     format!(
         "[peer]\nenabled = true\nlisten = \"0.0.0.0:65003\"\nschedulers = [{}]\n[registry.\"{}\"]\nplain_http = true\n",
         list.join(", "),
@@ -429,15 +351,8 @@ pub fn lab_p2p_config(schedulers: &[&Scheduler], registry: &Registry) -> String 
 
 /// TOML turning on an agent's peer server on a free loopback port, with these scheduler replicas.
 pub fn p2p_config(schedulers: &[&Scheduler]) -> String {
-    let list: Vec<String> = schedulers
-        .iter()
-        .map(|s| format!("\"{}\"", s.addr()))
-        .collect();
-    format!(
-        "[peer]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nschedulers = [{}]\n",
-        free_port(),
-        list.join(", ")
-    )
+    let list: Vec<String> = schedulers.iter().map(|s| format!("\"{}\"", s.addr())).collect();
+    format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nschedulers = [{}]\n", free_port(), list.join(", "))
 }
 
 /// The task id (store directory name) of a digest.

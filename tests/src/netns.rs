@@ -21,10 +21,7 @@ pub struct Lab {
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
         bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -40,44 +37,22 @@ impl Lab {
         let pid = std::process::id() % 100_000;
         let tag = format!("sh{pid}x{k}");
         let subnet = ((pid * 7 + k * 13) % 200 + 20) as u8;
-        let mut lab = Lab {
-            tag,
-            subnet,
-            hosts: Vec::new(),
-        };
+        let mut lab = Lab { tag, subnet, hosts: Vec::new() };
         lab.cleanup();
         let bridge = lab.bridge();
         sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", lab.gateway()),
-            "dev",
-            &bridge,
-        ])?;
+        sh(&["ip", "addr", "add", &format!("{}/24", lab.gateway()), "dev", &bridge])?;
         sh(&["ip", "link", "set", &bridge, "up"])?;
         for i in 0..n {
             let ns = format!("{}-{i}", lab.tag);
             let veth = format!("{}v{i}", lab.tag);
             sh(&["ip", "netns", "add", &ns])?;
             lab.hosts.push(ns.clone());
-            sh(&[
-                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
+            sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             sh(&["ip", "link", "set", &veth, "master", &bridge])?;
             sh(&["ip", "link", "set", &veth, "up"])?;
             let ip = lab.ip(i).to_string();
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -143,14 +118,10 @@ impl Lab {
         if let Some(down) = down_mbit {
             sh(&["ip", "-n", ns, "link", "add", "ifb0", "type", "ifb"])?;
             sh(&["ip", "-n", ns, "link", "set", "ifb0", "up"])?;
+            sh(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "handle", "ffff:", "ingress"])?;
             sh(&[
-                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "handle", "ffff:",
-                "ingress",
-            ])?;
-            sh(&[
-                "ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0", "parent", "ffff:",
-                "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress",
-                "redirect", "dev", "ifb0",
+                "ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all", "u32", "match",
+                "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "ifb0",
             ])?;
             tbf("ifb0", down)?;
         }
@@ -176,9 +147,7 @@ impl Lab {
                 }
             }
         }
-        let out = Command::new("ip")
-            .args(["-o", "link", "show", "type", "bridge"])
-            .output();
+        let out = Command::new("ip").args(["-o", "link", "show", "type", "bridge"]).output();
         if let Ok(out) = out {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let name = line.split(':').nth(1).unwrap_or("").trim();
@@ -199,9 +168,7 @@ impl Lab {
                 }
             }
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge()])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &self.bridge()]).output();
     }
 }
 

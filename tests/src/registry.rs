@@ -50,19 +50,8 @@ impl Registry {
     }
 
     /// Starts a pull-through cache of `upstream` as host `i` of `lab` (the central-cache baseline).
-    pub async fn start_proxy_in(
-        lab: &crate::netns::Lab,
-        i: usize,
-        upstream: &Registry,
-    ) -> anyhow::Result<Registry> {
-        Registry::start_placed_proxy(
-            None,
-            false,
-            lab.ip(i),
-            Some(lab.ns(i).to_string()),
-            Some(upstream.url()),
-        )
-        .await
+    pub async fn start_proxy_in(lab: &crate::netns::Lab, i: usize, upstream: &Registry) -> anyhow::Result<Registry> {
+        Registry::start_placed_proxy(None, false, lab.ip(i), Some(lab.ns(i).to_string()), Some(upstream.url())).await
     }
 
     /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 signed by a fresh CA.
@@ -75,11 +64,7 @@ impl Registry {
         self.dir.path().join("ca.pem")
     }
 
-    async fn start_with(
-        credentials: Option<(&str, &str)>,
-        tls: bool,
-        ip: std::net::Ipv4Addr,
-    ) -> anyhow::Result<Registry> {
+    async fn start_with(credentials: Option<(&str, &str)>, tls: bool, ip: std::net::Ipv4Addr) -> anyhow::Result<Registry> {
         Registry::start_placed(credentials, tls, ip, None).await
     }
 
@@ -100,9 +85,7 @@ impl Registry {
         proxy_of: Option<String>,
     ) -> anyhow::Result<Registry> {
         require("docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix("shoal-registry-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
         let port = free_port();
         let mut tls_config = String::new();
         if tls {
@@ -117,14 +100,9 @@ impl Registry {
         let mut auth = String::new();
         if let Some((user, pass)) = credentials {
             require("htpasswd");
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, pass])
-                .output()?;
+            let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output()?;
             std::fs::write(dir.path().join("htpasswd"), out.stdout)?;
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            );
+            auth = format!("auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n", dir.path().join("htpasswd").display());
         }
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n{tls_config}{auth}{proxy}",
@@ -132,24 +110,14 @@ impl Registry {
             proxy = proxy_of.map(|u| format!("proxy:\n  remoteurl: {u}\n")).unwrap_or_default(),
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
-        let mut reg = Registry {
-            dir,
-            port,
-            credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
-            tls,
-            ip,
-            netns,
-            child: None,
-        };
+        let mut reg =
+            Registry { dir, port, credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())), tls, ip, netns, child: None };
         reg.spawn().await?;
         Ok(reg)
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("access.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("access.log"))?;
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -166,24 +134,13 @@ impl Registry {
             .spawn()
             .context("starting docker-registry")?;
         self.child = Some(child);
-        let http = reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()?;
+        let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
         let start = Instant::now();
-        while http
-            .get(format!("{}/v2/", self.url()))
-            .send()
-            .await
-            .is_err()
-        {
+        while http.get(format!("{}/v2/", self.url())).send().await.is_err() {
             if start.elapsed() > Duration::from_secs(15) {
                 bail!("docker-registry did not start:\n{}", self.raw_log());
             }
-            if let Some(s) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(s) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("docker-registry exited with {s}:\n{}", self.raw_log());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -212,18 +169,11 @@ impl Registry {
 
     /// `http://127.0.0.1:<port>` (or `https://`).
     pub fn url(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.host()
-        )
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.host())
     }
 
     fn http(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .expect("http client")
+        reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("http client")
     }
 
     fn client(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -237,30 +187,15 @@ impl Registry {
     pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> anyhow::Result<String> {
         let digest = digest_of(bytes);
         let http = self.http();
-        let resp = self
-            .client(http.post(format!("{}/v2/{repo}/blobs/uploads/", self.url())))
-            .send()
-            .await?;
+        let resp = self.client(http.post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))).send().await?;
         if resp.status() != reqwest::StatusCode::ACCEPTED {
             bail!("starting upload: {}", resp.status());
         }
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .context("upload location")?;
-        let mut url = if location.starts_with("http") {
-            location.to_string()
-        } else {
-            format!("{}{location}", self.url())
-        };
+        let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).context("upload location")?;
+        let mut url = if location.starts_with("http") { location.to_string() } else { format!("{}{location}", self.url()) };
         url.push_str(if url.contains('?') { "&" } else { "?" });
         url.push_str(&format!("digest={digest}"));
-        let resp = self
-            .client(http.put(url))
-            .body(bytes.to_vec())
-            .send()
-            .await?;
+        let resp = self.client(http.put(url)).body(bytes.to_vec()).send().await?;
         if resp.status() != reqwest::StatusCode::CREATED {
             bail!("finishing upload: {}", resp.status());
         }
@@ -269,51 +204,29 @@ impl Registry {
 
     /// Builds an image with umoci (busybox in the first layer, then one layer per file) and pushes
     /// it as `repo:tag` with skopeo.
-    pub async fn push_image(
-        &self,
-        repo: &str,
-        tag: &str,
-        files: &[(&str, Vec<u8>)],
-    ) -> anyhow::Result<()> {
+    pub async fn push_image(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
         for tool in ["umoci", "skopeo", "busybox"] {
             require(tool);
         }
         let work = tempfile::Builder::new().prefix("shoal-image-").tempdir()?;
         let layout = work.path().join("layout");
         let image = format!("{}:{tag}", layout.display());
-        run(Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout))?;
+        run(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
         run(Command::new("umoci").args(["new", "--image", &image]))?;
         let busybox = which("busybox")?;
-        run(Command::new("umoci")
-            .args(["insert", "--image", &image])
-            .arg(&busybox)
-            .arg("/bin/busybox"))?;
+        run(Command::new("umoci").args(["insert", "--image", &image]).arg(&busybox).arg("/bin/busybox"))?;
         for (path, content) in files {
-            let src = work
-                .path()
-                .join(path.trim_start_matches('/').replace('/', "_"));
+            let src = work.path().join(path.trim_start_matches('/').replace('/', "_"));
             std::fs::write(&src, content)?;
-            run(Command::new("umoci")
-                .args(["insert", "--image", &image])
-                .arg(&src)
-                .arg(path))?;
+            run(Command::new("umoci").args(["insert", "--image", &image]).arg(&src).arg(path))?;
         }
-        run(Command::new("umoci").args([
-            "config",
-            "--image",
-            &image,
-            "--config.cmd",
-            "/bin/busybox",
-        ]))?;
+        run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/busybox"]))?;
         let mut copy = Command::new("skopeo");
         copy.args(["copy", "-q", "--dest-tls-verify=false"]);
         if let Some((u, p)) = &self.credentials {
             copy.arg("--dest-creds").arg(format!("{u}:{p}"));
         }
-        copy.arg(format!("oci:{image}"))
-            .arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        copy.arg(format!("oci:{image}")).arg(format!("docker://{}/{repo}:{tag}", self.host()));
         run(&mut copy)
     }
 
@@ -329,10 +242,7 @@ impl Registry {
             .await?;
         let mut out = vec![];
         for d in std::iter::once(&m["config"]).chain(m["layers"].as_array().into_iter().flatten()) {
-            out.push((
-                d["digest"].as_str().context("digest")?.to_string(),
-                d["size"].as_u64().context("size")?,
-            ));
+            out.push((d["digest"].as_str().context("digest")?.to_string(), d["size"].as_u64().context("size")?));
         }
         Ok(out)
     }
@@ -343,21 +253,14 @@ impl Registry {
 
     /// Every request in the access log.
     pub fn hits(&self) -> Vec<Hit> {
-        self.raw_log()
-            .lines()
-            .filter_map(parse_access_line)
-            .collect()
+        self.raw_log().lines().filter_map(parse_access_line).collect()
     }
 
     /// GETs of a blob that sent bytes (200 or 206).
     pub fn blob_fetches(&self, digest: &str) -> Vec<Hit> {
         self.hits()
             .into_iter()
-            .filter(|h| {
-                h.method == "GET"
-                    && h.path.contains(&format!("/blobs/{digest}"))
-                    && matches!(h.status, 200 | 206)
-            })
+            .filter(|h| h.method == "GET" && h.path.contains(&format!("/blobs/{digest}")) && matches!(h.status, 200 | 206))
             .collect()
     }
 
@@ -369,10 +272,7 @@ impl Registry {
     /// The file holding a blob's bytes in the registry's storage.
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir.path().join(format!(
-            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
 }
 
@@ -398,34 +298,19 @@ fn parse_access_line(line: &str) -> Option<Hit> {
     let mut tail = rest[end + 1..].split_whitespace();
     let status = tail.next()?.parse().ok()?;
     let bytes = tail.next()?.parse().ok()?;
-    Some(Hit {
-        method,
-        path,
-        status,
-        bytes,
-    })
+    Some(Hit { method, path, status, bytes })
 }
 
 fn which(tool: &str) -> anyhow::Result<PathBuf> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()?;
+    let out = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output()?;
     Ok(Path::new(String::from_utf8(out.stdout)?.trim()).to_path_buf())
 }
 
 /// Runs a command, failing with its output when it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -438,10 +323,7 @@ mod tests {
             r#"127.0.0.1 - - [23/Nov/2026:17:21:46 +0000] "GET /v2/test/app/blobs/sha256:c0 HTTP/1.1" 206 20002827 "" "shoal/0.1.0""#,
         )
         .unwrap();
-        assert_eq!(
-            (h.method.as_str(), h.path.as_str(), h.status, h.bytes),
-            ("GET", "/v2/test/app/blobs/sha256:c0", 206, 20002827)
-        );
+        assert_eq!((h.method.as_str(), h.path.as_str(), h.status, h.bytes), ("GET", "/v2/test/app/blobs/sha256:c0", 206, 20002827));
         assert!(super::parse_access_line("time=... level=info msg=x").is_none());
     }
 }

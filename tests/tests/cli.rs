@@ -36,11 +36,8 @@ async fn get_writes_an_image_as_an_oci_layout_and_a_blob_to_a_file() {
     let (layer, _) = blobs.last().unwrap();
     let file = out.path().join("layer.tar.gz");
     let url = format!("{}/v2/team/app/blobs/{layer}", registry.url());
-    let status = Command::new(shoal_bin())
-        .args(["get", "--mirror", &format!("127.0.0.1:{}", agent.port), &url, "-o"])
-        .arg(&file)
-        .status()
-        .unwrap();
+    let status =
+        Command::new(shoal_bin()).args(["get", "--mirror", &format!("127.0.0.1:{}", agent.port), &url, "-o"]).arg(&file).status().unwrap();
     assert!(status.success());
     assert_eq!(&digest_of(&std::fs::read(&file).unwrap()), layer);
     agent.wait_stored(layer).await.expect("the blob must have gone through the agent");
@@ -48,7 +45,8 @@ async fn get_writes_an_image_as_an_oci_layout_and_a_blob_to_a_file() {
     // A blob that does not exist is a clear failure, not a file.
     let missing = format!("{}/v2/team/app/blobs/{}", registry.url(), digest_of(b"nope"));
     let out_file = out.path().join("missing");
-    let o = Command::new(shoal_bin()).args(["get", "--no-agent", &missing, "-o"]).arg(&out_file).env("SHOAL_DATA_DIR", &data).output().unwrap();
+    let o =
+        Command::new(shoal_bin()).args(["get", "--no-agent", &missing, "-o"]).arg(&out_file).env("SHOAL_DATA_DIR", &data).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("404"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!out_file.exists());

@@ -49,7 +49,8 @@ async fn a_parent_killed_mid_transfer_leaves_its_children_to_finish_elsewhere() 
     let config = lab_p2p_config(&[&scheduler], &registry);
     // The first node's origin link is slow, so the others follow it piece by piece.
     let mut parent = Agent::start_in(&lab, 0, "agent", &format!("{config}[download]\nrate_limit = \"32MiB\"\n"), &[]).await.unwrap();
-    let children = [Agent::start_in(&lab, 1, "agent", &config, &[]).await.unwrap(), Agent::start_in(&lab, 2, "agent", &config, &[]).await.unwrap()];
+    let children =
+        [Agent::start_in(&lab, 1, "agent", &config, &[]).await.unwrap(), Agent::start_in(&lab, 2, "agent", &config, &[]).await.unwrap()];
     tokio::time::sleep(Duration::from_millis(800)).await;
     let first = tokio::spawn({
         let url = parent.blob_url(&registry, "team/kill", &digest);
@@ -79,7 +80,8 @@ async fn the_second_nodes_containerd_gets_its_blobs_from_the_first_node() {
         .unwrap();
     let scheduler = Scheduler::start_on(lab.gateway()).await.unwrap();
     let config = lab_p2p_config(&[&scheduler], &registry);
-    let nodes = [Agent::start_in(&lab, 0, "agent", &config, &[]).await.unwrap(), Agent::start_in(&lab, 1, "agent", &config, &[]).await.unwrap()];
+    let nodes =
+        [Agent::start_in(&lab, 0, "agent", &config, &[]).await.unwrap(), Agent::start_in(&lab, 1, "agent", &config, &[]).await.unwrap()];
     tokio::time::sleep(Duration::from_millis(800)).await;
     let image = format!("{}/team/app:v1", registry.host());
     for node in &nodes {

@@ -15,12 +15,7 @@ fn kubernetes_manifests_pass_the_api_schema() {
     require("kubernetes-validate");
     let manifest = repo().join("deploy/kubernetes/shoal-agent.yaml");
     let out = Command::new("kubernetes-validate").args(["-k", "1.30.0", "--strict"]).arg(&manifest).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

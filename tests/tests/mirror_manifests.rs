@@ -38,9 +38,8 @@ async fn tags_go_upstream_digests_are_cached_and_indexes_pass_through() {
     let agent = Agent::start("").await.unwrap();
     let http = reqwest::Client::new();
     let url = |r: &str| format!("{}/v2/team/m/manifests/{r}?ns={}", agent.mirror(), registry.host());
-    let upstream_gets = |r: &str| {
-        registry.hits().iter().filter(|h| h.method == "GET" && h.path == format!("/v2/team/m/manifests/{r}")).count()
-    };
+    let upstream_gets =
+        |r: &str| registry.hits().iter().filter(|h| h.method == "GET" && h.path == format!("/v2/team/m/manifests/{r}")).count();
 
     for _ in 0..2 {
         let resp = http.get(url("multi")).header("Accept", OCI_INDEX).send().await.unwrap();

@@ -134,9 +134,7 @@ async fn a_seed_killed_mid_fan_out_leaves_every_agent_with_correct_bytes() {
     settle().await;
     let pulls = tokio::spawn({
         let urls: Vec<String> = agents.iter().map(|a| a.blob_url(&registry, "team/seedkill", &digest)).collect();
-        async move {
-            join_all(urls.into_iter().map(|u| async move { reqwest::get(u).await?.bytes().await })).await
-        }
+        async move { join_all(urls.into_iter().map(|u| async move { reqwest::get(u).await?.bytes().await })).await }
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
     seed.kill();
@@ -175,10 +173,8 @@ async fn preheat_has_seeds_fetch_an_image_and_nodes_then_pull_it_from_them() {
     let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
     settle().await;
     let image = format!("{}/team/warm:v1", registry.host());
-    let out = std::process::Command::new(shoal_tests::shoal_bin())
-        .args(["preheat", &image, "--scheduler", &scheduler.addr()])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(shoal_tests::shoal_bin()).args(["preheat", &image, "--scheduler", &scheduler.addr()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("preheat done"));
     let blobs = registry.image_blobs("team/warm", "v1").await.unwrap();
@@ -194,10 +190,8 @@ async fn preheat_has_seeds_fetch_an_image_and_nodes_then_pull_it_from_them() {
 
     // Nothing to preheat on: a clear refusal.
     let empty = Scheduler::start().await.unwrap();
-    let out = std::process::Command::new(shoal_tests::shoal_bin())
-        .args(["preheat", &image, "--scheduler", &empty.addr()])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(shoal_tests::shoal_bin()).args(["preheat", &image, "--scheduler", &empty.addr()]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no seed is connected"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -215,10 +209,8 @@ async fn a_preheated_image_still_pulls_and_runs_while_its_registry_is_down() {
     let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
     settle().await;
     let image = format!("{}/team/offline:v1", registry.host());
-    let out = std::process::Command::new(shoal_tests::shoal_bin())
-        .args(["preheat", &image, "--scheduler", &scheduler.addr()])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(shoal_tests::shoal_bin()).args(["preheat", &image, "--scheduler", &scheduler.addr()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     registry.stop();
@@ -272,7 +264,11 @@ async fn a_preheated_private_image_is_served_offline_only_to_clients_the_registr
 async fn preheat_imports_into_containerd_so_a_run_needs_no_pull() {
     let mut registry = Registry::start(None).await.unwrap();
     registry
-        .push_image("team/imported", "v1", &[("/data.bin", random_bytes(3 * MIB, 57)), ("/hello.txt", b"imported ahead of time\n".to_vec())])
+        .push_image(
+            "team/imported",
+            "v1",
+            &[("/data.bin", random_bytes(3 * MIB, 57)), ("/hello.txt", b"imported ahead of time\n".to_vec())],
+        )
         .await
         .unwrap();
     let scheduler = Scheduler::start().await.unwrap();

@@ -13,7 +13,13 @@ fn task_of(digest: &str) -> TaskId {
 }
 
 /// An agent with its peer server on, holding `blob` (pulled through its mirror).
-async fn agent_with_blob(registry: &Registry, repo: &str, digest: &str, extra: &str, env: &[(&str, &str)]) -> (Agent, std::net::SocketAddr) {
+async fn agent_with_blob(
+    registry: &Registry,
+    repo: &str,
+    digest: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (Agent, std::net::SocketAddr) {
     let port = free_port();
     let agent = Agent::start_with_env(&format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{extra}"), env).await.unwrap();
     let body = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap().bytes().await.unwrap();

@@ -18,12 +18,9 @@ async fn tls_registries_need_a_trusted_certificate() {
     let body = resp.text().await.unwrap();
     assert!(body.contains("certificate") || body.contains("UnknownIssuer"), "the error must name the certificate problem: {body}");
 
-    let with_ca = Agent::start(&format!(
-        "[registry.\"{host}\"]\nplain_http = false\nca_file = \"{}\"\n",
-        registry.ca_file().display()
-    ))
-    .await
-    .unwrap();
+    let with_ca = Agent::start(&format!("[registry.\"{host}\"]\nplain_http = false\nca_file = \"{}\"\n", registry.ca_file().display()))
+        .await
+        .unwrap();
     let body = reqwest::get(with_ca.blob_url(&registry, "team/tls", &digest)).await.unwrap().bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
 
@@ -42,11 +39,9 @@ async fn origin_restarted_mid_download_is_resumed_where_it_broke() {
     let url = agent.blob_url(&registry, "team/flaky", &digest);
     let download = tokio::spawn(async move { reqwest::get(&url).await?.bytes().await });
     let meta = agent.data_dir().join("tasks").join(shoal_tests::task_dir(&digest)).join("meta.json");
-    wait_for("some pieces", Duration::from_secs(20), || {
-        std::fs::read_to_string(&meta).is_ok_and(|m| m.contains("\"bits\":\"ff"))
-    })
-    .await
-    .unwrap();
+    wait_for("some pieces", Duration::from_secs(20), || std::fs::read_to_string(&meta).is_ok_and(|m| m.contains("\"bits\":\"ff")))
+        .await
+        .unwrap();
     registry.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     registry.restart().await.unwrap();

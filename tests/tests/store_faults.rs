@@ -17,7 +17,9 @@ async fn agent_killed_mid_download_resumes_fetching_only_missing_pieces() {
     let first = tokio::spawn({
         let url = url.clone();
         async move {
-            let Ok(resp) = reqwest::get(&url).await else { return };
+            let Ok(resp) = reqwest::get(&url).await else {
+                return;
+            };
             let _ = resp.bytes().await;
         }
     });
@@ -35,9 +37,7 @@ async fn agent_killed_mid_download_resumes_fetching_only_missing_pieces() {
     agent.kill();
     first.abort();
     // The registry logs a request when its connection ends.
-    wait_for("the cut request in the registry log", Duration::from_secs(10), || !registry.blob_fetches(&digest).is_empty())
-        .await
-        .unwrap();
+    wait_for("the cut request in the registry log", Duration::from_secs(10), || !registry.blob_fetches(&digest).is_empty()).await.unwrap();
     let before = registry.blob_bytes(&digest);
     assert!(before < size as u64, "the first download must have been cut short ({before} bytes)");
 

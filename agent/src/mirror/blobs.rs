@@ -108,4 +108,3 @@ pub(crate) fn reader_body(reader: BlobReader) -> Body {
     });
     BodyExt::boxed_unsync(StreamBody::new(chunks))
 }
-

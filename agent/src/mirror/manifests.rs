@@ -9,7 +9,7 @@ use shoal_core::registry::{Request, Target, MANIFEST_ACCEPT};
 use shoal_core::Digest;
 
 use super::route::ManifestRef;
-use super::{upstream_refusal, ApiError, Call, CachedManifest, Mirror};
+use super::{upstream_refusal, ApiError, CachedManifest, Call, Mirror};
 use crate::serve::{empty, full, Body};
 use tracing::warn;
 
@@ -17,12 +17,7 @@ use tracing::warn;
 const MAX_MANIFEST: usize = 4 << 20;
 
 impl Mirror {
-    pub(super) async fn manifest(
-        &self,
-        call: &Call,
-        repository: String,
-        reference: ManifestRef,
-    ) -> Result<Response<Body>, ApiError> {
+    pub(super) async fn manifest(&self, call: &Call, repository: String, reference: ManifestRef) -> Result<Response<Body>, ApiError> {
         let auth = call.authorization.as_ref();
         if let ManifestRef::Digest(d) = &reference {
             let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
@@ -52,11 +47,8 @@ impl Mirror {
         }
         self.access.grant(&call.registry, &repository, auth);
         let media_type = resp.headers().get(CONTENT_TYPE).cloned();
-        let header_digest = resp
-            .headers()
-            .get("Docker-Content-Digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<Digest>().ok());
+        let header_digest =
+            resp.headers().get("Docker-Content-Digest").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<Digest>().ok());
         if call.head {
             let mut out = Response::builder();
             for name in [CONTENT_TYPE, CONTENT_LENGTH] {

@@ -122,9 +122,7 @@ impl Mirror {
         };
         match route {
             Route::Blob { repository, digest } => Ok(("blob", self.blob(&call, repository, digest).await?)),
-            Route::Manifest { repository, reference } => {
-                Ok(("manifest", self.manifest(&call, repository, reference).await?))
-            }
+            Route::Manifest { repository, reference } => Ok(("manifest", self.manifest(&call, repository, reference).await?)),
             Route::Root => unreachable!("answered above"),
         }
     }
@@ -134,9 +132,7 @@ impl Mirror {
         let registry = match route::namespace(query)? {
             Some(ns) => ns,
             None => self.config.mirror.default_registry.clone().ok_or_else(|| {
-                ApiError::unknown_registry(
-                    "no ?ns=<registry> in the request and no [mirror] default_registry configured".into(),
-                )
+                ApiError::unknown_registry("no ?ns=<registry> in the request and no [mirror] default_registry configured".into())
             })?,
         };
         if self.config.mirror.only_configured_registries && !self.config.registry.contains_key(&registry) {

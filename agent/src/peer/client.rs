@@ -44,10 +44,7 @@ impl PeerClient {
         if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
             return Ok(c);
         }
-        let connecting = self
-            .endpoint
-            .connect(addr, tls::SERVER_NAME)
-            .map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+        let connecting = self.endpoint.connect(addr, tls::SERVER_NAME).map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
         let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
             .await
             .map_err(|_| PeerError::Connect { addr, reason: "timed out".into() })?

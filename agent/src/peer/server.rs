@@ -150,7 +150,8 @@ async fn serve_stream(
                 return Ok(finish(send));
             };
             let range = file.layout().range(g.number);
-            let header = PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };
+            let header =
+                PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };
             wire::write(&mut send, &header).await?;
             let mut pos = range.start;
             while pos < range.end {

@@ -163,17 +163,17 @@ mod tests {
         assert_eq!(parse_challenge("Negotiate abc"), None);
         assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
         assert_eq!(parse_challenge(""), None);
-        assert_eq!(parse_challenge("Bearer realm=\"unterminated"), Some(Challenge::Bearer {
-            realm: "unterminated".into(), service: None, scope: None }));
+        assert_eq!(
+            parse_challenge("Bearer realm=\"unterminated"),
+            Some(Challenge::Bearer { realm: "unterminated".into(), service: None, scope: None })
+        );
     }
 
     #[test]
     fn tokens_expire() {
         let mut cache = TokenCache::default();
         let now = Instant::now();
-        let (tok, life) = TokenResponse { token: None, access_token: Some("t".into()), expires_in: Some(300) }
-            .into_token()
-            .unwrap();
+        let (tok, life) = TokenResponse { token: None, access_token: Some("t".into()), expires_in: Some(300) }.into_token().unwrap();
         let key = TokenCache::key("r", "s", "anon");
         cache.put(key.clone(), tok, life, now);
         assert_eq!(cache.get(&key, now + Duration::from_secs(200)), Some("t".into()));

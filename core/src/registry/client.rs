@@ -241,10 +241,8 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Option<(String, Duration)>, RegistryError> {
-        let mut url = url::Url::parse(realm).map_err(|e| RegistryError::Protocol {
-            what: req.describe(),
-            reason: format!("token realm {realm:?} is not a URL: {e}"),
-        })?;
+        let mut url = url::Url::parse(realm)
+            .map_err(|e| RegistryError::Protocol { what: req.describe(), reason: format!("token realm {realm:?} is not a URL: {e}") })?;
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -349,8 +347,7 @@ pub fn backoff(attempt: u32) -> Duration {
 fn basic_header(user: &str, pass: &str) -> HeaderValue {
     use base64::Engine as _;
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    let mut v = HeaderValue::from_str(&format!("Basic {encoded}"))
-        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).unwrap_or_else(|_| HeaderValue::from_static(""));
     v.set_sensitive(true);
     v
 }
@@ -377,8 +374,8 @@ fn build_http(rc: &RegistryConfig, dl: &crate::config::DownloadConfig) -> Result
     }
     if let Some(path) = &rc.ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("ca_file {}: not PEM certificates: {e}", path.display()))?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("ca_file {}: not PEM certificates: {e}", path.display()))?;
         for c in certs {
             b = b.add_root_certificate(c);
         }
@@ -394,11 +391,10 @@ mod tests {
     fn endpoints_follow_host_rules() {
         let mut cfg = Config::default();
         cfg.registry.insert("reg.example:8443".into(), RegistryConfig { plain_http: Some(true), ..Default::default() });
-        cfg.registry.insert("mirror.example".into(), RegistryConfig {
-            endpoint: Some("https://real.example/".into()),
-            username: Some("u".into()),
-            ..Default::default()
-        });
+        cfg.registry.insert(
+            "mirror.example".into(),
+            RegistryConfig { endpoint: Some("https://real.example/".into()), username: Some("u".into()), ..Default::default() },
+        );
         let c = RegistryClient::new(Arc::new(cfg));
         assert_eq!(c.registry("docker.io").base, "https://registry-1.docker.io");
         assert_eq!(c.registry("127.0.0.1:5000").base, "http://127.0.0.1:5000");
