@@ -1,1 +1,52 @@
-//! The chunk-indexed image format, its builder and the FUSE filesystem. They arrive with the lazy-loading work.
+//! Shoal's chunk-indexed lazy-loading image format.
+//!
+//! An image converts to one **bootstrap** (every layer's file metadata merged into one tree,
+//! with per-file chunk lists) plus one **chunk blob** per source layer (independent zstd
+//! frames, each at most 1 MiB of file data, named by the blake3 digest of that data). It is
+//! pushed as an ordinary OCI image whose layers are the chunk blobs followed by the bootstrap,
+//! marked with the media types and annotations below, so any registry stores it and the
+//! mirror distributes it like any other image.
+//!
+//! - [`format`](mod@format): the bootstrap, its byte layout (`fuse/FORMAT.md`) and the lookups the
+//!   filesystem answers from it.
+//! - [`chunk`]: compressing, appending and verifying chunks.
+//! - [`tree`]: building the bootstrap and chunk blobs from an image's tar layers.
+//!
+//! All three are sans-IO: they read from `impl Read` and write to `impl Write` and never touch
+//! the network, files or a clock themselves.
+
+#![deny(unsafe_code)]
+
+pub mod chunk;
+pub mod format;
+pub mod tree;
+
+pub use chunk::{chunk_digest, compress_chunk, decompress_chunk, ChunkBlobWriter, ChunkCompressor, ChunkError};
+pub use format::{Attr, Blob, Bootstrap, Chunk, DirEntry, FileChunk, FileKind, FormatError, Timestamp};
+pub use tree::{BuildError, BuildOptions, BuiltImage, ChunkDict, LayerOutcome, TreeBuilder};
+
+/// Media type of a chunk blob layer.
+pub const CHUNK_BLOB_MEDIA_TYPE: &str = "application/vnd.shoal.chunks.v1";
+
+/// Media type of the bootstrap layer (zstd-compressed).
+pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.shoal.bootstrap.v1+zstd";
+
+/// Annotation key marking the bootstrap layer, with value [`BOOTSTRAP_ANNOTATION_VALUE`].
+pub const BOOTSTRAP_ANNOTATION: &str = "dev.shoal.bootstrap";
+
+/// Value of [`BOOTSTRAP_ANNOTATION`] on the bootstrap layer.
+pub const BOOTSTRAP_ANNOTATION_VALUE: &str = "true";
+
+/// Annotation key giving the bootstrap format version, on the bootstrap layer and the manifest.
+pub const FORMAT_ANNOTATION: &str = "dev.shoal.format";
+
+/// Value of [`FORMAT_ANNOTATION`] for images in this format ([`format::VERSION`]).
+pub const FORMAT_ANNOTATION_VALUE: &str = "1";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn format_annotation_matches_the_format_version() {
+        assert_eq!(super::FORMAT_ANNOTATION_VALUE, super::format::VERSION.to_string());
+    }
+}
