@@ -105,7 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 host_id: p.host_id.clone().unwrap_or_else(|| advertise.to_string()),
                 advertise,
                 schedulers: p.schedulers.clone(),
-                upload_slots: p.upload_slots as u32,
+                max_children: (p.upload_slots * crate::p2p::CHILDREN_PER_UPLOAD_SLOT) as u32,
                 zone: p.zone.clone(),
                 idc: p.idc.clone(),
                 seed: p.seed,

@@ -25,7 +25,7 @@ use crate::engine::{Engine, Task};
 use crate::peer::PeerClient;
 
 /// Pieces fetched from parents at once, per download.
-const MAX_FETCHES: usize = 8;
+const MAX_FETCHES: usize = 16;
 /// Pieces fetched from one parent at once, per download.
 const MAX_PER_PARENT: usize = 4;
 /// With parents but no new piece for this long, the rest comes from the origin.
@@ -33,10 +33,20 @@ const STALL: Duration = Duration::from_secs(15);
 /// While fetching from parents, a download asks for a fresh set this often, so peers that joined
 /// later (and have pieces to trade) become parents too.
 const RESCHEDULE_EVERY: Duration = Duration::from_secs(2);
+/// A piece in flight this long may also be asked of a second parent once nothing else is left to
+/// start (the endgame).
+const ENDGAME_AFTER: Duration = Duration::from_millis(700);
 /// What a fetch returns when the parent has no free upload slot: not a failure, try later.
 const BUSY: &str = "busy";
 /// How long a busy parent is left alone.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
+/// Children a host takes per upload slot. Each child spreads its fetches over several parents and
+/// a parent turns requests beyond its slots away ("busy"), so a parent can feed more children
+/// than it has slots without slowing any piece down.
+pub const CHILDREN_PER_UPLOAD_SLOT: usize = 4;
+/// Most parents a download keeps: the scheduler's picks accumulate (a piece source is worth
+/// keeping even when the scheduler now ranks others higher) up to this many.
+const MAX_PARENTS: usize = 16;
 /// Hosts announce themselves this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -49,7 +59,8 @@ pub struct P2pConfig {
     pub advertise: SocketAddr,
     /// Scheduler replicas (`host:port`).
     pub schedulers: Vec<String>,
-    pub upload_slots: u32,
+    /// Children the scheduler may give this host at once (they share its upload slots).
+    pub max_children: u32,
     pub zone: String,
     pub idc: String,
     pub seed: bool,
@@ -107,7 +118,7 @@ impl P2p {
         pb::Host {
             id: self.config.host_id.clone(),
             peer_addr: self.config.advertise.to_string(),
-            upload_slots: self.config.upload_slots,
+            upload_slots: self.config.max_children,
             zone: self.config.zone.clone(),
             idc: self.config.idc.clone(),
             seed: self.config.seed,
@@ -323,15 +334,15 @@ impl P2p {
                     }
                 },
                 Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
-                    Ok((n, _, Ok(()))) => {
-                        d.fetching.remove(&n);
-                        d.last_progress = Instant::now();
-                    }
-                    Ok((n, parent, Err(reason))) if reason == BUSY => {
-                        d.fetching.remove(&n);
+                    Ok((n, parent, took, Ok(true))) => d.on_fetched(n, &parent, took),
+                    // Another parent's copy (endgame) was stored first.
+                    Ok((n, parent, _, Ok(false))) => d.forget_fetch(n, &parent),
+                    Ok((n, parent, _, Err(reason))) if reason == BUSY => {
+                        d.forget_fetch(n, &parent);
                         d.busy_until.insert(parent, Instant::now() + BUSY_BACKOFF);
                     }
-                    Ok((n, parent, Err(reason))) => d.on_failure(n, &parent, reason, &events).await,
+                    Ok((n, parent, _, Err(reason))) => d.on_failure(n, &parent, reason, &events).await,
+                    Err(e) if e.is_cancelled() => {}
                     Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
                 },
                 _ = changes.changed() => {}
@@ -339,6 +350,14 @@ impl P2p {
                     let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
                 }
                 _ = stall.tick() => {
+                    if d.mode == Mode::Parents {
+                        let local = task.file.bitmap();
+                        let count = task.layout.count();
+                        let missing: Vec<u32> = (0..count).filter(|&n| !local.has(n)).collect();
+                        let held = missing.iter().filter(|&&n| d.have.values().any(|b| b.has(n))).count();
+                        let digests = missing.iter().filter(|&&n| d.digests.contains_key(&n)).count();
+                        debug!(missing = missing.len(), held_by_parents = held, with_digest = digests, in_flight = d.in_flight(), parents = d.parents.len(), busy = d.busy_until.len(), "download progress");
+                    }
                     if d.mode == Mode::Parents && d.last_progress.elapsed() > STALL {
                         warn!(task = %task.id, "parents stalled; fetching the rest from the origin");
                         d.to_origin().await;
@@ -361,6 +380,12 @@ enum Mode {
     Origin,
 }
 
+/// A piece being fetched: since when, and from which parents (two in the endgame).
+struct InFlight {
+    started: Instant,
+    from: Vec<(String, tokio::task::AbortHandle)>,
+}
+
 /// One P2P download in progress.
 struct Download {
     p2p: Arc<P2p>,
@@ -374,10 +399,13 @@ struct Download {
     /// Digests the scheduler relayed.
     digests: HashMap<u32, String>,
     /// Pieces being fetched, and from whom.
-    fetching: HashMap<u32, String>,
+    fetching: HashMap<u32, InFlight>,
+    /// Per parent, the rate (bytes/s) its recent pieces arrived at: pieces go to whichever holder
+    /// should deliver them soonest, so a parent serving many children gets fewer requests.
+    rates: HashMap<String, f64>,
     /// Parents that answered "busy", left alone until then.
     busy_until: HashMap<String, Instant>,
-    fetches: JoinSet<(u32, String, Result<(), String>)>,
+    fetches: JoinSet<(u32, String, Duration, Result<bool, String>)>,
     subscriptions: JoinSet<()>,
     updates_tx: mpsc::Sender<(String, Option<shoal_proto::peer::PieceUpdate>)>,
     updates: mpsc::Receiver<(String, Option<shoal_proto::peer::PieceUpdate>)>,
@@ -396,6 +424,7 @@ impl Download {
             have: HashMap::new(),
             digests: HashMap::new(),
             fetching: HashMap::new(),
+            rates: HashMap::new(),
             busy_until: HashMap::new(),
             fetches: JoinSet::new(),
             subscriptions: JoinSet::new(),
@@ -423,9 +452,29 @@ impl Download {
                 }
                 self.mode = Mode::Parents;
                 self.last_progress = Instant::now();
+                // Keep the parents already subscribed to (their pieces are still worth having);
+                // make room for the scheduler's new picks by dropping those that hold the fewest
+                // pieces we lack.
                 let wanted: HashSet<String> = p.parents.iter().map(|p| p.host_id.clone()).collect();
-                self.parents.retain(|id, _| wanted.contains(id));
-                self.have.retain(|id, _| wanted.contains(id));
+                let new = wanted.iter().filter(|id| !self.parents.contains_key(*id)).count();
+                let excess = (self.parents.len() + new).saturating_sub(MAX_PARENTS);
+                if excess > 0 {
+                    let local = self.task.file.bitmap();
+                    let mut ranked: Vec<(usize, String)> = self
+                        .parents
+                        .keys()
+                        .filter(|id| !wanted.contains(*id))
+                        .map(|id| {
+                            let useful = self.have.get(id).map_or(0, |b| (0..b.len()).filter(|&n| b.has(n) && !local.has(n)).count());
+                            (useful, id.clone())
+                        })
+                        .collect();
+                    ranked.sort();
+                    for (_, id) in ranked.into_iter().take(excess) {
+                        self.parents.remove(&id);
+                        self.have.remove(&id);
+                    }
+                }
                 for parent in p.parents {
                     let Ok(addr) = parent.peer_addr.parse::<SocketAddr>() else { continue };
                     if self.parents.insert(parent.host_id.clone(), (addr, parent.seed)).is_none() {
@@ -496,9 +545,16 @@ impl Download {
         }
     }
 
+    /// Fetches in flight (an endgame piece counts once per parent).
+    fn in_flight(&self) -> usize {
+        self.fetching.values().map(|f| f.from.len()).sum()
+    }
+
     /// Starts fetches of missing pieces whose digest is known, rarest among the parents first,
-    /// each from the least busy parent that has it. Ties go round from a point that differs per
-    /// host, so children of one parent fetch different pieces and can trade them with each other.
+    /// each from the holder that should deliver it soonest. Ties go round from a point that differs
+    /// per host, so children of one parent fetch different pieces and can trade them with each
+    /// other. When every piece a parent holds is already on its way (the endgame), a piece that is
+    /// taking long is also asked of a second holder; the first copy wins.
     fn start_fetches(&mut self) {
         let local = self.task.file.bitmap();
         let count = self.task.layout.count();
@@ -506,8 +562,10 @@ impl Download {
             return;
         }
         let mut load: HashMap<String, usize> = HashMap::new();
-        for p in self.fetching.values() {
-            *load.entry(p.clone()).or_default() += 1;
+        for f in self.fetching.values() {
+            for (p, _) in &f.from {
+                *load.entry(p.clone()).or_default() += 1;
+            }
         }
         let now = Instant::now();
         self.busy_until.retain(|_, until| *until > now);
@@ -524,36 +582,105 @@ impl Download {
             })
             .collect();
         wanted.sort_unstable();
+        let mut in_flight = self.in_flight();
         let mut starts = Vec::new();
+        let mut unstarted = false;
         for (_, _, n) in wanted {
-            if self.fetching.len() + starts.len() >= MAX_FETCHES {
+            if in_flight >= MAX_FETCHES {
+                unstarted = true;
                 break;
             }
-            let busy = |id: &String| load.get(id).copied().unwrap_or(0);
-            let best = self
-                .have
-                .iter()
-                .filter(|(id, bits)| bits.has(n) && busy(id) < MAX_PER_PARENT)
-                .min_by_key(|(id, _)| (busy(id), id.to_string()))
-                .map(|(id, _)| id.clone());
-            if let Some(parent) = best {
-                *load.entry(parent.clone()).or_default() += 1;
-                starts.push((n, parent, self.digests[&n].clone()));
+            match self.best_holder(n, &[], &load) {
+                Some(parent) => {
+                    *load.entry(parent.clone()).or_default() += 1;
+                    in_flight += 1;
+                    starts.push((n, parent));
+                }
+                None => unstarted = true,
             }
         }
-        for (n, parent, digest) in starts {
+        // The endgame: the whole blob is in the cluster and what is left is already on its way.
+        let endgame = !unstarted && self.digests.len() as u32 == count && count - local.count() <= MAX_FETCHES as u32;
+        if endgame {
+            let mut slow: Vec<(Instant, u32)> = self
+                .fetching
+                .iter()
+                .filter(|(_, f)| f.from.len() == 1 && f.started.elapsed() > ENDGAME_AFTER)
+                .map(|(&n, f)| (f.started, n))
+                .collect();
+            slow.sort_unstable();
+            for (_, n) in slow {
+                if in_flight >= MAX_FETCHES {
+                    break;
+                }
+                let busy: Vec<String> = self.fetching[&n].from.iter().map(|(p, _)| p.clone()).collect();
+                if let Some(parent) = self.best_holder(n, &busy, &load) {
+                    *load.entry(parent.clone()).or_default() += 1;
+                    in_flight += 1;
+                    starts.push((n, parent));
+                }
+            }
+        }
+        for (n, parent) in starts {
             let Some(&(addr, _)) = self.parents.get(&parent) else { continue };
-            self.fetching.insert(n, parent.clone());
+            let Some(digest) = self.digests.get(&n).cloned() else { continue };
             let (p2p, engine, task) = (self.p2p.clone(), self.engine.clone(), self.task.clone());
-            self.fetches.spawn(async move {
+            let from = parent.clone();
+            let handle = self.fetches.spawn(async move {
+                let started = Instant::now();
                 let result = fetch_piece(&p2p.peers, addr, &engine, &task, n, &digest).await;
-                (n, parent, result)
+                let took = started.elapsed();
+                debug!(piece = n, %parent, ms = took.as_millis() as u64, ok = result.is_ok(), "piece fetch ended");
+                (n, parent, took, result)
             });
+            self.fetching.entry(n).or_insert_with(|| InFlight { started: Instant::now(), from: Vec::new() }).from.push((from, handle));
+        }
+    }
+
+    /// The holder of piece `n` (other than `except`) with a free fetch slot that should deliver it
+    /// soonest: fewest fetches queued on it per byte/s it has shown. Parents not measured yet come
+    /// first (so each gets measured); ties differ per child and piece, so children do not all
+    /// queue on the same parent.
+    fn best_holder(&self, n: u32, except: &[String], load: &HashMap<String, usize>) -> Option<String> {
+        let busy = |id: &String| load.get(id).copied().unwrap_or(0);
+        let spread = |id: &String| blake3::hash(format!("{}/{id}/{n}", self.p2p.config.host_id).as_bytes()).as_bytes()[0];
+        let wait = |id: &String| (busy(id) + 1) as f64 / self.rates.get(id).copied().unwrap_or(f64::MAX);
+        self.have
+            .iter()
+            .filter(|(id, bits)| bits.has(n) && busy(id) < MAX_PER_PARENT && !except.contains(id))
+            .min_by(|(a, _), (b, _)| wait(a).total_cmp(&wait(b)).then(busy(a).cmp(&busy(b))).then(spread(a).cmp(&spread(b))))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Piece `n` arrived from `parent`: any other fetch of it is cancelled, and the parent's rate
+    /// is updated.
+    fn on_fetched(&mut self, n: u32, parent: &str, took: Duration) {
+        if let Some(f) = self.fetching.remove(&n) {
+            for (p, handle) in f.from {
+                if p != parent {
+                    handle.abort();
+                }
+            }
+        }
+        let len = self.task.layout.range(n).end - self.task.layout.range(n).start;
+        let sample = len as f64 / took.as_secs_f64().max(1e-3);
+        let rate = self.rates.entry(parent.to_string()).or_insert(sample);
+        *rate = 0.6 * *rate + 0.4 * sample;
+        self.last_progress = Instant::now();
+    }
+
+    /// The fetch of piece `n` from `parent` ended without the piece.
+    fn forget_fetch(&mut self, n: u32, parent: &str) {
+        if let Some(f) = self.fetching.get_mut(&n) {
+            f.from.retain(|(p, _)| p != parent);
+            if f.from.is_empty() {
+                self.fetching.remove(&n);
+            }
         }
     }
 
     async fn on_failure(&mut self, n: u32, parent: &str, reason: String, events: &mpsc::Sender<pb::PeerEvent>) {
-        self.fetching.remove(&n);
+        self.forget_fetch(n, parent);
         warn!(task = %self.task.id, piece = n, %parent, %reason, "piece from parent failed; reporting it");
         self.parents.remove(parent);
         self.have.remove(parent);
@@ -564,11 +691,8 @@ impl Download {
     /// Fetches every missing piece from the origin (after the fetches in flight end).
     async fn to_origin(&mut self) {
         self.mode = Mode::Origin;
-        while let Some(done) = self.fetches.join_next().await {
-            if let Ok((n, _, _)) = done {
-                self.fetching.remove(&n);
-            }
-        }
+        while self.fetches.join_next().await.is_some() {}
+        self.fetching.clear();
         let engine = self.engine.clone();
         let task = self.task.clone();
         tokio::spawn(async move { from_origin(&engine, &task, &HashSet::new()).await });
@@ -609,7 +733,8 @@ async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, skip: &HashSet<u32>
     }
 }
 
-/// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it.
+/// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it. False
+/// when another fetch of the piece stored it first.
 async fn fetch_piece(
     peers: &PeerClient,
     addr: SocketAddr,
@@ -617,7 +742,7 @@ async fn fetch_piece(
     task: &Arc<Task>,
     n: u32,
     digest: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let range = task.layout.range(n);
     let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| match e {
         crate::peer::PeerError::Refused { reason, .. } if reason == "busy" => BUSY.to_string(),
@@ -628,7 +753,11 @@ async fn fetch_piece(
         return Err(format!("piece {n} does not match its digest (got {got}, want {digest})"));
     }
     let t = task.clone();
-    tokio::task::spawn_blocking(move || {
+    let first = tokio::task::spawn_blocking(move || {
+        if t.file.has_piece(n) {
+            // Another parent's copy (endgame) got here first.
+            return Ok(false);
+        }
         t.hash_in_order(range.start, &bytes);
         t.file.write_at(range.start, &bytes)?;
         t.file.piece_written(n, got)
@@ -639,6 +768,8 @@ async fn fetch_piece(
         engine.fail(task, crate::engine::EngineError::Store(e.to_string().into()), true);
         e.to_string()
     })?;
-    engine.piece_finished(task, n);
-    Ok(())
+    if first {
+        engine.piece_finished(task, n);
+    }
+    Ok(first)
 }

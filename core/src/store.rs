@@ -482,12 +482,13 @@ impl TaskFile {
         Ok(buf)
     }
 
-    /// Records that piece `n` was written, with its blake3. The bitmap reaches disk every few
-    /// pieces, so a killed process loses at most those.
-    pub fn piece_written(&self, n: u32, blake3_hex: String) -> Result<(), StoreError> {
+    /// Records that piece `n` was written, with its blake3; false when it already was (two
+    /// fetches of one piece raced). The bitmap reaches disk every few pieces, so a killed process
+    /// loses at most those.
+    pub fn piece_written(&self, n: u32, blake3_hex: String) -> Result<bool, StoreError> {
         let mut m = self.meta();
         if m.meta.bitmap.has(n) {
-            return Ok(());
+            return Ok(false);
         }
         m.meta.bitmap.set(n);
         if let Some(slot) = m.meta.piece_blake3.get_mut(n as usize) {
@@ -497,7 +498,7 @@ impl TaskFile {
         if m.dirty >= FLUSH_PIECES || m.last_flush.elapsed() >= FLUSH_INTERVAL {
             self.flush_locked(&mut m)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn flush_locked(&self, m: &mut MetaState) -> Result<(), StoreError> {

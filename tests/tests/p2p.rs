@@ -9,9 +9,9 @@ use shoal_tests::{digest_of, p2p_config, random_bytes, Agent, Containerd, Regist
 const MIB: usize = 1 << 20;
 
 async fn get(agent: &Agent, registry: &Registry, repo: &str, digest: &str) -> Vec<u8> {
-    let resp = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.bytes().await.unwrap().to_vec()
+    let resp = reqwest::get(agent.blob_url(registry, repo, digest)).await.unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert_eq!(resp.status(), 200, "{}", agent.log());
+    resp.bytes().await.unwrap_or_else(|e| panic!("the body broke off: {e}\n{}", agent.log())).to_vec()
 }
 
 /// Agents register with the scheduler within a second of starting.

@@ -6,7 +6,8 @@ use shoal_agent::peer::{PeerClient, PeerError};
 use shoal_core::{Digest, TaskId};
 use shoal_tests::{certs, digest_of, free_port, random_bytes, Agent, Registry};
 
-const MIB: usize = 1 << 20;
+/// Blobs this small are cut into pieces of the smallest size.
+const PIECE: usize = shoal_core::piece::MIN_PIECE_SIZE as usize;
 
 fn task_of(digest: &str) -> TaskId {
     TaskId::of_digest(&digest.parse::<Digest>().unwrap())
@@ -31,7 +32,7 @@ async fn agent_with_blob(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     let registry = Registry::start(None).await.unwrap();
-    let blob = random_bytes(5 * MIB + 123, 31);
+    let blob = random_bytes(5 * PIECE + 123, 31);
     let digest = registry.push_blob("team/p2p", &blob).await.unwrap();
     let (_agent, addr) = agent_with_blob(&registry, "team/p2p", &digest, "", &[]).await;
     let task = task_of(&digest);
@@ -45,8 +46,8 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     assert!(sub.next().await.is_none(), "the stream ends after done");
 
     for n in [0u32, 2, 5] {
-        let start = n as usize * MIB;
-        let end = (start + MIB).min(blob.len());
+        let start = n as usize * PIECE;
+        let end = (start + PIECE).min(blob.len());
         let (header, bytes) = client.get_piece(addr, &task, n, (end - start) as u64).await.unwrap();
         assert_eq!(&bytes[..], &blob[start..end], "piece {n}");
         assert_eq!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "piece {n}");
@@ -64,13 +65,13 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_sends_bytes_that_do_not_match_the_digest() {
     let registry = Registry::start(None).await.unwrap();
-    let blob = random_bytes(2 * MIB, 32);
+    let blob = random_bytes(2 * PIECE, 32);
     let digest = registry.push_blob("team/liar", &blob).await.unwrap();
     let (_agent, addr) = agent_with_blob(&registry, "team/liar", &digest, "", &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await;
     let client = PeerClient::new(None).unwrap();
-    let (header, bytes) = client.get_piece(addr, &task_of(&digest), 1, MIB as u64).await.unwrap();
-    assert_ne!(&bytes[..], &blob[MIB..], "the fault switch must corrupt the bytes");
-    assert_eq!(header.blake3, blake3::hash(&blob[MIB..]).to_hex().as_str(), "the header still names the true digest");
+    let (header, bytes) = client.get_piece(addr, &task_of(&digest), 1, PIECE as u64).await.unwrap();
+    assert_ne!(&bytes[..], &blob[PIECE..], "the fault switch must corrupt the bytes");
+    assert_eq!(header.blake3, blake3::hash(&blob[PIECE..]).to_hex().as_str(), "the header still names the true digest");
     assert_ne!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "so a receiver's check fails");
 }
 
@@ -89,7 +90,7 @@ async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
         key_file: d.join(format!("{name}.key")),
     };
     let registry = Registry::start(None).await.unwrap();
-    let blob = random_bytes(MIB, 33);
+    let blob = random_bytes(PIECE, 33);
     let digest = registry.push_blob("team/mtls", &blob).await.unwrap();
     let server = tls("cluster", "server");
     let extra = format!(
@@ -102,11 +103,11 @@ async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
     let task = task_of(&digest);
 
     let member = PeerClient::new(Some(&tls("cluster", "member"))).unwrap();
-    let (_, bytes) = member.get_piece(addr, &task, 0, MIB as u64).await.unwrap();
+    let (_, bytes) = member.get_piece(addr, &task, 0, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[..]);
 
     let stranger = PeerClient::new(Some(&tls("other", "stranger"))).unwrap();
-    assert!(stranger.get_piece(addr, &task, 0, MIB as u64).await.is_err(), "a certificate from another CA must be refused");
+    assert!(stranger.get_piece(addr, &task, 0, PIECE as u64).await.is_err(), "a certificate from another CA must be refused");
     let anonymous = PeerClient::new(None).unwrap();
-    assert!(anonymous.get_piece(addr, &task, 0, MIB as u64).await.is_err(), "a host without a certificate must be refused");
+    assert!(anonymous.get_piece(addr, &task, 0, PIECE as u64).await.is_err(), "a host without a certificate must be refused");
 }

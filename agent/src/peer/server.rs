@@ -14,8 +14,10 @@ use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
 use crate::engine::Engine;
 
-/// How long a source holds a new piece back from all but one subscriber.
-const HOLD: std::time::Duration = std::time::Duration::from_millis(3000);
+/// How long a source holds a new piece back from all but the one subscriber it was handed to.
+/// The others get it from that child; this is only the fallback for children that do not have
+/// it as a parent (or when it fails to fetch the piece).
+const HOLD: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Subscriptions per task, so a source can hand each new piece to one child first.
 #[derive(Default)]
@@ -48,6 +50,9 @@ impl Subscribers {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(task).map_or(0, |e| e.1)
     }
 }
+
+/// How long a piece request waits for a free upload slot before it is turned away as "busy".
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Bytes read from the store and written to the stream at a time.
 const SEND_CHUNK: usize = 256 << 10;
@@ -145,7 +150,9 @@ async fn serve_stream(
                 wire::write(&mut send, &refuse("piece not present")).await?;
                 return Ok(finish(send));
             };
-            let Ok(_permit) = slots.try_acquire() else {
+            // A request that finds every slot taken waits briefly for one, so the upload never
+            // idles between pieces; only a parent that stays full turns it away.
+            let Ok(Ok(_permit)) = tokio::time::timeout(SLOT_WAIT, slots.acquire()).await else {
                 wire::write(&mut send, &refuse("busy")).await?;
                 return Ok(finish(send));
             };
@@ -188,30 +195,36 @@ async fn serve_stream(
             let task = file.id().clone();
             let me = subscribers.join(&task);
             let mut first_seen: std::collections::HashMap<u32, std::time::Instant> = std::collections::HashMap::new();
+            // Whether this host fetched the task from the origin while the child watched: then
+            // pieces are held back from it (below) even after the download here completes.
+            let mut holding = false;
             let result = async {
                 loop {
                     if let Some(rx) = changes.as_mut() {
                         rx.borrow_and_update();
                     }
                     let have = file.bitmap();
-                    let (done, failed) = (shared.is_complete(), shared.failure());
-                    // While this host is the one fetching from the origin, each new piece goes
-                    // first to one subscriber only (in turn), so the children fetch different
-                    // pieces here and trade the rest among themselves; after HOLD, to everyone.
+                    let (complete, failed) = (shared.is_complete(), shared.failure());
+                    // While this host is the one fetching from the origin, its upload is the
+                    // cluster's scarcest resource: each new piece goes to one subscriber only (in
+                    // turn), so every piece leaves here about once and the children trade the rest
+                    // among themselves; after HOLD, to everyone.
                     let others = subscribers.count(&task);
-                    let share = shared.is_sourcing() && !done && others > 1;
+                    holding |= shared.is_sourcing() && !complete && others > 1;
                     let now = std::time::Instant::now();
                     let numbers: Vec<u32> = (0..have.len())
                         .filter(|&n| have.has(n) && !sent.has(n))
                         .filter(|&n| {
-                            !share
-                                || (n as u64 + me) % others as u64 == 0
+                            !holding
+                                || (n as u64 + me) % others.max(1) as u64 == 0
                                 || now.duration_since(*first_seen.entry(n).or_insert(now)) >= HOLD
                         })
                         .collect();
                     for &n in &numbers {
                         sent.set(n);
                     }
+                    // "Done" tells the child every piece is here: not before the held ones are out.
+                    let done = complete && sent.is_full();
                     let update = PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default() };
                     let last = update.done || !update.error.is_empty();
                     if !update.numbers.is_empty() || last || sent.count() == 0 {
@@ -221,11 +234,13 @@ async fn serve_stream(
                         return Ok(true);
                     }
                     match changes.as_mut() {
-                        Some(rx) => match tokio::time::timeout(HOLD / 4, rx.changed()).await {
+                        Some(rx) => match tokio::time::timeout(HOLD / 8, rx.changed()).await {
                             Ok(Ok(())) | Err(_) => {}
                             // The task ended between two looks; one more round reports how.
                             Ok(Err(_)) => changes = None,
                         },
+                        // Complete here, with pieces still held back from this child.
+                        None if complete => tokio::time::sleep(HOLD / 8).await,
                         None => return Ok(false),
                     }
                 }
