@@ -315,7 +315,7 @@ impl P2p {
                     Ok(None) | Err(_) => {
                         warn!(task = %task.id, "scheduler stream ended; fetching the rest from the origin");
                         scheduler_alive = false;
-                        d.to_origin().await;
+                        d.go_to_origin().await;
                     }
                 },
                 Some(n) = reports.recv() => {
@@ -360,7 +360,7 @@ impl P2p {
                     }
                     if d.mode == Mode::Parents && d.last_progress.elapsed() > STALL {
                         warn!(task = %task.id, "parents stalled; fetching the rest from the origin");
-                        d.to_origin().await;
+                        d.go_to_origin().await;
                     }
                 }
             }
@@ -484,7 +484,7 @@ impl Download {
             }
             Command::BackToSource(_) => {
                 info!(task = %self.task.id, "fetching from the origin for the cluster");
-                self.to_origin().await;
+                self.go_to_origin().await;
             }
             Command::Wait(w) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
@@ -689,7 +689,7 @@ impl Download {
     }
 
     /// Fetches every missing piece from the origin (after the fetches in flight end).
-    async fn to_origin(&mut self) {
+    async fn go_to_origin(&mut self) {
         self.mode = Mode::Origin;
         while self.fetches.join_next().await.is_some() {}
         self.fetching.clear();

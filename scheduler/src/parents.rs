@@ -141,8 +141,7 @@ mod tests {
         // Enough peers have data: the seed is left alone.
         assert_eq!(names(choose(&[seed.clone(), cand("p1", 5), cand("p2", 4)], &Limits::default())), ["p1", "p2"]);
         // Equal data: the ordinary peer first.
-        let mut limits = Limits::default();
-        limits.enough_peers = 5;
+        let limits = Limits { enough_peers: 5, ..Limits::default() };
         assert_eq!(names(choose(&[seed, cand("p1", 20)], &limits)), ["p1", "seed"]);
     }
 

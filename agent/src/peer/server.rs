@@ -143,18 +143,21 @@ async fn serve_stream(
             let refuse = |error: &str| PieceHeader { number: g.number, error: error.into(), ..Default::default() };
             let Some(shared) = TaskId::parse(&g.task_id).and_then(|id| engine.shared(&id)) else {
                 wire::write(&mut send, &refuse("task not found")).await?;
-                return Ok(finish(send));
+                finish(send);
+                return Ok(());
             };
             let file = shared.file();
             let (Some(blake3), true) = (file.piece_blake3(g.number), file.has_piece(g.number)) else {
                 wire::write(&mut send, &refuse("piece not present")).await?;
-                return Ok(finish(send));
+                finish(send);
+                return Ok(());
             };
             // A request that finds every slot taken waits briefly for one, so the upload never
             // idles between pieces; only a parent that stays full turns it away.
             let Ok(Ok(_permit)) = tokio::time::timeout(SLOT_WAIT, slots.acquire()).await else {
                 wire::write(&mut send, &refuse("busy")).await?;
-                return Ok(finish(send));
+                finish(send);
+                return Ok(());
             };
             let range = file.layout().range(g.number);
             let header =
@@ -178,7 +181,8 @@ async fn serve_stream(
                 send.write_all(&chunk).await?;
                 pos += len as u64;
             }
-            Ok(finish(send))
+            finish(send);
+            Ok(())
         }
         Some(Request::Subscribe(s)) => {
             if seed {
@@ -186,7 +190,8 @@ async fn serve_stream(
             }
             let Some(shared) = TaskId::parse(&s.task_id).and_then(|id| engine.shared(&id)) else {
                 wire::write(&mut send, &PieceUpdate { error: "task not found".into(), ..Default::default() }).await?;
-                return Ok(finish(send));
+                finish(send);
+                return Ok(());
             };
             let file = shared.file();
             let len = file.layout().len;
@@ -216,7 +221,7 @@ async fn serve_stream(
                         .filter(|&n| have.has(n) && !sent.has(n))
                         .filter(|&n| {
                             !holding
-                                || (n as u64 + me) % others.max(1) as u64 == 0
+                                || (n as u64 + me).is_multiple_of(others.max(1) as u64)
                                 || now.duration_since(*first_seen.entry(n).or_insert(now)) >= HOLD
                         })
                         .collect();
@@ -248,7 +253,10 @@ async fn serve_stream(
             .await;
             subscribers.leave(&task);
             match result {
-                Ok(true) => Ok(finish(send)),
+                Ok(true) => {
+                    finish(send);
+                    Ok(())
+                }
                 Ok(false) => {
                     let _ = send.reset(2u32.into());
                     Ok(())
@@ -256,7 +264,10 @@ async fn serve_stream(
                 Err(e) => Err(e),
             }
         }
-        None => Ok(finish(send)),
+        None => {
+            finish(send);
+            Ok(())
+        }
     }
 }
 
