@@ -326,11 +326,18 @@ impl P2p {
                 Some((parent, update)) = d.updates.recv() => {
                     let ended = update.is_none() && d.parents.contains_key(&parent);
                     let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
+                    let had_pieces = d.have.get(&parent).is_some_and(|b| b.count() > 0);
                     d.on_update(&parent, update);
-                    if ended && !complete {
-                        // The parent went away (or never had the task): say so, get others.
+                    if ended && !complete && had_pieces {
+                        // The parent went away mid-download: say so, get others.
                         let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
                         d.on_failure(first_missing, &parent, "its piece subscription ended".into(), &events).await;
+                    } else if ended && !complete {
+                        // It never had the task (it registered but had not started): not its
+                        // fault, so nothing is reported; ask for others.
+                        d.parents.remove(&parent);
+                        d.have.remove(&parent);
+                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
                     }
                 },
                 Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {

@@ -20,8 +20,30 @@ pub use containerd::Containerd;
 pub use registry::Registry;
 
 /// A port nobody listens on right now.
+///
+/// Ports come from below the kernel's ephemeral range (so an outgoing connection cannot take one
+/// between here and the server binding it), free for both TCP and UDP (peer servers are QUIC),
+/// and never twice from one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seed = std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut x = seed | 1;
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20_000 + (x % 12_000) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok() && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok();
+        if free {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 /// The `shoal` binary built alongside the tests (`cargo build --release` puts it next to them).
