@@ -21,7 +21,8 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     for &n in &args.sizes {
         let mut a = args.fanout.clone();
         a.nodes = n;
-        a.name = None;
+        // Its own names, so a scaling run leaves the single fan-out results alone.
+        a.name = Some(format!("scaling-{n}"));
         results.push(fanout::run(a, out).await?);
     }
     let systems: Vec<System> = args.fanout.systems.clone();
