@@ -293,6 +293,13 @@ impl P2p {
         let mut reschedule = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(300), RESCHEDULE_EVERY);
         loop {
             if let Some(outcome) = task.outcome() {
+                // Pieces finished just before the end are still queued: the scheduler needs their
+                // digests to let anyone fetch them from here.
+                while let Ok(n) = reports.try_recv() {
+                    if let Some(blake3) = task.file.piece_blake3(n) {
+                        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
+                    }
+                }
                 let event = match outcome {
                     Ok(()) => Event::Done(pb::Done {}),
                     Err(e) => Event::Failed(pb::Failed { reason: e.to_string() }),
@@ -457,8 +464,11 @@ impl Download {
                 } else {
                     debug!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "parents refreshed");
                 }
+                if self.mode != Mode::Parents {
+                    // The stall clock starts with the first parents; a refresh is not progress.
+                    self.last_progress = Instant::now();
+                }
                 self.mode = Mode::Parents;
-                self.last_progress = Instant::now();
                 // Keep the parents already subscribed to (their pieces are still worth having);
                 // make room for the scheduler's new picks by dropping those that hold the fewest
                 // pieces we lack.

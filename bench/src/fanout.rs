@@ -175,6 +175,13 @@ pub struct Outcome {
     pub agent_peak_rss: Option<u64>,
 }
 
+impl Outcome {
+    /// A baseline's outcome (no Shoal processes to account for); machine use is filled in after.
+    fn baseline(system: System, seconds: Vec<f64>, origin_egress: f64) -> Outcome {
+        Outcome { system, seconds, origin_egress, machine_busy: 0.0, agent_cpu_seconds: None, agent_peak_rss: None }
+    }
+}
+
 /// The figures of one fan-out run, for the scaling scenario.
 pub struct FanoutResult {
     pub nodes: usize,
@@ -241,14 +248,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                 let urls: Vec<(usize, String)> = nodes.iter().map(|&i| (i, url_of(registry.url()))).collect();
                 let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
                 let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
-                Outcome {
-                    system: *system,
-                    seconds,
-                    origin_egress: egress,
-                    machine_busy: 0.0,
-                    agent_cpu_seconds: None,
-                    agent_peak_rss: None,
-                }
+                Outcome::baseline(*system, seconds, egress)
             }
             System::Proxy => {
                 let proxy = Registry::start_proxy_in(&lab, proxy_host, &registry).await?;
@@ -257,26 +257,12 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                 let seconds = pull_all(&lab, &urls, size, &digest, stagger)?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let egress = (registry.blob_bytes(&digest) - before) as f64 / size as f64;
-                Outcome {
-                    system: *system,
-                    seconds,
-                    origin_egress: egress,
-                    machine_busy: 0.0,
-                    agent_cpu_seconds: None,
-                    agent_peak_rss: None,
-                }
+                Outcome::baseline(*system, seconds, egress)
             }
             System::Bittorrent => {
                 let swarm = bittorrent::run(&lab, 0, &nodes, &blob_file, stagger, Duration::from_secs(args.timeout))?;
                 let egress = swarm.origin_bytes as f64 / size as f64;
-                Outcome {
-                    system: *system,
-                    seconds: swarm.seconds,
-                    origin_egress: egress,
-                    machine_busy: 0.0,
-                    agent_cpu_seconds: None,
-                    agent_peak_rss: None,
-                }
+                Outcome::baseline(*system, swarm.seconds, egress)
             }
             System::Shoal => shoal(&args, &lab, &registry, &digest, size, seed, out, &name).await?,
         };

@@ -73,15 +73,23 @@ pub fn completion_cdf(path: &Path, title: &str, systems: &[(String, Vec<f64>)], 
         .map_err(draw_err)?
         .label("lower bound")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    root.present().with_context(|| format!("writing {}", path.display()))
+}
+
+/// Draws the series' names in a box at `position`.
+fn legend<'a, C: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, C>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
-        .map_err(draw_err)?;
-    root.present().with_context(|| format!("writing {}", path.display()))
+        .map_err(draw_err)
 }
 
 /// Completion / bound against the number of nodes, one line per series.
@@ -117,13 +125,6 @@ pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(draw_err)?;
     }
     chart.draw_series(LineSeries::new(vec![(2.0, 1.0), (max_n * 1.3, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().with_context(|| format!("writing {}", path.display()))
 }
