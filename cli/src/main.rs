@@ -1,10 +1,12 @@
 //! `shoal`: one binary, roles as subcommands. Parses arguments, loads the config, calls the library
 //! crates.
 
+mod build;
 mod get;
 mod image;
 mod import;
 mod logging;
+mod mount;
 mod preheat;
 mod status;
 
@@ -45,6 +47,14 @@ enum Command {
     Status(status::StatusArgs),
     /// Download an image (as an OCI layout directory) or one blob (to a file) through Shoal.
     Get(get::GetArgs),
+    /// Convert an image (in a registry, or a local OCI layout) for lazy loading: a bootstrap of
+    /// its merged file tree plus chunk blobs, pushed as an ordinary OCI image (`<tag>-shoal`).
+    #[command(after_help = build::EXAMPLES)]
+    Build(build::BuildArgs),
+    /// Mount an image converted by `shoal build` read-only with FUSE; files are fetched chunk by
+    /// chunk as they are read, through the local agent's mirror. Runs until SIGTERM or SIGINT.
+    #[command(after_help = mount::EXAMPLES)]
+    Mount(mount::MountArgs),
 }
 
 /// Options shared by the long-running roles.
@@ -111,6 +121,8 @@ fn main() -> anyhow::Result<()> {
             Command::Status(args) => status::run(args).await,
             Command::Get(args) => get::run(args).await,
             Command::Preheat(args) => preheat::run(args).await,
+            Command::Build(args) => build::run(args).await,
+            Command::Mount(args) => mount::run(args).await,
         }
     })
 }

@@ -12,13 +12,25 @@
 //! - [`chunk`]: compressing, appending and verifying chunks.
 //! - [`tree`]: building the bootstrap and chunk blobs from an image's tar layers.
 //!
-//! All three are sans-IO: they read from `impl Read` and write to `impl Write` and never touch
-//! the network, files or a clock themselves.
+//! Those three are sans-IO: they read from `impl Read` and write to `impl Write` and never
+//! touch the network, files or a clock themselves. The filesystem is the I/O shell around them:
+//!
+//! - [`source`]: where chunk bytes come from (a local directory, the agent's mirror, a registry).
+//! - [`cache`]: verified chunks on local disk, evicted least recently used first.
+//! - [`loader`]: fetching each missing chunk once, verifying it, readahead and prefetch.
+//! - [`trace`]: recording the order files are first read, for the next build's prefetch list.
+//! - [`fs`]: the read-only FUSE filesystem answering the kernel.
 
 #![deny(unsafe_code)]
 
+pub mod cache;
 pub mod chunk;
 pub mod format;
+pub mod fs;
+pub mod layer;
+pub mod loader;
+pub mod source;
+pub mod trace;
 pub mod tree;
 
 pub use chunk::{chunk_digest, compress_chunk, decompress_chunk, ChunkBlobWriter, ChunkCompressor, ChunkError};

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod containerd;
+pub mod lazy;
 pub mod netns;
 pub mod registry;
 
@@ -27,7 +28,8 @@ pub use registry::Registry;
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    let seed = std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let seed =
+        std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mut x = seed | 1;
     for _ in 0..10_000 {
         x ^= x << 13;

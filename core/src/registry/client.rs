@@ -383,6 +383,8 @@ fn build_http(rc: &RegistryConfig, dl: &crate::config::DownloadConfig) -> Result
     b.build().map_err(|e| format!("cannot build HTTP client: {e}"))
 }
 
+mod push;
+
 #[cfg(test)]
 mod tests {
     use super::*;

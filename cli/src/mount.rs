@@ -1,0 +1,309 @@
+//! `shoal mount`: mounts a Shoal image (built by `shoal build`) read-only with FUSE and serves
+//! it on demand: metadata from the bootstrap in memory, file data chunk by chunk through the
+//! local agent's mirror (so peers serve it), the registry, or a local blob directory. Runs in
+//! the foreground until SIGTERM or SIGINT, then unmounts.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use oci_spec::image::ImageManifest;
+use shoal_core::config::{ByteSize, Config};
+use shoal_core::reference::Reference;
+use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
+use shoal_core::Digest;
+use shoal_fuse::cache::ChunkCache;
+use shoal_fuse::fs::{MountConfig, MountSession, ShoalFs};
+use shoal_fuse::loader::ChunkLoader;
+use shoal_fuse::source::{BlobDir, ChunkSource, MirrorBlobs, RegistryBlobs};
+use shoal_fuse::trace::Trace;
+use shoal_fuse::{Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_VALUE, FORMAT_ANNOTATION, FORMAT_ANNOTATION_VALUE};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::image;
+
+/// Examples shown by `shoal mount --help`.
+pub const EXAMPLES: &str = "Examples:
+  shoal mount registry.example/team/app:v1-shoal /run/app
+      mounts the image; chunks come through the local agent (127.0.0.1:65001) when it runs
+  shoal mount registry.example/team/app:v1-shoal /run/app --trace trace.txt
+      also records the order files are first read, for `shoal build --prefetch trace.txt`
+  shoal mount --bootstrap ./app/bootstrap --blobs ./app/blobs /run/app
+      mounts a local copy written by `shoal build --output-dir ./app`
+Stop with SIGTERM or Ctrl-C: the filesystem is unmounted before the process exits.";
+
+/// Readahead the kernel is asked to use on the mount, in KiB: 1 MiB requests, one chunk each.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// How long unmounting may take before the process exits anyway.
+const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// `IMAGE DIR`: the Shoal image (`registry/repo:tag-shoal`, as `shoal build` pushed it) and
+    /// the directory to mount it on; with --bootstrap, only `DIR`.
+    #[arg(value_name = "[IMAGE] DIR", num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    /// Mount this local bootstrap file (e.g. from `shoal build --output-dir`) instead of an image
+    /// in a registry.
+    #[arg(long, value_name = "FILE", requires = "blobs")]
+    bootstrap: Option<PathBuf>,
+    /// With --bootstrap: the directory holding the image's chunk blobs, each named by the hex of
+    /// its sha256 digest.
+    #[arg(long, value_name = "DIR", requires = "bootstrap")]
+    blobs: Option<PathBuf>,
+    /// The local agent's registry mirror to fetch chunks through (`host:port` or a URL), so
+    /// peers serve them. Default: [mirror] listen when an agent answers there, else the
+    /// registry directly.
+    #[arg(long, value_name = "URL", conflicts_with = "direct")]
+    mirror: Option<String>,
+    /// Fetch chunks from the registry directly, never through a mirror.
+    #[arg(long)]
+    direct: bool,
+    /// The chunk cache directory (shared by every image mounted with it). Default: <data_dir>/chunks.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The most the chunk cache keeps; least recently used chunks are evicted beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB")]
+    cache_size: ByteSize,
+    /// Record the order in which files are first read to FILE, one path per line; give it to
+    /// `shoal build --prefetch` so the next build's mounts fetch those files first.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Chunks fetched ahead of a sequential read.
+    #[arg(long, default_value_t = 4)]
+    readahead: usize,
+    /// Chunks of the image's prefetch list fetched at once in the background after mounting.
+    #[arg(long, default_value_t = 4)]
+    prefetch_concurrency: usize,
+    /// Do not fetch the image's prefetch list in the background.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Threads answering the kernel's requests.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+    /// Config file: data_dir, logging, registry credentials and TLS settings.
+    #[arg(long, short, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+pub async fn run(args: MountArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    crate::logging::init(&config.log);
+    let (image, mountpoint) = match (args.args.as_slice(), &args.bootstrap) {
+        ([dir], Some(_)) => (None, PathBuf::from(dir)),
+        ([image, dir], None) => (Some(Reference::parse(image)?), PathBuf::from(dir)),
+        ([_, _], Some(_)) => bail!("with --bootstrap, give only the mount directory"),
+        _ => bail!("give the image and the mount directory: shoal mount IMAGE DIR (or --bootstrap FILE --blobs DIR DIR)"),
+    };
+    let mountpoint = mountpoint.canonicalize().with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    let (bootstrap, source, name) = match (&image, &args.bootstrap, &args.blobs) {
+        (None, Some(file), Some(blobs)) => {
+            let bytes = std::fs::read(file).with_context(|| format!("reading the bootstrap {}", file.display()))?;
+            let bootstrap = Bootstrap::decode(&bytes).with_context(|| format!("reading the bootstrap {}", file.display()))?;
+            let source: Arc<dyn ChunkSource> = Arc::new(BlobDir::new(blobs.clone()));
+            (bootstrap, source, file.display().to_string())
+        }
+        (Some(r), _, _) => {
+            let remote = Remote::connect(&args, &config, r).await?;
+            let bootstrap = remote.bootstrap(r).await?;
+            (bootstrap, remote.source(r)?, r.to_string())
+        }
+        _ => bail!("--bootstrap needs --blobs"),
+    };
+    let bootstrap = Arc::new(bootstrap);
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| config.data_dir.join("chunks"));
+    let cache = Arc::new(
+        ChunkCache::open(&cache_dir, args.cache_size.0).with_context(|| format!("opening the chunk cache {}", cache_dir.display()))?,
+    );
+    info!(image = %name, source = %source.describe(), cache = %cache_dir.display(), files = bootstrap.inode_count(), "mounting");
+    let runtime = tokio::runtime::Handle::current();
+    let loader = Arc::new(ChunkLoader::new(bootstrap.clone(), cache, source, runtime.clone(), args.readahead));
+    let trace = match &args.trace {
+        Some(path) => Some(Trace::create(path, &bootstrap).with_context(|| format!("creating the trace file {}", path.display()))?),
+        None => None,
+    };
+    let fs = ShoalFs::new(loader.clone(), runtime, trace);
+    let mount_config = MountConfig { fs_name: format!("shoal:{name}"), threads: usize::from(args.threads), ..MountConfig::default() };
+    let session = fs
+        .mount(&mountpoint, &mount_config)
+        .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", mountpoint.display()))?;
+    raise_read_ahead(&mountpoint);
+    info!(mountpoint = %mountpoint.display(), "mounted");
+    let prefetch: Vec<u64> = bootstrap.prefetch().collect();
+    if !args.no_prefetch && !prefetch.is_empty() {
+        info!(files = prefetch.len(), "prefetching in the background");
+        tokio::spawn(loader.clone().prefetch(prefetch, args.prefetch_concurrency));
+    }
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::stop_on_signal(shutdown.clone()));
+    while !shutdown.is_cancelled() && !session.guard.is_finished() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    if session.guard.is_finished() && !shutdown.is_cancelled() {
+        info!("the filesystem was unmounted from outside");
+    }
+    unmount(session, &mountpoint).await;
+    let stats = loader.stats();
+    info!(
+        fetched_chunks = stats.fetched_chunks.load(Ordering::Relaxed),
+        fetched_bytes = stats.fetched_bytes.load(Ordering::Relaxed),
+        failed_chunks = stats.failed_chunks.load(Ordering::Relaxed),
+        "unmounted {}",
+        mountpoint.display()
+    );
+    Ok(())
+}
+
+/// Unmounts and waits for the session to end, at most [`UNMOUNT_TIMEOUT`]; when the kernel
+/// refuses (the mount is busy) detaches it lazily so it goes away once no longer used.
+async fn unmount(session: MountSession, mountpoint: &Path) {
+    // A plain thread, not the runtime's blocking pool: a runtime waits for its blocking tasks
+    // when it shuts down, and a stuck session must not keep the process alive.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(session.umount_and_join());
+    });
+    let failed = match tokio::time::timeout(UNMOUNT_TIMEOUT, done_rx).await {
+        Ok(Ok(Ok(()))) => false,
+        Ok(Ok(Err(e))) => {
+            warn!(error = %e, "unmounting failed; detaching the mount lazily");
+            true
+        }
+        Ok(Err(_)) => true,
+        Err(_) => {
+            warn!("unmounting took over {UNMOUNT_TIMEOUT:?}; detaching the mount lazily");
+            true
+        }
+    };
+    if failed {
+        let detached = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
+        if !detached.is_ok_and(|s| s.success()) {
+            warn!(mountpoint = %mountpoint.display(), "cannot detach the mount; unmount it with `fusermount3 -u -z`");
+        }
+    }
+}
+
+/// Where a remote image's manifest, bootstrap and chunks come from.
+enum Remote {
+    /// A Shoal agent's registry mirror at this base URL.
+    Mirror { http: reqwest::Client, base: String },
+    /// The registry itself.
+    Direct { client: Arc<RegistryClient> },
+}
+
+impl Remote {
+    async fn connect(args: &MountArgs, config: &Config, r: &Reference) -> anyhow::Result<Remote> {
+        let direct = Remote::Direct { client: Arc::new(RegistryClient::new(Arc::new(config.clone()))) };
+        if args.direct {
+            return Ok(direct);
+        }
+        let given = args.mirror.clone();
+        let base = given.clone().unwrap_or_else(|| config.mirror.listen.to_string());
+        let base = if base.starts_with("http://") || base.starts_with("https://") { base } else { format!("http://{base}") };
+        let base = base.trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
+        match http.get(format!("{base}/v2/")).timeout(Duration::from_secs(2)).send().await {
+            Ok(resp) if resp.status().is_success() => Ok(Remote::Mirror { http, base }),
+            _ if given.is_some() => bail!("the mirror at {base} does not answer (start the agent, or use --direct)"),
+            _ => {
+                info!(mirror = %base, registry = %r.registry, "no agent answers; fetching from the registry directly");
+                Ok(direct)
+            }
+        }
+    }
+
+    async fn manifest(&self, r: &Reference, reference: String) -> anyhow::Result<(Bytes, Option<String>)> {
+        let resp = match self {
+            Remote::Mirror { http, base } => http
+                .get(format!("{base}/v2/{}/manifests/{reference}", r.repository))
+                .query(&[("ns", &r.registry)])
+                .header(http::header::ACCEPT, MANIFEST_ACCEPT)
+                .send()
+                .await
+                .with_context(|| format!("manifest {r} via {base}"))?,
+            Remote::Direct { client } => client.send(&Request::manifest(&r.registry, &r.repository, &reference)).await?,
+        };
+        if !resp.status().is_success() {
+            bail!("manifest {}/{}:{reference}: {}", r.registry, r.repository, resp.status());
+        }
+        let media_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
+        Ok((resp.bytes().await?, media_type))
+    }
+
+    async fn blob(&self, r: &Reference, digest: &Digest) -> anyhow::Result<Bytes> {
+        let resp = match self {
+            Remote::Mirror { http, base } => http
+                .get(format!("{base}/v2/{}/blobs/{digest}", r.repository))
+                .query(&[("ns", &r.registry)])
+                .send()
+                .await
+                .with_context(|| format!("blob {digest} via {base}"))?,
+            Remote::Direct { client } => client.send(&Request::blob(&r.registry, &r.repository, digest)).await?,
+        };
+        if !resp.status().is_success() {
+            bail!("blob {digest} of {r}: {}", resp.status());
+        }
+        let bytes = resp.bytes().await?;
+        if &Digest::of(&bytes) != digest {
+            bail!("blob {digest} of {r}: content does not match its digest");
+        }
+        Ok(bytes)
+    }
+
+    /// Finds the image's bootstrap layer by its annotation, fetches and decodes it.
+    async fn bootstrap(&self, r: &Reference) -> anyhow::Result<Bootstrap> {
+        let resolved = image::resolve(r, "linux/amd64", |reference| self.manifest(r, reference)).await?;
+        let manifest: ImageManifest = serde_json::from_slice(&resolved.manifest).context("reading the image manifest")?;
+        let layer = manifest
+            .layers()
+            .iter()
+            .find(|l| {
+                l.annotations().as_ref().and_then(|a| a.get(BOOTSTRAP_ANNOTATION)).map(String::as_str) == Some(BOOTSTRAP_ANNOTATION_VALUE)
+            })
+            .ok_or_else(|| {
+                anyhow!("{r} is not a Shoal image (no layer annotated {BOOTSTRAP_ANNOTATION}); convert it with `shoal build {r}`")
+            })?;
+        let format = layer.annotations().as_ref().and_then(|a| a.get(FORMAT_ANNOTATION)).cloned().unwrap_or_default();
+        if format != FORMAT_ANNOTATION_VALUE {
+            bail!("{r}: Shoal format {format:?}; this Shoal reads format {FORMAT_ANNOTATION_VALUE} (upgrade Shoal or rebuild the image)");
+        }
+        let digest: Digest = layer.digest().to_string().parse()?;
+        let bytes = self.blob(r, &digest).await?;
+        debug!(%digest, len = bytes.len(), "bootstrap fetched");
+        Bootstrap::decode(&bytes).with_context(|| format!("{r}: reading its bootstrap {digest}"))
+    }
+
+    fn source(&self, r: &Reference) -> anyhow::Result<Arc<dyn ChunkSource>> {
+        Ok(match self {
+            Remote::Mirror { base, .. } => Arc::new(MirrorBlobs::new(base, &r.registry, &r.repository)?),
+            Remote::Direct { client } => Arc::new(RegistryBlobs::new(client.clone(), &r.registry, &r.repository)),
+        })
+    }
+}
+
+/// Asks the kernel for 1 MiB readahead on the mount (the default is 128 KiB), so sequential
+/// reads arrive as whole chunks. Best effort.
+fn raise_read_ahead(mountpoint: &Path) {
+    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let dev = meta.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        debug!(%path, error = %e, "cannot raise the mount's readahead");
+    }
+}

@@ -1,0 +1,365 @@
+//! The read-only FUSE filesystem serving a chunked image: metadata from the bootstrap in
+//! memory, file data from the chunk loader.
+//!
+//! The image never changes while mounted, so the kernel may cache everything for long: entries
+//! and attributes get long TTLs and open files keep their page cache. Reads whose chunks are
+//! all local are answered on the FUSE thread; the others wait for their chunks on the runtime
+//! without blocking other requests.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use tokio::runtime::Handle;
+
+/// A mounted filesystem served by background threads; unmounted when dropped.
+pub use fuser::BackgroundSession as MountSession;
+use tracing::{debug, warn};
+
+use crate::format::{Attr, Bootstrap, FileKind, Timestamp};
+use crate::loader::{ChunkLoader, LoadError};
+use crate::trace::Trace;
+
+/// How long the kernel may cache entries and attributes: the image is immutable.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Block size reported by `stat` and `statfs`.
+const BLOCK_SIZE: u32 = 4096;
+
+/// The largest readahead asked of the kernel (it caps it at what it supports).
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// Requests the kernel may have outstanding in the background (readahead).
+const MAX_BACKGROUND: u16 = 64;
+
+/// The filesystem of one mounted image.
+pub struct ShoalFs {
+    /// The image's metadata.
+    bootstrap: Arc<Bootstrap>,
+    /// Reads file data.
+    loader: Arc<ChunkLoader>,
+    /// Runs reads that wait for chunks.
+    runtime: Handle,
+    /// Records first reads, when tracing.
+    trace: Option<Arc<Trace>>,
+    /// Entry and attribute TTL.
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for ShoalFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShoalFs").field("inodes", &self.bootstrap.inode_count()).field("loader", &self.loader).finish_non_exhaustive()
+    }
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The source name shown in the mount table.
+    pub fs_name: String,
+    /// Threads reading requests from the kernel.
+    pub threads: usize,
+    /// Let every user (not only the mounting one) use the filesystem; needed for containers.
+    pub allow_other: bool,
+    /// Have `fusermount3` watch the process and unmount when it dies. Unmounting is then
+    /// asynchronous, so a clean shutdown should rather unmount itself (the default).
+    pub auto_unmount: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig { fs_name: "shoal".into(), threads: 2, allow_other: true, auto_unmount: false }
+    }
+}
+
+impl ShoalFs {
+    /// A filesystem serving `loader`'s image, running waiting reads on `runtime`.
+    pub fn new(loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Trace>) -> Self {
+        ShoalFs { bootstrap: loader.bootstrap().clone(), loader, runtime, trace: trace.map(Arc::new), ttl: DEFAULT_TTL }
+    }
+
+    /// Mounts the filesystem at `mountpoint`, serving it from background threads until the
+    /// returned session is unmounted or dropped.
+    pub fn mount(self, mountpoint: &Path, config: &MountConfig) -> io::Result<MountSession> {
+        let mut options = vec![
+            MountOption::RO,
+            MountOption::FSName(config.fs_name.clone()),
+            MountOption::Subtype("shoal".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+        ];
+        // An image's device nodes and set-uid programs must work in a container's root.
+        if effective_uid() == 0 {
+            options.extend([MountOption::Dev, MountOption::Suid]);
+        }
+        if config.auto_unmount {
+            options.push(MountOption::AutoUnmount);
+        }
+        let mut fuse_config = fuser::Config::default();
+        fuse_config.mount_options = options;
+        fuse_config.acl = if config.allow_other || config.auto_unmount { SessionACL::All } else { SessionACL::Owner };
+        fuse_config.n_threads = Some(config.threads.max(1));
+        fuse_config.clone_fd = config.threads > 1;
+        fuser::spawn_mount(self, mountpoint, &fuse_config)
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        self.bootstrap.getattr(ino).map(|attr| file_attr(&attr))
+    }
+}
+
+/// The process's effective user id.
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+impl fuser::Filesystem for ShoalFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        // Optional speedups: fine if the kernel lacks them.
+        for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS] {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes();
+        let found = match name {
+            b"." => Some(parent.0),
+            b".." => self.bootstrap.parent(parent.0),
+            _ => self.bootstrap.lookup(parent.0, name),
+        };
+        match found.and_then(|ino| self.attr(ino)) {
+            Some(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+            None if self.bootstrap.getattr(parent.0).is_some_and(|a| a.kind != FileKind::Directory) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&self.ttl, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.bootstrap.readlink(ino.0) {
+            Some(target) => reply.data(target),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(attr) = self.bootstrap.getattr(ino.0) else { return reply.error(Errno::ENOENT) };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if attr.kind == FileKind::Directory {
+            return reply.error(Errno::EISDIR);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let ino = ino.0;
+        if let Some(trace) = &self.trace {
+            trace.record(ino);
+        }
+        let cached = self.loader.read_cached(ino, offset, size);
+        self.loader.note_read(ino, offset, size);
+        match cached {
+            Some(Ok(data)) => reply.data(&data),
+            Some(Err(e)) => reply.error(read_errno(ino, offset, &e)),
+            None => {
+                let loader = self.loader.clone();
+                self.runtime.spawn(async move {
+                    match loader.read(ino, offset, size).await {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(read_errno(ino, offset, &e)),
+                    }
+                });
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.bootstrap.getattr(ino.0) {
+            Some(attr) if attr.kind == FileKind::Directory => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.bootstrap.readdir(ino.0) else { return reply.error(Errno::ENOTDIR) };
+        let parent = self.bootstrap.parent(ino.0).unwrap_or(ino.0);
+        // Offsets: 0 is ".", 1 is "..", 2 + i is entry i; each entry carries the next one's.
+        let dots = [(ino.0, b".".as_slice()), (parent, b"..".as_slice())];
+        for (position, (child, kind, name)) in dots
+            .into_iter()
+            .map(|(child, name)| (child, FileType::Directory, name))
+            .chain(entries.map(|entry| (entry.ino, file_type(entry.kind), entry.name)))
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
+            if reply.add(INodeNo(child), position as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks =
+            self.bootstrap.chunks().iter().map(|chunk| u64::from(chunk.uncompressed_len)).sum::<u64>().div_ceil(u64::from(BLOCK_SIZE));
+        reply.statfs(blocks, 0, 0, self.bootstrap.inode_count(), 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if self.bootstrap.getattr(ino.0).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.bootstrap.xattr(ino.0, name.as_bytes()) {
+            None => reply.error(Errno::ENODATA),
+            Some(value) => reply_sized(reply, size, value),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(xattrs) = self.bootstrap.xattrs(ino.0) else { return reply.error(Errno::ENOENT) };
+        let mut names = Vec::new();
+        for (name, _) in xattrs {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        reply_sized(reply, size, &names);
+    }
+}
+
+/// Answers an xattr request: the length when `size` is 0, the bytes when they fit, else ERANGE.
+fn reply_sized(reply: ReplyXattr, size: u32, bytes: &[u8]) {
+    match u32::try_from(bytes.len()) {
+        Ok(len) if size == 0 => reply.size(len),
+        Ok(len) if len <= size => reply.data(bytes),
+        _ => reply.error(Errno::ERANGE),
+    }
+}
+
+/// The errno a failed read returns: EIO, never partial or wrong data.
+fn read_errno(ino: u64, offset: u64, e: &LoadError) -> Errno {
+    match e {
+        LoadError::NotFound(reason) => {
+            debug!(ino, %reason, "read of a non-file");
+            Errno::EINVAL
+        }
+        _ => {
+            warn!(ino, offset, error = %e, "read failed: EIO");
+            Errno::EIO
+        }
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+/// The attributes `stat` shows for an inode.
+pub fn file_attr(attr: &Attr) -> FileAttr {
+    let mtime = system_time(attr.mtime);
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: file_type(attr.kind),
+        perm: (attr.perm & 0o7777) as u16,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: fuse_rdev(attr.rdev),
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+/// A bootstrap timestamp as a `SystemTime` (the epoch if it cannot be represented).
+fn system_time(t: Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nsec));
+    let time = if t.sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(t.sec.unsigned_abs())).and_then(|time| time.checked_add(nanos))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(t.sec.unsigned_abs())).and_then(|time| time.checked_add(nanos))
+    };
+    time.unwrap_or(UNIX_EPOCH)
+}
+
+/// Converts a device number from glibc's 64-bit `makedev` encoding (the bootstrap's) to the
+/// 32-bit encoding the FUSE protocol carries (the kernel's `new_encode_dev`).
+pub fn fuse_rdev(rdev: u64) -> u32 {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00);
+    ((minor & 0xff) | ((major & 0xfff) << 8) | ((minor & 0xfff00) << 12)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::make_dev;
+
+    #[test]
+    fn device_numbers_convert_to_the_kernel_encoding() {
+        // The kernel's new_encode_dev: minor low byte, 12 bits of major, then the minor's rest.
+        assert_eq!(fuse_rdev(make_dev(1, 3)), (1 << 8) | 3);
+        assert_eq!(fuse_rdev(make_dev(136, 300)), (300 & 0xff) | (136 << 8) | ((300 & !0xff) << 12));
+        assert_eq!(fuse_rdev(make_dev(4095, 0xfffff)), 0xff | (4095 << 8) | (0xfff00 << 12));
+    }
+
+    #[test]
+    fn timestamps_before_the_epoch_are_kept() {
+        let t = system_time(Timestamp { sec: -2, nsec: 500_000_000 });
+        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+        let t = system_time(Timestamp { sec: 1_700_000_000, nsec: 123 });
+        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap(), Duration::new(1_700_000_000, 123));
+    }
+}

@@ -1,0 +1,319 @@
+//! Getting chunks into the local cache: each missing chunk is fetched once however many reads
+//! wait for it, verified against its blake3 digest, and stored; file reads are answered from
+//! the cached chunks, with readahead of the following chunks on sequential reads and a
+//! background prefetch of the image's prefetch list.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use thiserror::Error;
+use tokio::runtime::Handle;
+use tracing::{debug, info, warn};
+
+use crate::cache::{read_exact_at, ChunkCache};
+use crate::chunk::{decompress_chunk, ChunkError};
+use crate::format::{Bootstrap, Chunk};
+use crate::source::{ChunkSource, SourceError};
+
+/// How many recently read files readahead remembers the read position of.
+const TRACKED_FILES: usize = 4096;
+
+/// How many times a read retries a chunk that was evicted between loading and reading it.
+const READ_ATTEMPTS: usize = 3;
+
+/// Why a chunk or a read could not be served. Cloned to every read waiting for one fetch.
+#[derive(Debug, Clone, Error)]
+pub enum LoadError {
+    /// The chunk's bytes could not be fetched.
+    #[error("{0}")]
+    Source(Arc<SourceError>),
+    /// The fetched bytes are not the chunk: corrupt, misplaced or tampered with.
+    #[error("{0}")]
+    Verify(Arc<ChunkError>),
+    /// The verified chunk could not be stored in the cache, or read back from it.
+    #[error("chunk {digest}: chunk cache: {reason} (check --cache-dir's free space and permissions)")]
+    Cache {
+        /// The chunk's blake3 digest, hex.
+        digest: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The bootstrap has no such chunk or file.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// Counters of what the loader did, for logs.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    /// Chunks fetched from the source and stored.
+    pub fetched_chunks: AtomicU64,
+    /// Compressed bytes fetched.
+    pub fetched_bytes: AtomicU64,
+    /// Fetches that failed (source errors and digest mismatches).
+    pub failed_chunks: AtomicU64,
+}
+
+/// A fetch in progress that several reads may wait for.
+type InFlight = Shared<BoxFuture<'static, Result<(), LoadError>>>;
+
+/// One chunk of a file, owned so it can cross tasks.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    /// Where the chunk's data starts in the file.
+    file_offset: u64,
+    /// The chunk's index in the chunk table.
+    index: u32,
+    /// The chunk.
+    chunk: Chunk,
+}
+
+/// Loads an image's chunks into a cache and reads files from them.
+pub struct ChunkLoader {
+    /// The image's metadata.
+    bootstrap: Arc<Bootstrap>,
+    /// Where verified chunks are kept.
+    cache: Arc<ChunkCache>,
+    /// Where chunk bytes come from.
+    source: Arc<dyn ChunkSource>,
+    /// Runs fetches, readahead and prefetch.
+    runtime: Handle,
+    /// Fetches in progress by chunk index.
+    inflight: Mutex<HashMap<u32, InFlight>>,
+    /// Where the last read of each recently read file ended, to spot sequential reads.
+    read_ends: Mutex<lru::LruCache<u64, u64>>,
+    /// How many chunks past a sequential read to fetch ahead.
+    readahead: usize,
+    /// What was fetched.
+    stats: LoadStats,
+}
+
+impl std::fmt::Debug for ChunkLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkLoader").field("source", &self.source.describe()).field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl ChunkLoader {
+    /// A loader of `bootstrap`'s chunks from `source` into `cache`, fetching `readahead` chunks
+    /// ahead of sequential reads, running its tasks on `runtime`.
+    pub fn new(bootstrap: Arc<Bootstrap>, cache: Arc<ChunkCache>, source: Arc<dyn ChunkSource>, runtime: Handle, readahead: usize) -> Self {
+        ChunkLoader {
+            bootstrap,
+            cache,
+            source,
+            runtime,
+            inflight: Mutex::new(HashMap::new()),
+            read_ends: Mutex::new(lru::LruCache::new(NonZeroUsize::new(TRACKED_FILES).unwrap_or(NonZeroUsize::MIN))),
+            readahead,
+            stats: LoadStats::default(),
+        }
+    }
+
+    /// The image's metadata.
+    pub fn bootstrap(&self) -> &Arc<Bootstrap> {
+        &self.bootstrap
+    }
+
+    /// The chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// What was fetched so far.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+
+    /// Makes chunk `index` local: returns once its verified data is in the cache. Concurrent
+    /// callers for one chunk share one fetch (and its outcome).
+    pub async fn load(self: &Arc<Self>, index: u32) -> Result<(), LoadError> {
+        let chunk = *self
+            .bootstrap
+            .chunks()
+            .get(index as usize)
+            .ok_or_else(|| LoadError::NotFound(format!("chunk {index} is not in the bootstrap")))?;
+        if self.cache.contains(&chunk.digest) {
+            return Ok(());
+        }
+        let fetch = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(fetch) = inflight.get(&index) {
+                fetch.clone()
+            } else {
+                let this = self.clone();
+                let fetch = async move {
+                    let outcome = this.fetch_and_store(chunk).await;
+                    this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&index);
+                    outcome
+                }
+                .boxed()
+                .shared();
+                inflight.insert(index, fetch.clone());
+                fetch
+            }
+        };
+        fetch.await
+    }
+
+    /// Fetches a chunk's compressed bytes, verifies them and stores the data.
+    async fn fetch_and_store(&self, chunk: Chunk) -> Result<(), LoadError> {
+        let digest = hex::encode(chunk.digest);
+        let blob = *self
+            .bootstrap
+            .blobs()
+            .get(chunk.blob as usize)
+            .ok_or_else(|| LoadError::NotFound(format!("chunk {digest}: blob {} is not in the bootstrap", chunk.blob)))?;
+        let started = Instant::now();
+        let compressed = match self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.stats.failed_chunks.fetch_add(1, Ordering::Relaxed);
+                warn!(chunk = %digest, blob = %blob.digest(), error = %e, "cannot fetch a chunk");
+                return Err(LoadError::Source(Arc::new(e)));
+            }
+        };
+        self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        let cache = self.cache.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let data = decompress_chunk(&compressed, chunk.uncompressed_len, &chunk.digest).map_err(|e| LoadError::Verify(Arc::new(e)))?;
+            cache.insert(&chunk.digest, &data).map_err(|e| LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() })
+        })
+        .await
+        .unwrap_or_else(|e| Err(LoadError::Cache { digest: digest.clone(), reason: format!("the storing task failed: {e}") }));
+        match &stored {
+            Ok(()) => {
+                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                debug!(chunk = %digest, blob = %blob.digest(), len = chunk.compressed_len, elapsed = ?started.elapsed(), "chunk fetched");
+            }
+            Err(LoadError::Verify(e)) => {
+                self.stats.failed_chunks.fetch_add(1, Ordering::Relaxed);
+                warn!(chunk = %digest, blob = %blob.digest(), offset = chunk.compressed_offset, error = %e, "chunk failed verification; reads that need it get EIO");
+            }
+            Err(e) => warn!(chunk = %digest, error = %e, "cannot store a chunk"),
+        }
+        stored
+    }
+
+    /// The chunks of regular file `ino` covering `[offset, offset + size)`.
+    fn placed(&self, ino: u64, offset: u64, size: u64) -> Result<Vec<Placed>, LoadError> {
+        let chunks = self
+            .bootstrap
+            .chunks_in_range(ino, offset, size)
+            .ok_or_else(|| LoadError::NotFound(format!("inode {ino} is not a regular file")))?;
+        Ok(chunks.map(|c| Placed { file_offset: c.file_offset, index: c.index, chunk: *c.chunk }).collect())
+    }
+
+    /// Reads `[offset, offset + size)` of regular file `ino` if every chunk it needs is in the
+    /// cache; `None` when one is missing. Does no network I/O, so it may run on the FUSE thread.
+    pub fn read_cached(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, LoadError>> {
+        let placed = match self.placed(ino, offset, u64::from(size)) {
+            Ok(placed) => placed,
+            Err(e) => return Some(Err(e)),
+        };
+        let file_size = self.bootstrap.getattr(ino).map_or(0, |attr| attr.size);
+        let end = offset.saturating_add(u64::from(size)).min(file_size);
+        let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+        for p in &placed {
+            let file = self.cache.open_chunk(&p.chunk.digest, p.chunk.uncompressed_len)?;
+            let chunk_end = p.file_offset + u64::from(p.chunk.uncompressed_len);
+            let from = offset.max(p.file_offset);
+            let to = end.min(chunk_end);
+            if from >= to {
+                continue;
+            }
+            let dest = &mut out[(from - offset) as usize..(to - offset) as usize];
+            if let Err(e) = read_exact_at(&file, dest, from - p.file_offset) {
+                return Some(Err(LoadError::Cache { digest: hex::encode(p.chunk.digest), reason: format!("reading the chunk file: {e}") }));
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// Reads `[offset, offset + size)` of regular file `ino`, fetching the chunks it needs.
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, LoadError> {
+        let placed = self.placed(ino, offset, u64::from(size))?;
+        for _ in 0..READ_ATTEMPTS {
+            let missing = placed.iter().filter(|p| !self.cache.contains(&p.chunk.digest)).map(|p| self.load(p.index));
+            futures_util::future::try_join_all(missing).await?;
+            if let Some(read) = self.read_cached(ino, offset, size) {
+                return read;
+            }
+        }
+        Err(LoadError::Cache {
+            digest: String::new(),
+            reason: format!("chunks of inode {ino} were evicted before they could be read {READ_ATTEMPTS} times; raise --cache-size"),
+        })
+    }
+
+    /// Notes a read of `[offset, offset + size)` of file `ino`; when it continues the previous
+    /// read, starts fetching the next chunks of the file in the background.
+    pub fn note_read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) {
+        if self.readahead == 0 {
+            return;
+        }
+        let end = offset.saturating_add(u64::from(size));
+        let previous = self.read_ends.lock().unwrap_or_else(|p| p.into_inner()).put(ino, end);
+        if previous != Some(offset) {
+            return;
+        }
+        // The chunk the read ends in (usually local by now), then `readahead` more.
+        let Some(ahead) = self.bootstrap.chunks_in_range(ino, end, u64::MAX) else { return };
+        for c in ahead.take(self.readahead + 1) {
+            if self.cache.contains(&c.chunk.digest) || self.is_inflight(c.index) {
+                continue;
+            }
+            let (this, index) = (self.clone(), c.index);
+            self.runtime.spawn(async move {
+                let _ = this.load(index).await;
+            });
+        }
+    }
+
+    fn is_inflight(&self, index: u32) -> bool {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&index)
+    }
+
+    /// Fetches every chunk of the regular files `inos`, in order, `concurrency` at a time;
+    /// failures are logged, not fatal (a later read retries the chunk).
+    pub async fn prefetch(self: Arc<Self>, inos: Vec<u64>, concurrency: usize) {
+        let started = Instant::now();
+        let mut seen = HashSet::new();
+        let indices: Vec<u32> = inos
+            .iter()
+            .filter_map(|&ino| self.bootstrap.chunks_of(ino))
+            .flatten()
+            .map(|c| c.index)
+            .filter(|&index| seen.insert(index))
+            .collect();
+        if indices.is_empty() {
+            return;
+        }
+        let failed = AtomicU64::new(0);
+        futures_util::stream::iter(indices.iter().copied())
+            .for_each_concurrent(concurrency.max(1), |index| {
+                let (this, failed) = (&self, &failed);
+                async move {
+                    if this.load(index).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        info!(
+            files = inos.len(),
+            chunks = indices.len(),
+            failed = failed.load(Ordering::Relaxed),
+            elapsed = ?started.elapsed(),
+            "prefetch done"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

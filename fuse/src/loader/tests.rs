@@ -1,0 +1,179 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::cache::{ChunkCache, MIN_CACHE_SIZE};
+use crate::format::{Blob, MAX_CHUNK_SIZE};
+use crate::tree::TreeBuilder;
+
+const MIB: usize = MAX_CHUNK_SIZE as usize;
+
+/// Chunk blobs in memory; counts fetches per range and can delay them so requests overlap.
+struct MemorySource {
+    blobs: HashMap<[u8; 32], Vec<u8>>,
+    fetches: Mutex<HashMap<(u64, u32), usize>>,
+    delay: Duration,
+}
+
+impl ChunkSource for MemorySource {
+    fn fetch(&self, blob: Blob, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(async move {
+            *self.fetches.lock().unwrap().entry((offset, len)).or_default() += 1;
+            tokio::time::sleep(self.delay).await;
+            let bytes = &self.blobs[&blob.sha256];
+            Ok(Bytes::copy_from_slice(&bytes[offset as usize..offset as usize + len as usize]))
+        })
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// Bytes that repeat nowhere within a chunk's distance, so no two chunks dedup.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Fixture {
+    loader: Arc<ChunkLoader>,
+    source: Arc<MemorySource>,
+    big: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn ino(&self, path: &str) -> u64 {
+        self.loader.bootstrap().resolve(path.as_bytes()).unwrap()
+    }
+
+    fn chunk(&self, path: &str, n: usize) -> Chunk {
+        *self.loader.bootstrap().chunks_of(self.ino(path)).unwrap().nth(n).unwrap().chunk
+    }
+
+    fn fetches(&self, chunk: &Chunk) -> usize {
+        self.source.fetches.lock().unwrap().get(&(chunk.compressed_offset, chunk.compressed_len)).copied().unwrap_or(0)
+    }
+}
+
+/// An image with `big` (2.5 chunks) and `small`, its blob in memory, `corrupt` chunks of `big`
+/// damaged in the blob.
+fn fixture(readahead: usize, corrupt: &[usize]) -> Fixture {
+    let big = pattern(MIB * 5 / 2, 7);
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in [("big", big.as_slice()), ("small", b"small file".as_slice())] {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        tar.append_data(&mut header, path, data).unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    let mut builder = TreeBuilder::default();
+    let mut blob = Vec::new();
+    builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
+    let built = builder.finish(&["small"]).unwrap();
+    let bootstrap = Arc::new(built.bootstrap);
+    let ino = bootstrap.resolve(b"big").unwrap();
+    for &n in corrupt {
+        let chunk = bootstrap.chunks_of(ino).unwrap().nth(n).unwrap().chunk;
+        let at = (chunk.compressed_offset + u64::from(chunk.compressed_len) / 2) as usize;
+        blob[at] ^= 0x55;
+    }
+    let source = Arc::new(MemorySource {
+        blobs: HashMap::from([(bootstrap.blobs()[0].sha256, blob)]),
+        fetches: Mutex::new(HashMap::new()),
+        delay: Duration::from_millis(50),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap());
+    let loader = Arc::new(ChunkLoader::new(bootstrap, cache, source.clone(), Handle::current(), readahead));
+    Fixture { loader, source, big, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_a_missing_chunk_fetch_it_once() {
+    let f = fixture(0, &[]);
+    let ino = f.ino("big");
+    let reads = (0..16).map(|i| {
+        let loader = f.loader.clone();
+        tokio::spawn(async move { loader.read(ino, i * 4096, 4096).await })
+    });
+    for (i, read) in futures_util::future::join_all(reads).await.into_iter().enumerate() {
+        assert_eq!(read.unwrap().unwrap(), f.big[i * 4096..(i + 1) * 4096]);
+    }
+    assert_eq!(f.fetches(&f.chunk("big", 0)), 1);
+    assert_eq!(f.fetches(&f.chunk("big", 1)), 0, "no other chunk is fetched without readahead");
+    assert_eq!(f.loader.stats().fetched_chunks.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spanning_chunks_and_the_end_of_file_return_the_file_bytes() {
+    let f = fixture(0, &[]);
+    let ino = f.ino("big");
+    assert!(f.loader.read_cached(ino, 0, 10).is_none(), "nothing is local before a read");
+    let across = f.loader.read(ino, MIB as u64 - 10, 20).await.unwrap();
+    assert_eq!(across, f.big[MIB - 10..MIB + 10]);
+    let tail = f.loader.read(ino, f.big.len() as u64 - 5, 4096).await.unwrap();
+    assert_eq!(tail, f.big[f.big.len() - 5..], "a read past the end is cut at the end");
+    assert!(f.loader.read(ino, f.big.len() as u64 + 1, 10).await.unwrap().is_empty());
+    // Now local: answered without the network.
+    assert_eq!(f.loader.read_cached(ino, MIB as u64 - 10, 20).unwrap().unwrap(), across);
+    let small = f.ino("small");
+    assert_eq!(f.loader.read(small, 0, 4096).await.unwrap(), b"small file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_is_an_error_never_data_and_is_not_cached() {
+    let f = fixture(0, &[1]);
+    let ino = f.ino("big");
+    let err = f.loader.read(ino, MIB as u64 + 100, 100).await.unwrap_err();
+    assert!(matches!(err, LoadError::Verify(_)), "{err}");
+    assert!(!f.loader.cache().contains(&f.chunk("big", 1).digest));
+    assert!(f.loader.read(ino, 0, MIB as u32 * 2).await.is_err(), "a read needing the bad chunk fails whole");
+    assert_eq!(f.loader.read(ino, 0, 4096).await.unwrap(), f.big[..4096], "other chunks read fine");
+    assert_eq!(f.loader.read(ino, 2 * MIB as u64, 4096).await.unwrap(), f.big[2 * MIB..2 * MIB + 4096]);
+    assert!(f.loader.stats().failed_chunks.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_fetch_the_following_chunks_ahead() {
+    let f = fixture(2, &[]);
+    let ino = f.ino("big");
+    f.loader.note_read(ino, 0, 131072);
+    f.loader.read(ino, 0, 131072).await.unwrap();
+    assert!(!f.loader.cache().contains(&f.chunk("big", 1).digest), "one read is not a sequence yet");
+    f.loader.note_read(ino, 131072, 131072);
+    f.loader.read(ino, 131072, 131072).await.unwrap();
+    for n in [1, 2] {
+        let digest = f.chunk("big", n).digest;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f.loader.cache().contains(&digest) {
+            assert!(Instant::now() < deadline, "chunk {n} was not read ahead");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_loads_the_listed_files_only() {
+    let f = fixture(0, &[]);
+    let prefetch: Vec<u64> = f.loader.bootstrap().prefetch().collect();
+    assert_eq!(prefetch, vec![f.ino("small")]);
+    f.loader.clone().prefetch(prefetch, 4).await;
+    let small = f.ino("small");
+    assert_eq!(f.loader.read_cached(small, 0, 100).unwrap().unwrap(), b"small file");
+    assert!(!f.loader.cache().contains(&f.chunk("big", 0).digest));
+}

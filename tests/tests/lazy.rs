@@ -1,0 +1,376 @@
+//! Lazy loading end to end with real parts: `shoal build` converts a multi-layer OCI image into
+//! a real registry, `shoal mount` serves it with FUSE (through a real agent's mirror, from the
+//! registry directly, or from local files), and the tests check what a reader sees, what the
+//! registry sent and what the chunk cache holds.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use shoal_fuse::Bootstrap;
+use shoal_tests::lazy::{compare_tree, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount};
+use shoal_tests::registry::run;
+use shoal_tests::{random_bytes, require, task_dir, Agent, Registry};
+
+const MIB: usize = 1 << 20;
+
+/// A fixed time for entries that do not care.
+const T: i64 = 1_700_000_000;
+
+fn file(path: &str, meta: Meta, data: Vec<u8>) -> Entry {
+    Entry::File(path.into(), meta, data)
+}
+
+fn dir(path: &str, meta: Meta) -> Entry {
+    Entry::Dir(path.into(), meta)
+}
+
+/// Three layers (gzip, zstd, plain) exercising every rule of the merge: whiteouts of a file and
+/// of a directory, an opaque directory, hard links within and across layers, a symlink, device
+/// nodes, a fifo, set-uid, owners, nanosecond mtimes, xattrs, a file over three chunks and one
+/// identical file in two layers.
+fn layers() -> Vec<LayerSpec> {
+    let base = vec![
+        dir("etc", Meta::new(0o755)),
+        file("etc/hostname", Meta::new(0o644).xattr("user.origin", b"layer0"), b"base\n".to_vec()),
+        file("etc/passwd", Meta::new(0o644), b"root:x:0:0:root:/root:/bin/sh\n".to_vec()),
+        dir("bin", Meta::new(0o755)),
+        file("bin/tool", Meta::new(0o755), random_bytes(300 << 10, 1)),
+        Entry::Hardlink("bin/tool-link".into(), "bin/tool".into()),
+        Entry::Symlink("bin/sh".into(), Meta::new(0o777), "tool".into()),
+        file("bin/su", Meta::new(0o4755), random_bytes(2000, 5)),
+        dir("data", Meta::new(0o750).owner(1000, 1000).time(T + 5, 250_000_000)),
+        file(
+            "data/big.bin",
+            Meta::new(0o640).owner(1000, 1000).time(T + 10, 123_456_789).xattr("user.kind", b"big").xattr("user.empty", b""),
+            random_bytes(7 * MIB / 2, 2),
+        ),
+        file("data/dup-a", Meta::new(0o644), random_bytes(2 * MIB, 3)),
+        dir("usr", Meta::new(0o755)),
+        dir("usr/lib", Meta::new(0o755)),
+        file("usr/lib/old.so", Meta::new(0o644), random_bytes(200 << 10, 4)),
+        dir("opq", Meta::new(0o755)),
+        file("opq/lower", Meta::new(0o644), random_bytes(10 << 10, 6)),
+        dir("opq/sub", Meta::new(0o755)),
+        file("opq/sub/deep", Meta::new(0o644), random_bytes(5 << 10, 7)),
+        dir("dev", Meta::new(0o755)),
+        Entry::CharDevice("dev/null".into(), Meta::new(0o666), 1, 3),
+        Entry::CharDevice("dev/tty9".into(), Meta::new(0o620).owner(0, 5), 4, 9),
+        Entry::Fifo("dev/initctl".into(), Meta::new(0o600)),
+        dir("small", Meta::new(0o755)),
+        file("small/one.txt", Meta::new(0o644), random_bytes(4096, 10)),
+        file("small/two.txt", Meta::new(0o644), random_bytes(4096, 11)),
+        dir("small/gone", Meta::new(0o755)),
+        file("small/gone/file", Meta::new(0o644), b"bye\n".to_vec()),
+    ];
+    let update = vec![
+        Entry::Whiteout("usr/lib/old.so".into()),
+        dir("opq", Meta::new(0o700).time(T + 20, 0)),
+        Entry::Opaque("opq".into()),
+        file("opq/upper", Meta::new(0o644), b"upper\n".to_vec()),
+        file("data/dup-b", Meta::new(0o600).owner(1000, 1000), random_bytes(2 * MIB, 3)),
+        file("etc/hostname", Meta::new(0o644).xattr("user.origin", b"layer1").xattr("user.z", b"last"), b"shoal-lazy\n".to_vec()),
+        dir("etc", Meta::new(0o755).time(T + 30, 0)),
+        Entry::Hardlink("bin/tool-link2".into(), "bin/tool".into()),
+    ];
+    let top = vec![
+        Entry::Whiteout("small/gone".into()),
+        file("data/notes.txt", Meta::new(0o644), b"notes\n".to_vec()),
+        file("small/three.txt", Meta::new(0o644), random_bytes(4096, 12)),
+        Entry::Symlink("etc/localtime".into(), Meta::new(0o777), "/usr/share/zoneinfo/UTC".into()),
+    ];
+    vec![
+        LayerSpec { entries: base, compression: Compression::Gzip },
+        LayerSpec { entries: update, compression: Compression::Zstd },
+        LayerSpec { entries: top, compression: Compression::None },
+    ]
+}
+
+/// The content of `path` in the merged image.
+fn content(path: &str) -> Vec<u8> {
+    match &merged_tree(&layers())[path].kind {
+        shoal_tests::lazy::Kind::File(data) => data.clone(),
+        other => panic!("{path} is {other:?}, not a file"),
+    }
+}
+
+/// A registry, the source image as an OCI layout (`oci:<dir>:v1`), and a scratch directory.
+struct Setup {
+    registry: Registry,
+    layout: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        require("docker-registry");
+        require("fusermount3");
+        let registry = Registry::start(None).await.unwrap();
+        let work = tempfile::Builder::new().prefix("shoal-lazy-").tempdir().unwrap();
+        let layout = work.path().join("layout");
+        write_layout(&layout, "v1", &layers()).unwrap();
+        Setup { registry, layout, work }
+    }
+
+    fn source(&self) -> String {
+        format!("oci:{}:v1", self.layout.display())
+    }
+
+    fn image(&self, repo_tag: &str) -> String {
+        format!("{}/{repo_tag}", self.registry.host())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// Chunk blobs of a pushed Shoal image: every layer but the last (the bootstrap).
+    async fn chunk_blobs(&self, repo: &str, tag: &str) -> Vec<(String, u64)> {
+        let blobs = self.registry.image_blobs(repo, tag).await.unwrap();
+        let layers = &blobs[1..];
+        layers[..layers.len() - 1].to_vec()
+    }
+}
+
+fn s(text: impl AsRef<str>) -> String {
+    text.as_ref().to_string()
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_from_a_registry_mounts_through_the_mirror_exactly_as_its_merged_layers() {
+    require("skopeo");
+    let setup = Setup::new().await;
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "-q", "--dest-tls-verify=false"]).arg(setup.source()).arg(format!("docker://{}", setup.image("lazy/app:v1")));
+    run(&mut copy).unwrap();
+
+    // No target: it goes to the source repository as <tag>-shoal.
+    let pushed = shoal_build(&[setup.image("lazy/app:v1")]).unwrap();
+    assert!(pushed.starts_with(&format!("{}@sha256:", setup.image("lazy/app:v1-shoal"))), "{pushed}");
+    // The same image from the local layout converts to the same chunk blobs and bootstrap.
+    shoal_build(&[setup.source(), setup.image("lazy/app:from-layout")]).unwrap();
+    let from_registry = setup.registry.image_blobs("lazy/app", "v1-shoal").await.unwrap();
+    let from_layout = setup.registry.image_blobs("lazy/app", "from-layout").await.unwrap();
+    assert_eq!(from_registry[1..], from_layout[1..], "conversion is deterministic");
+
+    let agent = Agent::start("").await.unwrap();
+    let cache = setup.path("cache");
+    let mut mount =
+        Mount::start(&[setup.image("lazy/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    assert!(mount.log().contains("through the mirror"), "{}", mount.log());
+    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    // The chunks came from the registry through the agent.
+    let chunk_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
+    for (digest, _) in &chunk_blobs {
+        assert!(setup.registry.blob_bytes(digest) > 0, "chunk blob {digest} was never fetched");
+        let task = agent.data_dir().join("tasks").join(task_dir(digest));
+        assert!(task.exists(), "chunk blob {digest} did not go through the agent ({} missing)", task.display());
+    }
+    let status = mount.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_bootstrap_and_blobs_mount_as_the_merged_layers_with_identical_files_stored_once() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), setup.image("lazy/local:v1"), s("--output-dir"), path_arg(&out)]).unwrap();
+
+    // dup-a (layer 0) and dup-b (layer 1) are the same 2 MiB: one set of chunks, stored once.
+    let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
+    let chunks = |path: &str| -> Vec<[u8; 32]> {
+        let ino = bootstrap.resolve(path.as_bytes()).unwrap();
+        bootstrap.chunks_of(ino).unwrap().map(|c| c.chunk.digest).collect()
+    };
+    assert_eq!(chunks("data/dup-a").len(), 2);
+    assert_eq!(chunks("data/dup-a"), chunks("data/dup-b"));
+    let mut seen = HashSet::new();
+    let (mut unique, mut all) = (0u64, 0u64);
+    for layer in layers() {
+        for entry in layer.entries {
+            if let Entry::File(_, _, data) = entry {
+                all += data.len() as u64;
+                if seen.insert(blake3::hash(&data)) {
+                    unique += data.len() as u64;
+                }
+            }
+        }
+    }
+    let pushed: u64 = setup.chunk_blobs("lazy/local", "v1").await.iter().map(|(_, size)| size).sum();
+    assert!(pushed <= unique + (64 << 10), "chunk blobs hold {pushed} bytes for {unique} bytes of distinct file data");
+    assert!(pushed + MIB as u64 <= all, "chunk blobs hold {pushed} bytes: the duplicate was stored again ({all} with it)");
+
+    let mut mount = Mount::start(&[
+        s("--bootstrap"),
+        path_arg(&out.join("bootstrap")),
+        s("--blobs"),
+        path_arg(&out.join("blobs")),
+        s("--cache-dir"),
+        path_arg(&setup.path("cache")),
+    ])
+    .await
+    .unwrap();
+    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    let status = mount.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_one_small_file_of_a_fresh_mount_fetches_only_its_chunk() {
+    let setup = Setup::new().await;
+    shoal_build(&[setup.source(), setup.image("lazy/app:v1-shoal")]).unwrap();
+    let chunk_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
+    let total: u64 = chunk_blobs.iter().map(|(_, size)| size).sum();
+    assert!(total > 6 * MIB as u64, "the image's chunk blobs hold only {total} bytes");
+    let fetched = || chunk_blobs.iter().map(|(digest, _)| setup.registry.blob_bytes(digest)).sum::<u64>();
+
+    let agent = Agent::start("").await.unwrap();
+    let mut mount =
+        Mount::start(&[setup.image("lazy/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&setup.path("cache"))])
+            .await
+            .unwrap();
+    assert_eq!(fetched(), 0, "mounting fetches the bootstrap, no chunk");
+    // Metadata is served from the bootstrap: listing and stat fetch nothing either.
+    assert_eq!(std::fs::read_dir(mount.path("data")).unwrap().count(), 4);
+    assert_eq!(std::fs::metadata(mount.path("data/big.bin")).unwrap().len(), 7 * MIB as u64 / 2);
+    assert_eq!(fetched(), 0);
+
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    let sent = fetched();
+    assert!(sent > 0, "the file's chunk came from the registry");
+    assert!(sent <= MIB as u64 && sent * 8 < total, "reading one 4 KiB file made the registry send {sent} of {total} bytes");
+    let status = mount.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_rest_reads_correctly() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), setup.image("lazy/bad:v1"), s("--output-dir"), path_arg(&out)]).unwrap();
+    // Damage the second chunk of data/big.bin where the registry keeps it.
+    let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
+    let ino = bootstrap.resolve(b"data/big.bin").unwrap();
+    let bad = *bootstrap.chunks_of(ino).unwrap().nth(1).unwrap().chunk;
+    let blob = bootstrap.blobs()[bad.blob as usize].digest();
+    let stored = setup.registry.blob_data_path(&blob);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[(bad.compressed_offset + u64::from(bad.compressed_len) / 2) as usize] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+
+    let cache = setup.path("cache");
+    let mut mount = Mount::start(&[setup.image("lazy/bad:v1"), s("--direct"), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    let big = content("data/big.bin");
+    let file = std::fs::File::open(mount.path("data/big.bin")).unwrap();
+    let read_at = |offset: usize, len: usize| {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset as u64).map(|()| buf)
+    };
+    assert_eq!(read_at(0, 4096).unwrap(), big[..4096], "the first chunk is intact");
+    assert_eq!(read_at(2 * MIB + 100, 4096).unwrap(), big[2 * MIB + 100..2 * MIB + 4196], "the third chunk is intact");
+    let err = read_at(MIB + 100, 100).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    assert_eq!(std::fs::read(mount.path("bin/tool")).unwrap(), content("bin/tool"));
+    assert!(!cache.join(hex::encode(bad.digest)).exists(), "the corrupt chunk must never be cached");
+    assert!(mount.log().contains("failed verification"), "{}", mount.log());
+    let status = mount.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_trace_as_the_prefetch_list_makes_those_chunks_local_without_reads() {
+    let setup = Setup::new().await;
+    shoal_build(&[setup.source(), setup.image("lazy/app:v1-shoal")]).unwrap();
+    let trace = setup.path("trace.txt");
+    let mut first = Mount::start(&[
+        setup.image("lazy/app:v1-shoal"),
+        s("--direct"),
+        s("--trace"),
+        path_arg(&trace),
+        s("--cache-dir"),
+        path_arg(&setup.path("c1")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(first.path("etc/hostname")).unwrap(), b"shoal-lazy\n");
+    assert_eq!(std::fs::read(first.path("data/big.bin")).unwrap(), content("data/big.bin"));
+    assert_eq!(std::fs::read(first.path("etc/hostname")).unwrap(), b"shoal-lazy\n");
+    assert!(first.stop().await.unwrap().success());
+    assert_eq!(std::fs::read_to_string(&trace).unwrap(), "/etc/hostname\n/data/big.bin\n");
+
+    shoal_build(&[setup.source(), setup.image("lazy/app:v1-prefetch"), s("--prefetch"), path_arg(&trace)]).unwrap();
+    let cache = setup.path("c2");
+    let mut second = Mount::start(&[setup.image("lazy/app:v1-prefetch"), s("--direct"), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    // Nothing reads the mount: the listed files' chunks arrive by themselves.
+    let chunk_names = |path: &str| -> Vec<String> { content(path).chunks(MIB).map(|c| blake3::hash(c).to_hex().to_string()).collect() };
+    let wanted: Vec<String> = chunk_names("etc/hostname").into_iter().chain(chunk_names("data/big.bin")).collect();
+    assert_eq!(wanted.len(), 5);
+    let start = Instant::now();
+    while !wanted.iter().all(|name| cache.join(name).exists()) {
+        assert!(start.elapsed() < Duration::from_secs(30), "prefetch did not fetch {wanted:?}:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for unlisted in ["data/dup-a", "bin/tool", "small/one.txt"] {
+        for name in chunk_names(unlisted) {
+            assert!(!cache.join(&name).exists(), "{unlisted} is not in the prefetch list but its chunk {name} was fetched");
+        }
+    }
+    let status = second.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", second.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_dictionary_image_lends_its_chunks_to_a_new_build_in_another_repository() {
+    let setup = Setup::new().await;
+    shoal_build(&[setup.source(), setup.image("lazy/app:v1-shoal")]).unwrap();
+    let v1_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
+
+    // Version 2: the same base layer and one new file.
+    let mut v2 = vec![layers().remove(0)];
+    v2.push(LayerSpec { entries: vec![file("data/new.bin", Meta::new(0o644), random_bytes(MIB, 50))], compression: Compression::Gzip });
+    let layout = setup.path("layout-v2");
+    write_layout(&layout, "v2", &v2).unwrap();
+    let source = format!("oci:{}:v2", layout.display());
+    shoal_build(&[source, setup.image("lazy/other:v2"), s("--chunk-dict"), setup.image("lazy/app:v1-shoal")]).unwrap();
+
+    let v2_blobs = setup.chunk_blobs("lazy/other", "v2").await;
+    let reused: Vec<_> = v2_blobs.iter().filter(|blob| v1_blobs.contains(blob)).collect();
+    assert!(!reused.is_empty(), "v2 ({v2_blobs:?}) reuses none of v1's chunk blobs ({v1_blobs:?})");
+    // New blobs hold the new file and the base layer's files v1 deleted (their chunks are not in
+    // v1's bootstrap), not the base layer again.
+    let new: u64 = v2_blobs.iter().filter(|blob| !v1_blobs.contains(blob)).map(|(_, size)| size).sum();
+    assert!(new < 3 * MIB as u64 / 2, "v2 stored {new} bytes of new chunk blobs");
+
+    let mut mount =
+        Mount::start(&[setup.image("lazy/other:v2"), s("--direct"), s("--cache-dir"), path_arg(&setup.path("cache"))]).await.unwrap();
+    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&v2));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert!(mount.stop().await.unwrap().success());
+}
+
+/// Sanity check of the model the other tests compare with, so a broken model cannot pass them.
+#[test]
+fn the_merged_tree_model_applies_whiteouts_opaque_dirs_and_links() {
+    let tree = merged_tree(&layers());
+    let paths: BTreeMap<&str, ()> = tree.keys().map(|p| (p.as_str(), ())).collect();
+    for gone in ["usr/lib/old.so", "opq/lower", "opq/sub", "opq/sub/deep", "small/gone", "small/gone/file"] {
+        assert!(!paths.contains_key(gone), "{gone} should be hidden");
+    }
+    for kept in ["opq/upper", "data/dup-b", "bin/tool-link2", "small/three.txt", "dev/null"] {
+        assert!(paths.contains_key(kept), "{kept} should be there");
+    }
+    assert_eq!(tree["bin/tool-link2"].link_group.as_deref(), Some("bin/tool"));
+    assert_eq!(tree["etc"].meta.mtime, (T + 30, 0));
+    assert_eq!(content("etc/hostname"), b"shoal-lazy\n");
+}
