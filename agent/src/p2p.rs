@@ -297,7 +297,8 @@ impl P2p {
                 // digests to let anyone fetch them from here.
                 while let Ok(n) = reports.try_recv() {
                     if let Some(blake3) = task.file.piece_blake3(n) {
-                        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
+                        let _ =
+                            events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
                     }
                 }
                 let event = match outcome {
@@ -707,6 +708,10 @@ impl Download {
 
     /// Fetches every missing piece from the origin (after the fetches in flight end).
     async fn go_to_origin(&mut self) {
+        if self.mode == Mode::Origin {
+            // Already fetching from the origin: a second run would fetch every piece twice.
+            return;
+        }
         self.mode = Mode::Origin;
         while self.fetches.join_next().await.is_some() {}
         self.fetching.clear();

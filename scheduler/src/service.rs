@@ -71,10 +71,20 @@ impl Service {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn digest_channel(&self, task: &TaskId) -> broadcast::Sender<DigestNote> {
+    /// Listens for digests newly recorded for `task`. Subscribing happens under the lock: a
+    /// channel nobody listens to is dropped by the next subscriber of any task, so a sender
+    /// handed out before its receiver existed could vanish and end a peer's stream at once.
+    fn digest_notes(&self, task: &TaskId) -> broadcast::Receiver<DigestNote> {
         let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|_, tx| tx.receiver_count() > 0);
-        d.entry(task.clone()).or_insert_with(|| broadcast::channel(4096).0).clone()
+        d.entry(task.clone()).or_insert_with(|| broadcast::channel(4096).0).subscribe()
+    }
+
+    /// Tells every peer stream of `task` about a newly recorded digest.
+    fn publish_digest(&self, task: &TaskId, note: DigestNote) {
+        if let Some(tx) = self.digests.lock().unwrap_or_else(|p| p.into_inner()).get(task) {
+            let _ = tx.send(note);
+        }
     }
 
     /// Drops hosts that stopped announcing.
@@ -181,9 +191,10 @@ impl Scheduler for Api {
         };
         debug!(task = %task, host = %host, ?decision, "peer registered");
         let (tx, rx) = mpsc::channel::<Result<pb::PeerCommand, Status>>(64);
+        // Listen before reading what is known, so a digest recorded in between is not missed.
+        let mut notes = self.digest_notes(&task);
         let _ = tx.send(Ok(self.command(decision))).await;
         let _ = tx.send(Ok(self.known_digests(&task))).await;
-        let mut notes = self.digest_channel(&task).subscribe();
         let svc = self.0.clone();
         tokio::spawn(async move {
             let mut finished = false;
@@ -374,7 +385,7 @@ impl Service {
                 };
                 match recorded {
                     Ok(true) => {
-                        let _ = self.digest_channel(task).send(DigestNote { number: p.number, blake3: p.blake3 });
+                        self.publish_digest(task, DigestNote { number: p.number, blake3: p.blake3 });
                     }
                     Ok(false) => {}
                     Err(e) => warn!(task = %task, host = %host, error = %e, "piece report refused"),
@@ -437,4 +448,28 @@ pub async fn run(addr: SocketAddr, limits: Limits, shutdown: CancellationToken) 
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     info!(%addr, "scheduler listening");
     serve(listener, limits, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(s: &str) -> TaskId {
+        TaskId::of_url(&format!("http://origin/{s}").parse().unwrap())
+    }
+
+    #[test]
+    fn a_peer_listening_for_digests_keeps_listening_while_other_tasks_come_and_go() {
+        let svc = Service::new(Limits::default());
+        let (a, b) = (task("a"), task("b"));
+        let mut notes_a = svc.digest_notes(&a);
+        // Another task's peer arrives and leaves: that prunes idle channels, never a listened one.
+        drop(svc.digest_notes(&b));
+        let _ = svc.digest_notes(&task("c"));
+        svc.publish_digest(&a, DigestNote { number: 3, blake3: "x".into() });
+        let note = notes_a.try_recv().expect("the listener of task a still gets its digests");
+        assert_eq!((note.number, note.blake3.as_str()), (3, "x"));
+        // Publishing for a task nobody listens to is a no-op.
+        svc.publish_digest(&b, DigestNote { number: 0, blake3: "y".into() });
+    }
 }
