@@ -36,8 +36,30 @@ const RESCHEDULE_EVERY: Duration = Duration::from_secs(2);
 /// A piece in flight this long may also be asked of a second parent once nothing else is left to
 /// start (the endgame).
 const ENDGAME_AFTER: Duration = Duration::from_millis(700);
-/// What a fetch returns when the parent has no free upload slot: not a failure, try later.
-const BUSY: &str = "busy";
+/// Why a piece fetch from a parent did not store the piece.
+#[derive(Debug)]
+enum FetchError {
+    /// The parent has no free upload slot: not a failure, try later.
+    Busy,
+    /// The parent could not be reached, or the connection broke (a congested link, a dead host):
+    /// this child moves on, but the parent is not blamed cluster-wide.
+    Unreachable(String),
+    /// The parent answered wrongly (bytes that do not match the digest, a wrong length, a refusal).
+    Bad(String),
+}
+
+impl FetchError {
+    fn of_peer(e: crate::peer::PeerError) -> FetchError {
+        use crate::peer::{wire::WireError, PeerError};
+        match e {
+            PeerError::Refused { reason, .. } if reason == "busy" => FetchError::Busy,
+            e @ (PeerError::Connect { .. } | PeerError::Wire { source: WireError::Read(_) | WireError::Write(_), .. }) => {
+                FetchError::Unreachable(e.to_string())
+            }
+            e => FetchError::Bad(e.to_string()),
+        }
+    }
+}
 /// How long a busy parent is left alone.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// Children a host takes per upload slot. Each child spreads its fetches over several parents and
@@ -331,15 +353,23 @@ impl P2p {
                         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
                     }
                 },
-                Some((parent, update)) = d.updates.recv() => {
-                    let ended = update.is_none() && d.parents.contains_key(&parent);
+                Some((parent, news)) = d.updates.recv() => {
+                    let ended = !matches!(news, ParentNews::Update(_)) && d.parents.contains_key(&parent);
                     let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
                     let had_pieces = d.have.get(&parent).is_some_and(|b| b.count() > 0);
-                    d.on_update(&parent, update);
-                    if ended && !complete && had_pieces {
+                    if let ParentNews::Unreachable(reason) = news {
+                        // Not reachable from here (now): the scheduler offers others instead of
+                        // this one again.
+                        if d.parents.contains_key(&parent) {
+                            let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
+                            d.on_failure(first_missing, &parent, reason, true, &events).await;
+                        }
+                    } else if let ParentNews::Update(update) = news {
+                        d.on_update(&parent, update);
+                    } else if ended && !complete && had_pieces {
                         // The parent went away mid-download: say so, get others.
                         let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
-                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), &events).await;
+                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), true, &events).await;
                     } else if ended && !complete {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
@@ -352,11 +382,12 @@ impl P2p {
                     Ok((n, parent, took, Ok(true))) => d.on_fetched(n, &parent, took),
                     // Another parent's copy (endgame) was stored first.
                     Ok((n, parent, _, Ok(false))) => d.forget_fetch(n, &parent),
-                    Ok((n, parent, _, Err(reason))) if reason == BUSY => {
+                    Ok((n, parent, _, Err(FetchError::Busy))) => {
                         d.forget_fetch(n, &parent);
                         d.busy_until.insert(parent, Instant::now() + BUSY_BACKOFF);
                     }
-                    Ok((n, parent, _, Err(reason))) => d.on_failure(n, &parent, reason, &events).await,
+                    Ok((n, parent, _, Err(FetchError::Unreachable(reason)))) => d.on_failure(n, &parent, reason, true, &events).await,
+                    Ok((n, parent, _, Err(FetchError::Bad(reason)))) => d.on_failure(n, &parent, reason, false, &events).await,
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
                 },
@@ -373,7 +404,8 @@ impl P2p {
                         let digests = missing.iter().filter(|&&n| d.digests.contains_key(&n)).count();
                         debug!(missing = missing.len(), held_by_parents = held, with_digest = digests, in_flight = d.in_flight(), parents = d.parents.len(), busy = d.busy_until.len(), "download progress");
                     }
-                    if d.mode == Mode::Parents && d.last_progress.elapsed() > STALL {
+                    // Told to wait (or to fetch from parents) for too long without a piece.
+                    if d.mode != Mode::Origin && d.last_progress.elapsed() > STALL {
                         warn!(task = %task.id, "parents stalled; fetching the rest from the origin");
                         d.go_to_origin().await;
                     }
@@ -393,6 +425,16 @@ enum Mode {
     Parents,
     /// Fetching from the origin (told to, or falling back).
     Origin,
+}
+
+/// What a parent's subscription brought.
+enum ParentNews {
+    /// Pieces it has now.
+    Update(shoal_proto::peer::PieceUpdate),
+    /// The subscription ended.
+    Ended,
+    /// It could not be reached.
+    Unreachable(String),
 }
 
 /// A piece being fetched: since when, and from which parents (two in the endgame).
@@ -420,10 +462,10 @@ struct Download {
     rates: HashMap<String, f64>,
     /// Parents that answered "busy", left alone until then.
     busy_until: HashMap<String, Instant>,
-    fetches: JoinSet<(u32, String, Duration, Result<bool, String>)>,
+    fetches: JoinSet<(u32, String, Duration, Result<bool, FetchError>)>,
     subscriptions: JoinSet<()>,
-    updates_tx: mpsc::Sender<(String, Option<shoal_proto::peer::PieceUpdate>)>,
-    updates: mpsc::Receiver<(String, Option<shoal_proto::peer::PieceUpdate>)>,
+    updates_tx: mpsc::Sender<(String, ParentNews)>,
+    updates: mpsc::Receiver<(String, ParentNews)>,
     last_progress: Instant,
 }
 
@@ -535,20 +577,23 @@ impl Download {
             match p2p.peers.subscribe(addr, &task, origin).await {
                 Ok(mut sub) => {
                     while let Some(Ok(update)) = sub.next().await {
-                        if tx.send((id.clone(), Some(update))).await.is_err() {
+                        if tx.send((id.clone(), ParentNews::Update(update))).await.is_err() {
                             return;
                         }
                     }
                 }
-                Err(e) => debug!(parent = %id, error = %e, "cannot subscribe"),
+                Err(e) => {
+                    debug!(parent = %id, error = %e, "cannot subscribe");
+                    let _ = tx.send((id, ParentNews::Unreachable(e.to_string()))).await;
+                    return;
+                }
             }
-            let _ = tx.send((id, None)).await;
+            let _ = tx.send((id, ParentNews::Ended)).await;
         });
     }
 
-    fn on_update(&mut self, parent: &str, update: Option<shoal_proto::peer::PieceUpdate>) {
+    fn on_update(&mut self, parent: &str, u: shoal_proto::peer::PieceUpdate) {
         let count = self.task.layout.count();
-        let Some(u) = update else { return };
         if !u.error.is_empty() || !self.parents.contains_key(parent) {
             return;
         }
@@ -697,12 +742,14 @@ impl Download {
         }
     }
 
-    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, events: &mpsc::Sender<pb::PeerEvent>) {
+    /// Drops `parent` and tells the scheduler, which picks others; `unreachable` says the parent
+    /// could not be reached rather than answered wrongly.
+    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &mpsc::Sender<pb::PeerEvent>) {
         self.forget_fetch(n, parent);
-        warn!(task = %self.task.id, piece = n, %parent, %reason, "piece from parent failed; reporting it");
+        warn!(task = %self.task.id, piece = n, %parent, %reason, unreachable, "piece from parent failed; reporting it");
         self.parents.remove(parent);
         self.have.remove(parent);
-        let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason };
+        let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason, unreachable };
         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) }).await;
     }
 
@@ -764,15 +811,12 @@ async fn fetch_piece(
     task: &Arc<Task>,
     n: u32,
     digest: &str,
-) -> Result<bool, String> {
+) -> Result<bool, FetchError> {
     let range = task.layout.range(n);
-    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(|e| match e {
-        crate::peer::PeerError::Refused { reason, .. } if reason == "busy" => BUSY.to_string(),
-        e => e.to_string(),
-    })?;
+    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(FetchError::of_peer)?;
     let got = blake3::hash(&bytes).to_hex().to_string();
     if got != digest {
-        return Err(format!("piece {n} does not match its digest (got {got}, want {digest})"));
+        return Err(FetchError::Bad(format!("piece {n} does not match its digest (got {got}, want {digest})")));
     }
     let t = task.clone();
     let first = tokio::task::spawn_blocking(move || {
@@ -785,10 +829,11 @@ async fn fetch_piece(
         t.file.piece_written(n, got)
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| FetchError::Unreachable(e.to_string()))?
     .map_err(|e| {
+        // The local store failed: the task fails here, the parent did nothing wrong.
         engine.fail(task, crate::engine::EngineError::Store(e.to_string().into()), true);
-        e.to_string()
+        FetchError::Unreachable(e.to_string())
     })?;
     if first {
         engine.piece_finished(task, n);

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use shoal_core::piece::{Bitmap, PieceLayout};
 use shoal_core::TaskId;
 
-use crate::hosts::{HostId, HostInfo, Hosts};
+use crate::hosts::{HostId, HostInfo, Hosts, FAILURE_LIMIT};
 pub use crate::parents::Limits;
 use crate::parents::{choose, Candidate};
 
@@ -211,6 +211,12 @@ impl Cluster {
                     if fetching >= self.limits.max_back_to_source && t.peers.len() > 1 {
                         return Ok(Decision::Wait);
                     }
+                    // Peers that have (or are getting) the data and are only out of upload slots,
+                    // or too deep for now: a slot frees up soon, so wait for it rather than fetch
+                    // the blob from the origin once more.
+                    if candidates.iter().any(|c| (c.useful > 0 || c.feeding) && !c.failed_this_child && c.failures < FAILURE_LIMIT) {
+                        return Ok(Decision::Wait);
+                    }
                     back_to_source = true;
                 }
             }
@@ -281,10 +287,22 @@ impl Cluster {
         self.tasks.get(task)?.digests.get(n as usize)?.as_deref()
     }
 
-    /// `child` could not get a piece from `parent` (or got a bad one): the parent's host is marked
-    /// failing and never offered to this child again; the child is rescheduled.
-    pub fn parent_failed(&mut self, task: &TaskId, child: &HostId, parent: &HostId, now: u64) -> Result<Decision, ClusterError> {
-        self.hosts.record_failure(parent, now);
+    /// `child` could not get a piece from `parent` (or got a bad one): the parent is never offered
+    /// to this child again, a bad answer also marks its host failing; the child is rescheduled.
+    pub fn parent_failed(
+        &mut self,
+        task: &TaskId,
+        child: &HostId,
+        parent: &HostId,
+        unreachable: bool,
+        now: u64,
+    ) -> Result<Decision, ClusterError> {
+        // A parent this child could not reach (a congested link, a host going away) is avoided by
+        // this child only; wrong answers count against the host for everyone. A host that died
+        // is dropped through its own streams and announcements.
+        if !unreachable {
+            self.hosts.record_failure(parent, now);
+        }
         let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         let peer = t.peers.get_mut(child).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         peer.bad_parents.insert(parent.clone());
@@ -465,13 +483,13 @@ mod tests {
         }
         c.register(&t, 4 * MIB, &id("x"), 0).unwrap();
         assert!(c.parents_of(&t, &id("x")).contains(&id("liar")));
-        let d = c.parent_failed(&t, &id("x"), &id("liar"), 1000).unwrap();
+        let d = c.parent_failed(&t, &id("x"), &id("liar"), false, 1000).unwrap();
         let Decision::Parents(p) = d else { panic!("{d:?}") };
         assert!(!p.contains(&id("liar")) && !p.is_empty());
         // Two more children see it fail: the host is now failing for everyone.
         for h in ["y", "z"] {
             c.register(&t, 4 * MIB, &id(h), 1000).unwrap();
-            c.parent_failed(&t, &id(h), &id("liar"), 2000).unwrap();
+            c.parent_failed(&t, &id(h), &id("liar"), false, 2000).unwrap();
         }
         c.announce_host(host("w", false), 2000);
         let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 3000).unwrap() else { panic!() };
@@ -480,6 +498,47 @@ mod tests {
         c.announce_host(host("v", false), 70_000);
         let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("v"), 70_000).unwrap() else { panic!() };
         assert!(p.contains(&id("liar")), "{p:?}");
+    }
+
+    #[test]
+    fn an_unreachable_parent_is_avoided_by_that_child_only() {
+        let mut c = cluster(&["src", "far", "x", "y", "z", "w"]);
+        let t = task();
+        c.register(&t, 4 * MIB, &id("src"), 0).unwrap();
+        c.register(&t, 4 * MIB, &id("far"), 0).unwrap();
+        c.piece_finished(&t, &id("src"), 0, "d").unwrap();
+        c.piece_finished(&t, &id("far"), 0, "d").unwrap();
+        for h in ["x", "y", "z"] {
+            c.register(&t, 4 * MIB, &id(h), 1000).unwrap();
+            let Decision::Parents(p) = c.parent_failed(&t, &id(h), &id("far"), true, 1000).unwrap() else { panic!() };
+            assert!(!p.contains(&id("far")), "{p:?}");
+        }
+        // Three children could not reach it: a congested link, not a liar. Others still get it.
+        assert_eq!(c.hosts().get(&id("far")).unwrap().recent_failures(2000), 0);
+        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 2000).unwrap() else { panic!() };
+        assert!(p.contains(&id("far")), "{p:?}");
+    }
+
+    #[test]
+    fn a_child_waits_for_a_free_slot_rather_than_fetch_from_the_origin_again() {
+        let mut c = Cluster::new(Limits::default());
+        // src uploads to one child at a time, a to none.
+        for (n, slots) in [("src", 1), ("a", 0), ("b", 1)] {
+            let mut h = host(n, false);
+            h.upload_slots = slots;
+            c.announce_host(h, 0);
+        }
+        let t = task();
+        assert_eq!(c.register(&t, MIB, &id("src"), 0).unwrap(), Decision::BackToSource);
+        c.piece_finished(&t, &id("src"), 0, "d").unwrap();
+        c.peer_done(&t, &id("src")).unwrap();
+        assert_eq!(c.register(&t, MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("src")]));
+        // Nobody fetches from the origin any more and every holder is full: b waits for a slot.
+        assert_eq!(c.register(&t, MIB, &id("b"), 0).unwrap(), Decision::Wait);
+        // Once a finishes, src's slot is free again and b gets it.
+        c.peer_done(&t, &id("a")).unwrap();
+        let Decision::Parents(p) = c.schedule(&t, &id("b"), 0).unwrap() else { panic!() };
+        assert!(p.contains(&id("src")), "{p:?}");
     }
 
     #[test]

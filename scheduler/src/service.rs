@@ -394,8 +394,8 @@ impl Service {
             }
             Some(Event::PieceFailed(f)) => {
                 let parent = HostId(f.parent_host_id);
-                info!(task = %task, child = %host, parent = %parent, piece = f.number, reason = %f.reason, "parent failed");
-                let decision = self.cluster().parent_failed(task, host, &parent, now);
+                info!(task = %task, child = %host, parent = %parent, piece = f.number, reason = %f.reason, unreachable = f.unreachable, "parent failed");
+                let decision = self.cluster().parent_failed(task, host, &parent, f.unreachable, now);
                 Ok(decision.ok().map(|d| self.command(d)))
             }
             Some(Event::Done(_)) => {

@@ -79,7 +79,7 @@ async fn peers_get_decisions_and_the_digests_sources_report() {
     }
 
     // b reports a as failing: with nobody else, it must wait for the origin fetcher.
-    b.send(Event::PieceFailed(pb::PieceFailed { number: 1, parent_host_id: "a".into(), reason: "reset".into() })).await;
+    b.send(Event::PieceFailed(pb::PieceFailed { number: 1, parent_host_id: "a".into(), reason: "reset".into(), unreachable: true })).await;
     assert!(matches!(b.next().await, Command::Wait(_)));
 
     a.send(Event::Done(pb::Done {})).await;

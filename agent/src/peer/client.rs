@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_core::TaskId;
@@ -24,10 +25,28 @@ pub enum PeerError {
     Length { addr: SocketAddr, piece: u32, got: u64, expected: u64 },
 }
 
+/// How long a handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed handshake, requests to that host fail at once for this long instead of each
+/// waiting for a handshake of its own.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The connection to one host: at most one handshake at a time.
+#[derive(Default)]
+enum Link {
+    #[default]
+    None,
+    Up(quinn::Connection),
+    Failed {
+        at: Instant,
+        reason: String,
+    },
+}
+
 /// Connections to other hosts' peer servers.
 pub struct PeerClient {
     endpoint: quinn::Endpoint,
-    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    links: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Link>>>>,
 }
 
 impl PeerClient {
@@ -36,21 +55,40 @@ impl PeerClient {
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| TlsError::Quic(format!("cannot open a UDP socket for the peer client: {e}")))?;
         endpoint.set_default_client_config(tls::client_config(cluster)?);
-        Ok(PeerClient { endpoint, conns: Mutex::new(HashMap::new()) })
+        Ok(PeerClient { endpoint, links: Mutex::new(HashMap::new()) })
     }
 
+    /// The connection to `addr`: the open one, or a new one. Requests arriving while a handshake
+    /// runs wait for it rather than start their own (on a congested link, each extra handshake
+    /// makes all of them slower).
     async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, PeerError> {
-        let cached = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
-        if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
-            return Ok(c);
+        let link = self.links.lock().unwrap_or_else(|p| p.into_inner()).entry(addr).or_default().clone();
+        let mut link = link.lock().await;
+        match &*link {
+            Link::Up(c) if c.close_reason().is_none() => return Ok(c.clone()),
+            Link::Failed { at, reason } if at.elapsed() < CONNECT_BACKOFF => {
+                return Err(PeerError::Connect { addr, reason: reason.clone() });
+            }
+            _ => {}
         }
-        let connecting = self.endpoint.connect(addr, tls::SERVER_NAME).map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), connecting)
-            .await
-            .map_err(|_| PeerError::Connect { addr, reason: "timed out".into() })?
-            .map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, conn.clone());
-        Ok(conn)
+        let result = match self.endpoint.connect(addr, tls::SERVER_NAME) {
+            Ok(connecting) => match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(c) => {
+                *link = Link::Up(c.clone());
+                Ok(c)
+            }
+            Err(reason) => {
+                *link = Link::Failed { at: Instant::now(), reason: reason.clone() };
+                Err(PeerError::Connect { addr, reason })
+            }
+        }
     }
 
     async fn open(&self, addr: SocketAddr, req: Request) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
