@@ -53,6 +53,8 @@ impl Subscribers {
 
 /// How long a piece request waits for a free upload slot before it is turned away as "busy".
 const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+/// Longest a piece's upload slot stays taken waiting for the child to acknowledge the bytes.
+const DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes read from the store and written to the stream at a time.
 const SEND_CHUNK: usize = 256 << 10;
@@ -181,7 +183,11 @@ async fn serve_stream(
                 send.write_all(&chunk).await?;
                 pos += len as u64;
             }
-            finish(send);
+            // The slot is held until the child has the bytes, not just until they are queued:
+            // otherwise every request gets a slot at once, they all share the uplink, and each
+            // piece takes as long as all of them together.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(DELIVERY_WAIT, send.stopped()).await;
             Ok(())
         }
         Some(Request::Subscribe(s)) => {
