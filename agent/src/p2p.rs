@@ -318,10 +318,7 @@ impl P2p {
                 // Pieces finished just before the end are still queued: the scheduler needs their
                 // digests to let anyone fetch them from here.
                 while let Ok(n) = reports.try_recv() {
-                    if let Some(blake3) = task.file.piece_blake3(n) {
-                        let _ =
-                            events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
-                    }
+                    report_piece(&task, n, &events).await;
                 }
                 let event = match outcome {
                     Ok(()) => Event::Done(pb::Done {}),
@@ -348,11 +345,7 @@ impl P2p {
                         d.go_to_origin().await;
                     }
                 },
-                Some(n) = reports.recv() => {
-                    if let Some(blake3) = task.file.piece_blake3(n) {
-                        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
-                    }
-                },
+                Some(n) = reports.recv() => report_piece(&task, n, &events).await,
                 Some((parent, news)) = d.updates.recv() => {
                     let ended = !matches!(news, ParentNews::Update(_)) && d.parents.contains_key(&parent);
                     let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
@@ -373,8 +366,7 @@ impl P2p {
                     } else if ended && !complete {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
-                        d.parents.remove(&parent);
-                        d.have.remove(&parent);
+                        d.drop_parent(&parent);
                         let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
                     }
                 },
@@ -531,8 +523,7 @@ impl Download {
                         .collect();
                     ranked.sort();
                     for (_, id) in ranked.into_iter().take(excess) {
-                        self.parents.remove(&id);
-                        self.have.remove(&id);
+                        self.drop_parent(&id);
                     }
                 }
                 for parent in p.parents {
@@ -551,6 +542,12 @@ impl Download {
                 let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.register())) }).await;
             }
         }
+    }
+
+    /// Forgets `parent` and what it has.
+    fn drop_parent(&mut self, parent: &str) {
+        self.parents.remove(parent);
+        self.have.remove(parent);
     }
 
     /// A registration, sent again to ask for a new decision.
@@ -747,8 +744,7 @@ impl Download {
     async fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &mpsc::Sender<pb::PeerEvent>) {
         self.forget_fetch(n, parent);
         warn!(task = %self.task.id, piece = n, %parent, %reason, unreachable, "piece from parent failed; reporting it");
-        self.parents.remove(parent);
-        self.have.remove(parent);
+        self.drop_parent(parent);
         let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason, unreachable };
         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) }).await;
     }
@@ -786,6 +782,13 @@ async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), Str
                 }
             }
         }
+    }
+}
+
+/// Tells the scheduler that piece `n` of `task` is here, with its digest.
+async fn report_piece(task: &Task, n: u32, events: &mpsc::Sender<pb::PeerEvent>) {
+    if let Some(blake3) = task.file.piece_blake3(n) {
+        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
     }
 }
 

@@ -277,10 +277,7 @@ impl RegistryClient {
         url: &str,
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, RegistryError> {
-        let attempts = self.config.download.retries + 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        send_with_retries(self.config.download.retries + 1, &req.describe(), &req.registry, || {
             let mut r = http.request(req.method.clone(), url);
             if let Some(a) = &auth {
                 r = r.header(AUTHORIZATION, a.clone());
@@ -291,29 +288,45 @@ impl RegistryClient {
             if let Some((start, end)) = req.range {
                 r = r.header(RANGE, format!("bytes={start}-{}", end.saturating_sub(1)));
             }
-            let retry_reason = match r.send().await {
-                Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    if attempt >= attempts {
-                        return Ok(resp);
-                    }
-                    resp.status().to_string()
+            Ok(r)
+        })
+        .await
+    }
+}
+
+/// Sends the request `build` makes, up to `attempts` times: connection failures and 5xx/429
+/// answers are retried with exponential backoff. Any other answer, and the last one, is returned.
+async fn send_with_retries(
+    attempts: u32,
+    what: &str,
+    registry: &str,
+    mut build: impl FnMut() -> Result<reqwest::RequestBuilder, RegistryError>,
+) -> Result<reqwest::Response, RegistryError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let retry_reason = match build()?.send().await {
+            Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                if attempt >= attempts {
+                    return Ok(resp);
                 }
-                Ok(resp) => return Ok(resp),
-                Err(source) => {
-                    if attempt >= attempts {
-                        return Err(RegistryError::Unreachable {
-                            what: req.describe(),
-                            registry: req.registry.clone(),
-                            reason: error_chain(&source),
-                        });
-                    }
-                    source.to_string()
+                resp.status().to_string()
+            }
+            Ok(resp) => return Ok(resp),
+            Err(source) => {
+                if attempt >= attempts {
+                    return Err(RegistryError::Unreachable {
+                        what: what.to_string(),
+                        registry: registry.to_string(),
+                        reason: error_chain(&source),
+                    });
                 }
-            };
-            let delay = backoff(attempt);
-            debug!(what = %req.describe(), attempt, ?delay, reason = %retry_reason, "retrying registry request");
-            tokio::time::sleep(delay).await;
-        }
+                source.to_string()
+            }
+        };
+        let delay = backoff(attempt);
+        debug!(what, attempt, ?delay, reason = %retry_reason, "retrying registry request");
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -11,7 +11,7 @@ use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOC
 use http::{Method, StatusCode};
 use tracing::debug;
 
-use super::{backoff, basic_header, bearer_header, error_chain, RegistryClient, RegistryError, Request, Target};
+use super::{backoff, basic_header, bearer_header, send_with_retries, RegistryClient, RegistryError, Request, Target};
 use crate::digest::Digest;
 use crate::registry::auth::{parse_challenge, Challenge, TokenCache};
 
@@ -263,10 +263,7 @@ impl RegistryClient {
         url: &str,
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, RegistryError> {
-        let attempts = self.retries() + 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        send_with_retries(self.retries() + 1, &req.what, req.registry, || {
             let (body, len) = req
                 .body
                 .build()
@@ -278,29 +275,9 @@ impl RegistryClient {
             if let Some(t) = req.content_type {
                 r = r.header(CONTENT_TYPE, t);
             }
-            let retry_reason = match r.send().await {
-                Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    if attempt >= attempts {
-                        return Ok(resp);
-                    }
-                    resp.status().to_string()
-                }
-                Ok(resp) => return Ok(resp),
-                Err(source) => {
-                    if attempt >= attempts {
-                        return Err(RegistryError::Unreachable {
-                            what: req.what.clone(),
-                            registry: req.registry.to_string(),
-                            reason: error_chain(&source),
-                        });
-                    }
-                    source.to_string()
-                }
-            };
-            let delay = backoff(attempt);
-            debug!(what = %req.what, attempt, ?delay, reason = %retry_reason, "retrying push request");
-            tokio::time::sleep(delay).await;
-        }
+            Ok(r)
+        })
+        .await
     }
 }
 
