@@ -8,6 +8,7 @@ pub mod mirror;
 pub mod p2p;
 pub mod peer;
 mod ratelimit;
+pub mod schedulers;
 pub mod serve;
 
 pub use daemon::{run, StartError};

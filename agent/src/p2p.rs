@@ -14,15 +14,14 @@ use shoal_core::TaskId;
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::peer_command::Command;
 use shoal_proto::scheduler::peer_event::Event;
-use shoal_proto::scheduler::scheduler_client::SchedulerClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, Task};
 use crate::peer::PeerClient;
+use crate::schedulers::{Replica, Schedulers};
 
 /// Pieces fetched from parents at once, per download.
 const MAX_FETCHES: usize = 16;
@@ -88,52 +87,24 @@ pub struct P2pConfig {
     pub seed: bool,
 }
 
-/// One scheduler replica.
-struct Replica {
-    addr: String,
-    client: tokio::sync::Mutex<Option<SchedulerClient<Channel>>>,
-}
-
 /// Peer-to-peer state shared by every download of this host.
 pub struct P2p {
     config: P2pConfig,
-    replicas: Vec<Replica>,
+    /// The scheduler's replicas.
+    schedulers: Schedulers,
     peers: PeerClient,
 }
 
 impl P2p {
     /// P2P for this host.
     pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
-        let replicas = config.schedulers.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
-        Arc::new(P2p { config, replicas, peers })
+        let schedulers = Schedulers::new(&config.schedulers);
+        Arc::new(P2p { config, schedulers, peers })
     }
 
-    /// Replicas for `task`, best first: rendezvous hashing, so every host picks the same replica
-    /// for a task and the others in the same order when it fails.
+    /// Replicas for `task`, best first.
     fn replicas_for(&self, task: &TaskId) -> Vec<&Replica> {
-        let mut r: Vec<(blake3::Hash, &Replica)> =
-            self.replicas.iter().map(|r| (blake3::hash(format!("{task}\n{}", r.addr).as_bytes()), r)).collect();
-        r.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
-        r.into_iter().map(|(_, r)| r).collect()
-    }
-
-    async fn client(&self, r: &Replica) -> Result<SchedulerClient<Channel>, String> {
-        let mut slot = r.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let endpoint = Channel::from_shared(format!("http://{}", r.addr))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| format!("scheduler {}: {e}", r.addr))?;
-        let c = SchedulerClient::new(channel);
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn forget(&self, r: &Replica) {
-        *r.client.lock().await = None;
+        self.schedulers.for_key(&task.to_string())
     }
 
     fn host(&self) -> pb::Host {
@@ -156,19 +127,19 @@ impl P2p {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            for r in &self.replicas {
-                let result = match self.client(r).await {
+            for r in self.schedulers.all() {
+                let result = match self.schedulers.client(r).await {
                     Ok(mut c) => c.announce_host(pb::AnnounceHostRequest { host: Some(self.host()) }).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
                     debug!(scheduler = %r.addr, error = %e, "announce failed");
-                    self.forget(r).await;
+                    self.schedulers.forget(r).await;
                 }
             }
         }
-        for r in &self.replicas {
-            if let Ok(mut c) = self.client(r).await {
+        for r in self.schedulers.all() {
+            if let Ok(mut c) = self.schedulers.client(r).await {
                 let _ = c.leave_host(pb::LeaveHostRequest { host_id: self.config.host_id.clone() }).await;
             }
         }
@@ -192,7 +163,7 @@ impl P2p {
     /// Waits on every replica for preheat work and does it, until `shutdown`.
     pub async fn job_loop(self: Arc<Self>, engine: Arc<Engine>, shutdown: CancellationToken) {
         let mut watchers = JoinSet::new();
-        for i in 0..self.replicas.len() {
+        for i in 0..self.schedulers.all().len() {
             let (p2p, engine, shutdown) = (self.clone(), engine.clone(), shutdown.clone());
             watchers.spawn(async move {
                 loop {
@@ -212,8 +183,8 @@ impl P2p {
 
     /// One WatchJobs stream on replica `i`, until it breaks.
     async fn watch(self: &Arc<Self>, i: usize, engine: &Arc<Engine>) {
-        let r = &self.replicas[i];
-        let mut client = match self.client(r).await {
+        let r = &self.schedulers.all()[i];
+        let mut client = match self.schedulers.client(r).await {
             Ok(c) => c,
             Err(_) => return,
         };
@@ -249,8 +220,8 @@ impl P2p {
     /// lets a node resolve a preheated image while its registry cannot be reached.
     pub async fn recorded_manifest(&self, registry: &str, repository: &str, reference: &str) -> Option<pb::Manifest> {
         let req = pb::GetManifestRequest { registry: registry.into(), repository: repository.into(), reference: reference.into() };
-        for r in &self.replicas {
-            match self.client(r).await {
+        for r in self.schedulers.all() {
+            match self.schedulers.client(r).await {
                 Ok(mut c) => match c.get_manifest(req.clone()).await {
                     Ok(resp) => {
                         if let Some(m) = resp.into_inner().manifest {
@@ -268,7 +239,7 @@ impl P2p {
     /// The length of `task` if the cluster holds it: whoever fetched it from the origin knew.
     pub async fn task_len(&self, task: &TaskId) -> Option<u64> {
         for r in self.replicas_for(task) {
-            let Ok(mut c) = self.client(r).await else { continue };
+            let Ok(mut c) = self.schedulers.client(r).await else { continue };
             if let Ok(resp) = c.stat_task(pb::StatTaskRequest { task_id: task.to_string() }).await {
                 let stat = resp.into_inner();
                 return (stat.known && stat.length > 0).then_some(stat.length);
@@ -283,7 +254,7 @@ impl P2p {
         for r in self.replicas_for(&task.id) {
             let (tx, rx) = mpsc::channel(1024);
             let _ = tx.send(pb::PeerEvent { event: Some(Event::Register(register.clone())) }).await;
-            let opened = match self.client(r).await {
+            let opened = match self.schedulers.client(r).await {
                 Ok(mut c) => c.announce_peer(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
@@ -291,7 +262,7 @@ impl P2p {
                 Ok(resp) => return Some((tx, resp.into_inner())),
                 Err(e) => {
                     warn!(scheduler = %r.addr, error = %e, "scheduler refused or unreachable; trying the next");
-                    self.forget(r).await;
+                    self.schedulers.forget(r).await;
                 }
             }
         }

@@ -2,12 +2,14 @@
 //! with its baselines on the same machine in the same run, and is written to `bench/results/` as
 //! JSON and a Markdown table.
 //!
-//! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8` or `-- scaling` (build the
-//! agent first: `cargo build --release -p shoal`). Run as root: scenarios make network namespaces.
+//! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8`, `-- scaling` or `-- fuse`
+//! (build the agent first: `cargo build --release -p shoal`). Run as root: scenarios make network
+//! namespaces, mount filesystems and drop the page cache.
 //! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
 mod bittorrent;
 mod fanout;
+mod fuse;
 mod mirror;
 mod plot;
 mod report;
@@ -38,6 +40,10 @@ enum Scenario {
     Fanout(fanout::Args),
     /// Scaling: the fan-out scenario for N = 4, 8, 16, 32, 64 (`--sizes`), and completion / bound against N.
     Scaling(scaling::Args),
+    /// Lazy-loading filesystem: one 512 MiB file and 2,000 small files read cold, local and warm
+    /// through `shoal mount` with passthrough, without it, and from the native directory; plus
+    /// `shoal build` time and output size.
+    Fuse(fuse::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -49,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Mirror(args) => mirror::run(args, &out).await,
             Scenario::Fanout(args) => fanout::run(args, &out).await.map(|_| ()),
             Scenario::Scaling(args) => scaling::run(args, &out).await,
+            Scenario::Fuse(args) => fuse::run(args, &out).await,
         }
     };
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every

@@ -5,6 +5,7 @@ mod build;
 mod get;
 mod image;
 mod import;
+mod learned;
 mod logging;
 mod mount;
 mod preheat;

@@ -1,7 +1,8 @@
 //! `shoal mount`: mounts a Shoal image (built by `shoal build`) read-only with FUSE and serves
 //! it on demand: metadata from the bootstrap in memory, file data chunk by chunk through the
-//! local agent's mirror (so peers serve it), the registry, or a local blob directory. Runs in
-//! the foreground until SIGTERM or SIGINT, then unmounts.
+//! local agent's mirror (so peers serve it), the registry, or a local blob directory. Files
+//! whose chunks are all local are materialised in the cache and read by the kernel directly
+//! (FUSE passthrough). Runs in the foreground until SIGTERM or SIGINT, then unmounts.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,8 +19,9 @@ use shoal_core::reference::Reference;
 use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
 use shoal_core::Digest;
 use shoal_fuse::cache::ChunkCache;
-use shoal_fuse::fs::{MountConfig, MountSession, ShoalFs};
+use shoal_fuse::fs::{FsStats, MountConfig, MountSession, ShoalFs};
 use shoal_fuse::loader::ChunkLoader;
+use shoal_fuse::materialise::Materialiser;
 use shoal_fuse::source::{BlobDir, ChunkSource, MirrorBlobs, RegistryBlobs};
 use shoal_fuse::trace::Trace;
 use shoal_fuse::{Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_VALUE, FORMAT_ANNOTATION, FORMAT_ANNOTATION_VALUE};
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::image;
+use crate::learned::ClusterTrace;
 
 /// Examples shown by `shoal mount --help`.
 pub const EXAMPLES: &str = "Examples:
@@ -36,6 +39,8 @@ pub const EXAMPLES: &str = "Examples:
       also records the order files are first read, for `shoal build --prefetch trace.txt`
   shoal mount --bootstrap ./app/bootstrap --blobs ./app/blobs /run/app
       mounts a local copy written by `shoal build --output-dir ./app`
+  shoal mount --no-passthrough --stats /run/app.stats IMAGE /run/app
+      serves every read from this process, and keeps counters of what it served in /run/app.stats
 Stop with SIGTERM or Ctrl-C: the filesystem is unmounted before the process exits.";
 
 /// Readahead the kernel is asked to use on the mount, in KiB: 1 MiB requests, one chunk each.
@@ -43,6 +48,9 @@ const READ_AHEAD_KB: u32 = 1024;
 
 /// How long unmounting may take before the process exits anyway.
 const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the stats file is refreshed (when something changed).
+const STATS_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -82,12 +90,34 @@ pub struct MountArgs {
     /// Chunks of the image's prefetch list fetched at once in the background after mounting.
     #[arg(long, default_value_t = 4)]
     prefetch_concurrency: usize,
-    /// Do not fetch the image's prefetch list in the background.
+    /// Do not prefetch in the background: neither the image's prefetch list nor the trace the
+    /// cluster learned.
     #[arg(long)]
     no_prefetch: bool,
+    /// Scheduler replicas (`host:port`, repeat or separate with commas) that learn the image's
+    /// access trace: this mount reports the order its files are first read, and when the image
+    /// has no prefetch list of its own it prefetches by the trace merged from every host's mounts.
+    /// Default: [peer] schedulers, else the all-in-one node's embedded scheduler ([scheduler] listen).
+    #[arg(long = "scheduler", value_name = "ADDR", value_delimiter = ',')]
+    schedulers: Vec<String>,
+    /// Neither report this mount's access trace to the scheduler nor prefetch by the cluster's.
+    #[arg(long)]
+    no_cluster_trace: bool,
     /// Threads answering the kernel's requests.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// Serve every read from this process. By default a file whose chunks are all local is
+    /// written whole into the cache (counted against --cache-size) and its later opens are
+    /// handed to the kernel (FUSE passthrough), so reads run at local-disk speed without
+    /// entering this process. Passthrough needs root (CAP_SYS_ADMIN) and Linux 6.9+; without
+    /// them shoal falls back to serving reads itself, and says so once in the log.
+    #[arg(long, env = "SHOAL_NO_PASSTHROUGH")]
+    no_passthrough: bool,
+    /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:
+    /// opens served by passthrough and by this process, read requests and bytes this process
+    /// answered, files materialised, chunks fetched.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
     /// Config file: data_dir, logging, registry credentials and TLS settings.
     #[arg(long, short, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
@@ -106,17 +136,17 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
-    let (bootstrap, source, name) = match (&image, &args.bootstrap, &args.blobs) {
+    let (bootstrap, bootstrap_digest, source, name) = match (&image, &args.bootstrap, &args.blobs) {
         (None, Some(file), Some(blobs)) => {
             let bytes = std::fs::read(file).with_context(|| format!("reading the bootstrap {}", file.display()))?;
             let bootstrap = Bootstrap::decode(&bytes).with_context(|| format!("reading the bootstrap {}", file.display()))?;
             let source: Arc<dyn ChunkSource> = Arc::new(BlobDir::new(blobs.clone()));
-            (bootstrap, source, file.display().to_string())
+            (bootstrap, Digest::of(&bytes), source, file.display().to_string())
         }
         (Some(r), _, _) => {
             let remote = Remote::connect(&args, &config, r).await?;
-            let bootstrap = remote.bootstrap(r).await?;
-            (bootstrap, remote.source(r)?, r.to_string())
+            let (bootstrap, digest) = remote.bootstrap(r).await?;
+            (bootstrap, digest, remote.source(r)?, r.to_string())
         }
         _ => bail!("--bootstrap needs --blobs"),
     };
@@ -128,12 +158,25 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     info!(image = %name, source = %source.describe(), cache = %cache_dir.display(), files = bootstrap.inode_count(), "mounting");
     let runtime = tokio::runtime::Handle::current();
     let loader = Arc::new(ChunkLoader::new(bootstrap.clone(), cache, source, runtime.clone(), args.readahead));
+    let cluster = if args.no_cluster_trace {
+        None
+    } else {
+        ClusterTrace::new(&schedulers(&args, &config), bootstrap_digest.to_string(), host_id(&config)).map(Arc::new)
+    };
     let trace = match &args.trace {
         Some(path) => Some(Trace::create(path, &bootstrap).with_context(|| format!("creating the trace file {}", path.display()))?),
+        None if cluster.is_some() => Some(Trace::new(&bootstrap)),
         None => None,
     };
-    let fs = ShoalFs::new(loader.clone(), runtime, trace);
-    let mount_config = MountConfig { fs_name: format!("shoal:{name}"), threads: usize::from(args.threads), ..MountConfig::default() };
+    let trace = trace.map(Arc::new);
+    let fs = ShoalFs::new(loader.clone(), runtime, trace.clone());
+    let counters = Counters { fs: fs.stats(), local: fs.materialiser(), loader: loader.clone() };
+    let mount_config = MountConfig {
+        fs_name: format!("shoal:{name}"),
+        threads: usize::from(args.threads),
+        passthrough: !args.no_passthrough,
+        ..MountConfig::default()
+    };
     let session = fs
         .mount(&mountpoint, &mount_config)
         .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", mountpoint.display()))?;
@@ -141,31 +184,108 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     info!(mountpoint = %mountpoint.display(), "mounted");
     let prefetch: Vec<u64> = bootstrap.prefetch().collect();
     if !args.no_prefetch && !prefetch.is_empty() {
-        info!(files = prefetch.len(), "prefetching in the background");
+        info!(files = prefetch.len(), "prefetching the image's prefetch list in the background");
         tokio::spawn(loader.clone().prefetch(prefetch, args.prefetch_concurrency));
+    } else if let (false, Some(cluster)) = (args.no_prefetch, &cluster) {
+        tokio::spawn(cluster.clone().prefetch(loader.clone(), args.prefetch_concurrency));
     }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::stop_on_signal(shutdown.clone()));
+    let reporter = match (&cluster, &trace) {
+        (Some(cluster), Some(trace)) => Some(tokio::spawn(cluster.clone().report_loop(trace.clone(), shutdown.clone()))),
+        _ => None,
+    };
+    let mut written = None;
     while !shutdown.is_cancelled() && !session.guard.is_finished() {
+        if let Some(path) = &args.stats {
+            write_stats(path, &counters, &mut written);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(STATS_INTERVAL) => {}
         }
     }
     if session.guard.is_finished() && !shutdown.is_cancelled() {
         info!("the filesystem was unmounted from outside");
     }
     unmount(session, &mountpoint).await;
-    let stats = loader.stats();
+    // The reporter sends the whole trace once more on shutdown.
+    shutdown.cancel();
+    if let Some(reporter) = reporter {
+        let _ = reporter.await;
+    }
+    if let Some(path) = &args.stats {
+        write_stats(path, &counters, &mut written);
+    }
+    let stats = counters.json();
     info!(
-        fetched_chunks = stats.fetched_chunks.load(Ordering::Relaxed),
-        fetched_bytes = stats.fetched_bytes.load(Ordering::Relaxed),
-        failed_chunks = stats.failed_chunks.load(Ordering::Relaxed),
+        fetched_chunks = %stats["fetched_chunks"],
+        fetched_bytes = %stats["fetched_bytes"],
+        failed_chunks = %stats["failed_chunks"],
+        passthrough = %stats["passthrough"],
+        passthrough_opens = %stats["passthrough_opens"],
+        plain_opens = %stats["plain_opens"],
+        reads = %stats["reads"],
+        materialised_files = %stats["materialised_files"],
         "unmounted {}",
         mountpoint.display()
     );
     Ok(())
+}
+
+/// The live counters of one mount.
+struct Counters {
+    /// What the filesystem served.
+    fs: Arc<FsStats>,
+    /// What it materialised.
+    local: Arc<Materialiser>,
+    /// What was fetched.
+    loader: Arc<ChunkLoader>,
+}
+
+impl Counters {
+    fn json(&self) -> serde_json::Value {
+        let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let (fs, local, loader) = (&self.fs, self.local.stats(), self.loader.stats());
+        serde_json::json!({
+            "passthrough": fs.passthrough().as_str(),
+            "passthrough_opens": n(&fs.passthrough_opens),
+            "plain_opens": n(&fs.plain_opens),
+            "releases": n(&fs.releases),
+            "reads": n(&fs.reads),
+            "read_bytes": n(&fs.read_bytes),
+            "materialised_files": n(&local.files),
+            "materialised_bytes": n(&local.bytes),
+            "materialise_failures": n(&local.failed),
+            "fetched_chunks": n(&loader.fetched_chunks),
+            "fetched_bytes": n(&loader.fetched_bytes),
+            "failed_chunks": n(&loader.failed_chunks),
+            "cache_used_bytes": self.loader.cache().used(),
+        })
+    }
+}
+
+/// Writes the counters to `path` when they changed since `written` (atomically: a reader never
+/// sees a partial file). Best effort.
+fn write_stats(path: &Path, counters: &Counters, written: &mut Option<serde_json::Value>) {
+    let now = counters.json();
+    if written.as_ref() == Some(&now) {
+        return;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = std::fs::write(&tmp, format!("{now}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    match result {
+        Ok(()) => *written = Some(now),
+        Err(e) => {
+            if written.is_none() {
+                warn!(path = %path.display(), error = %e, "cannot write the stats file");
+            }
+            *written = Some(now);
+        }
+    }
 }
 
 /// Unmounts and waits for the session to end, at most [`UNMOUNT_TIMEOUT`]; when the kernel
@@ -264,8 +384,9 @@ impl Remote {
         Ok(bytes)
     }
 
-    /// Finds the image's bootstrap layer by its annotation, fetches and decodes it.
-    async fn bootstrap(&self, r: &Reference) -> anyhow::Result<Bootstrap> {
+    /// Finds the image's bootstrap layer by its annotation, fetches and decodes it; returns it
+    /// with its digest.
+    async fn bootstrap(&self, r: &Reference) -> anyhow::Result<(Bootstrap, Digest)> {
         let resolved = image::resolve(r, "linux/amd64", |reference| self.manifest(r, reference)).await?;
         let manifest: ImageManifest = serde_json::from_slice(&resolved.manifest).context("reading the image manifest")?;
         let layer = manifest
@@ -284,7 +405,8 @@ impl Remote {
         let digest: Digest = layer.digest().to_string().parse()?;
         let bytes = self.blob(r, &digest).await?;
         debug!(%digest, len = bytes.len(), "bootstrap fetched");
-        Bootstrap::decode(&bytes).with_context(|| format!("{r}: reading its bootstrap {digest}"))
+        let bootstrap = Bootstrap::decode(&bytes).with_context(|| format!("{r}: reading its bootstrap {digest}"))?;
+        Ok((bootstrap, digest))
     }
 
     fn source(&self, r: &Reference) -> anyhow::Result<Arc<dyn ChunkSource>> {
@@ -295,15 +417,44 @@ impl Remote {
     }
 }
 
+/// The scheduler replicas that learn access traces: `--scheduler`, else `[peer] schedulers`,
+/// else the embedded scheduler of an all-in-one node on this host.
+fn schedulers(args: &MountArgs, config: &Config) -> Vec<String> {
+    if !args.schedulers.is_empty() {
+        return args.schedulers.clone();
+    }
+    if !config.peer.schedulers.is_empty() {
+        return config.peer.schedulers.clone();
+    }
+    let mut embedded = config.scheduler.listen;
+    if embedded.ip().is_unspecified() {
+        embedded.set_ip([127, 0, 0, 1].into());
+    }
+    vec![embedded.to_string()]
+}
+
+/// This host's id for its traces: `[peer] host_id`, else the host name.
+fn host_id(config: &Config) -> String {
+    if let Some(id) = &config.peer.host_id {
+        return id.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).unwrap_or_default()
+}
+
 /// Asks the kernel for 1 MiB readahead on the mount (the default is 128 KiB), so sequential
-/// reads arrive as whole chunks. Best effort.
+/// reads arrive as whole chunks, unless it is that high already. Best effort: it needs root.
 fn raise_read_ahead(mountpoint: &Path) {
     let Ok(meta) = std::fs::metadata(mountpoint) else { return };
     let dev = meta.dev();
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
     let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
-        debug!(%path, error = %e, "cannot raise the mount's readahead");
+    let current = std::fs::read_to_string(&path).ok().and_then(|kb| kb.trim().parse::<u32>().ok());
+    if current.is_some_and(|kb| kb >= READ_AHEAD_KB) {
+        return;
+    }
+    match std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        Ok(()) => debug!(%path, from_kb = ?current, to_kb = READ_AHEAD_KB, "raised the mount's readahead"),
+        Err(e) => info!(%path, error = %e, "cannot raise the mount's readahead; sequential reads arrive in smaller requests"),
     }
 }

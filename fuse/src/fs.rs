@@ -1,30 +1,40 @@
 //! The read-only FUSE filesystem serving a chunked image: metadata from the bootstrap in
-//! memory, file data from the chunk loader.
+//! memory, file data from the chunk loader, or from the kernel itself once a file is local.
 //!
 //! The image never changes while mounted, so the kernel may cache everything for long: entries
 //! and attributes get long TTLs and open files keep their page cache. Reads whose chunks are
 //! all local are answered on the FUSE thread; the others wait for their chunks on the runtime
 //! without blocking other requests.
+//!
+//! Once every chunk of a file is local, the file is materialised uncompressed in the cache, and
+//! later opens hand that file to the kernel (FUSE passthrough): reads then go straight to it and
+//! never reach this process. The kernel refuses to mix passthrough and cached opens of one
+//! inode (the second open fails with ETXTBSY), so an inode stays in the mode of the handles open
+//! on it, and all its passthrough handles share one backing id, kept until the last is released.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
 };
 use tokio::runtime::Handle;
 
 /// A mounted filesystem served by background threads; unmounted when dropped.
 pub use fuser::BackgroundSession as MountSession;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::format::{Attr, Bootstrap, FileKind, Timestamp};
 use crate::loader::{ChunkLoader, LoadError};
+use crate::materialise::Materialiser;
 use crate::trace::Trace;
 
 /// How long the kernel may cache entries and attributes: the image is immutable.
@@ -39,6 +49,94 @@ const MAX_READAHEAD: u32 = 1 << 20;
 /// Requests the kernel may have outstanding in the background (readahead).
 const MAX_BACKGROUND: u16 = 64;
 
+/// The file handle of opens served by this process.
+const PLAIN_FH: FileHandle = FileHandle(0);
+
+/// The file handle of opens served by the kernel from a materialised file.
+const PASSTHROUGH_FH: FileHandle = FileHandle(1);
+
+/// Whether opens may use FUSE passthrough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passthrough {
+    /// Turned off by configuration.
+    Off = 0,
+    /// Used for files whose chunks are all local.
+    On = 1,
+    /// Wanted, but the kernel does not offer it or refused it (it needs CAP_SYS_ADMIN and
+    /// Linux 6.9+); every read is served by this process.
+    Refused = 2,
+}
+
+impl Passthrough {
+    /// The state as a word, for logs and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Passthrough::Off => "off",
+            Passthrough::On => "on",
+            Passthrough::Refused => "refused",
+        }
+    }
+
+    fn from_u8(value: u8) -> Passthrough {
+        match value {
+            1 => Passthrough::On,
+            2 => Passthrough::Refused,
+            _ => Passthrough::Off,
+        }
+    }
+}
+
+/// Counters of what the filesystem did, shared with whoever reports them.
+#[derive(Debug)]
+pub struct FsStats {
+    /// Opens of regular files served by passthrough: their reads never reach this process.
+    pub passthrough_opens: AtomicU64,
+    /// Opens of regular files served by this process.
+    pub plain_opens: AtomicU64,
+    /// Releases of regular files (last close of an open).
+    pub releases: AtomicU64,
+    /// Read requests this process answered.
+    pub reads: AtomicU64,
+    /// Bytes those reads returned.
+    pub read_bytes: AtomicU64,
+    /// The passthrough state, a [`Passthrough`].
+    passthrough: AtomicU8,
+}
+
+impl FsStats {
+    fn new(passthrough: Passthrough) -> FsStats {
+        FsStats {
+            passthrough_opens: AtomicU64::new(0),
+            plain_opens: AtomicU64::new(0),
+            releases: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            passthrough: AtomicU8::new(passthrough as u8),
+        }
+    }
+
+    /// Whether opens may use passthrough now.
+    pub fn passthrough(&self) -> Passthrough {
+        Passthrough::from_u8(self.passthrough.load(Ordering::Relaxed))
+    }
+
+    /// Marks passthrough refused; true the first time (so it is logged once).
+    fn refuse_passthrough(&self) -> bool {
+        self.passthrough.compare_exchange(Passthrough::On as u8, Passthrough::Refused as u8, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+/// How an inode is open right now.
+#[derive(Default)]
+struct OpenInode {
+    /// Handles served by this process.
+    plain: u32,
+    /// Handles served by passthrough.
+    passthrough: u32,
+    /// The backing id every passthrough handle of the inode uses, while any is open.
+    backing: Option<Arc<BackingId>>,
+}
+
 /// The filesystem of one mounted image.
 pub struct ShoalFs {
     /// The image's metadata.
@@ -51,6 +149,12 @@ pub struct ShoalFs {
     trace: Option<Arc<Trace>>,
     /// Entry and attribute TTL.
     ttl: Duration,
+    /// Makes local files whole for passthrough.
+    local: Arc<Materialiser>,
+    /// Open regular files by inode, while passthrough is wanted.
+    opens: Mutex<HashMap<u64, OpenInode>>,
+    /// What was done.
+    stats: Arc<FsStats>,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -71,23 +175,49 @@ pub struct MountConfig {
     /// Have `fusermount3` watch the process and unmount when it dies. Unmounting is then
     /// asynchronous, so a clean shutdown should rather unmount itself (the default).
     pub auto_unmount: bool,
+    /// Materialise files whose chunks are all local and serve their later opens by FUSE
+    /// passthrough. Falls back to serving reads itself when the kernel refuses.
+    pub passthrough: bool,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { fs_name: "shoal".into(), threads: 2, allow_other: true, auto_unmount: false }
+        MountConfig { fs_name: "shoal".into(), threads: 2, allow_other: true, auto_unmount: false, passthrough: true }
     }
 }
 
 impl ShoalFs {
     /// A filesystem serving `loader`'s image, running waiting reads on `runtime`.
-    pub fn new(loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Trace>) -> Self {
-        ShoalFs { bootstrap: loader.bootstrap().clone(), loader, runtime, trace: trace.map(Arc::new), ttl: DEFAULT_TTL }
+    pub fn new(loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Arc<Trace>>) -> Self {
+        let local = Arc::new(Materialiser::new(loader.bootstrap().clone(), loader.cache().clone(), runtime.clone()));
+        ShoalFs {
+            bootstrap: loader.bootstrap().clone(),
+            loader,
+            runtime,
+            trace,
+            ttl: DEFAULT_TTL,
+            local,
+            opens: Mutex::new(HashMap::new()),
+            stats: Arc::new(FsStats::new(Passthrough::On)),
+        }
+    }
+
+    /// What the filesystem did; live counters.
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
+    /// What the filesystem materialised.
+    pub fn materialiser(&self) -> Arc<Materialiser> {
+        self.local.clone()
     }
 
     /// Mounts the filesystem at `mountpoint`, serving it from background threads until the
     /// returned session is unmounted or dropped.
     pub fn mount(self, mountpoint: &Path, config: &MountConfig) -> io::Result<MountSession> {
+        if !config.passthrough {
+            self.stats.passthrough.store(Passthrough::Off as u8, Ordering::Relaxed);
+        }
         let mut options = vec![
             MountOption::RO,
             MountOption::FSName(config.fs_name.clone()),
@@ -113,6 +243,56 @@ impl ShoalFs {
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         self.bootstrap.getattr(ino).map(|attr| file_attr(&attr))
     }
+
+    fn opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenInode>> {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new backing id for file `ino`'s materialised copy; `None` when it has none, or when the
+    /// kernel refuses (passthrough is then off for good, said once in the log).
+    fn open_backing(&self, ino: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let file = self.local.open(ino)?;
+        match reply.open_backing(&file) {
+            Ok(id) => Some(Arc::new(id)),
+            Err(e) => {
+                if self.stats.refuse_passthrough() {
+                    warn!(error = %e, "the kernel refused a FUSE passthrough file (it needs CAP_SYS_ADMIN and Linux 6.9+); serving every read from shoal");
+                }
+                None
+            }
+        }
+    }
+
+    /// Opens regular file `ino` by passthrough when it is materialised and no handle served by
+    /// this process is open on it; else counts a plain open. Returns the reply when the caller
+    /// is to answer it as a plain open.
+    fn open_file(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if self.stats.passthrough() == Passthrough::Off {
+            return Some(reply);
+        }
+        let mut opens = self.opens();
+        let open = opens.entry(ino).or_default();
+        // A backing id is held exactly while passthrough handles are open: they share it.
+        let backing = match &open.backing {
+            Some(backing) => Some(backing.clone()),
+            None if open.plain == 0 && self.stats.passthrough() == Passthrough::On => self.open_backing(ino, &reply),
+            None => None,
+        };
+        if let Some(backing) = backing {
+            open.passthrough += 1;
+            open.backing = Some(backing.clone());
+            // No other flag: the kernel fails a passthrough open carrying FOPEN_KEEP_CACHE (EIO).
+            reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), &backing);
+            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            if let Some(trace) = &self.trace {
+                // Its reads will not be seen: the open stands for the first read.
+                trace.record(ino);
+            }
+            return None;
+        }
+        open.plain += 1;
+        Some(reply)
+    }
 }
 
 /// The process's effective user id.
@@ -128,6 +308,16 @@ impl fuser::Filesystem for ShoalFs {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // No FUSE_WRITEBACK_CACHE: the kernel turns passthrough off with it.
+        if self.stats.passthrough() == Passthrough::On {
+            let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            // A depth of 0 disables passthrough; 1 lets overlayfs stack on this mount.
+            if offered && config.set_max_stack_depth(1).is_ok() {
+                info!("FUSE passthrough on: files whose chunks are all local are read by the kernel directly");
+            } else if self.stats.refuse_passthrough() {
+                warn!("the kernel does not offer FUSE passthrough (Linux 6.9+); serving every read from shoal");
+            }
+        }
         // Optional speedups: fine if the kernel lacks them.
         for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS] {
             let _ = config.add_capabilities(flag);
@@ -171,7 +361,55 @@ impl fuser::Filesystem for ShoalFs {
         if attr.kind == FileKind::Directory {
             return reply.error(Errno::EISDIR);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        if attr.kind != FileKind::Regular {
+            return reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        let Some(reply) = self.open_file(ino.0, reply) else { return };
+        reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
+        self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
+        if self.stats.passthrough() == Passthrough::On {
+            // Its chunks may be local already (prefetch, another file with the same data).
+            self.local.offer(ino.0);
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if !matches!(self.bootstrap.getattr(ino.0), Some(attr) if attr.kind == FileKind::Regular) {
+            return reply.ok();
+        }
+        self.stats.releases.fetch_add(1, Ordering::Relaxed);
+        let plain = fh != PASSTHROUGH_FH;
+        let mut opens = self.opens();
+        if let Some(open) = opens.get_mut(&ino.0) {
+            if plain {
+                open.plain = open.plain.saturating_sub(1);
+            } else {
+                open.passthrough = open.passthrough.saturating_sub(1);
+                if open.passthrough == 0 {
+                    // The kernel holds its own reference for files still open; this only
+                    // frees the id.
+                    open.backing = None;
+                }
+            }
+            if open.plain == 0 && open.passthrough == 0 {
+                opens.remove(&ino.0);
+            }
+        }
+        drop(opens);
+        reply.ok();
+        // A file read through once has all its chunks local now: make it whole for the next open.
+        if plain && self.stats.passthrough() == Passthrough::On {
+            self.local.offer(ino.0);
+        }
     }
 
     fn read(
@@ -189,16 +427,23 @@ impl fuser::Filesystem for ShoalFs {
         if let Some(trace) = &self.trace {
             trace.record(ino);
         }
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let cached = self.loader.read_cached(ino, offset, size);
         self.loader.note_read(ino, offset, size);
         match cached {
-            Some(Ok(data)) => reply.data(&data),
+            Some(Ok(data)) => {
+                self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
             Some(Err(e)) => reply.error(read_errno(ino, offset, &e)),
             None => {
-                let loader = self.loader.clone();
+                let (loader, stats) = (self.loader.clone(), self.stats.clone());
                 self.runtime.spawn(async move {
                     match loader.read(ino, offset, size).await {
-                        Ok(data) => reply.data(&data),
+                        Ok(data) => {
+                            stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            reply.data(&data)
+                        }
                         Err(e) => reply.error(read_errno(ino, offset, &e)),
                     }
                 });

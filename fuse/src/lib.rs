@@ -16,8 +16,10 @@
 //! touch the network, files or a clock themselves. The filesystem is the I/O shell around them:
 //!
 //! - [`source`]: where chunk bytes come from (a local directory, the agent's mirror, a registry).
-//! - [`cache`]: verified chunks on local disk, evicted least recently used first.
+//! - [`cache`]: verified chunks and materialised files on local disk, evicted least recently
+//!   used first.
 //! - [`loader`]: fetching each missing chunk once, verifying it, readahead and prefetch.
+//! - [`materialise`]: whole files written out of their cached chunks, for kernel passthrough.
 //! - [`trace`]: recording the order files are first read, for the next build's prefetch list.
 //! - [`fs`]: the read-only FUSE filesystem answering the kernel.
 
@@ -29,6 +31,7 @@ pub mod format;
 pub mod fs;
 pub mod layer;
 pub mod loader;
+pub mod materialise;
 pub mod source;
 pub mod trace;
 pub mod tree;

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod manifests;
 pub mod parents;
 pub mod service;
+pub mod traces;
 
 pub use cluster::{Cluster, Decision, Limits, PeerStatus};
 pub use hosts::{HostId, HostInfo};

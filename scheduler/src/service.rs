@@ -21,11 +21,14 @@ use crate::hosts::{HostId, HostInfo};
 use crate::jobs::{Job, JobState};
 use crate::manifests::{Manifest, ManifestBook};
 use crate::parents::Limits;
+use crate::traces::TraceBook;
 
 /// Hosts silent for this long are dropped (they announce every few seconds).
 pub const HOST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of preheated manifests kept in memory.
 const MANIFEST_BUDGET: usize = 64 << 20;
+/// Bytes of access traces kept in memory.
+const TRACE_BUDGET: usize = 64 << 20;
 /// How long a peer told to wait should wait before registering again.
 const WAIT_MS: u32 = 200;
 
@@ -47,6 +50,8 @@ pub struct Service {
     digests: Mutex<HashMap<TaskId, broadcast::Sender<DigestNote>>>,
     /// Manifests of preheated images, for agents whose registry is down.
     manifests: Mutex<ManifestBook>,
+    /// Access traces of mounted images, merged per image for cluster-learned prefetch.
+    traces: Mutex<TraceBook>,
     started: Instant,
 }
 
@@ -59,12 +64,17 @@ impl Service {
             jobs: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
             manifests: Mutex::new(ManifestBook::new(MANIFEST_BUDGET)),
+            traces: Mutex::new(TraceBook::new(TRACE_BUDGET)),
             started: Instant::now(),
         })
     }
 
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    fn traces(&self) -> MutexGuard<'_, TraceBook> {
+        self.traces.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cluster(&self) -> MutexGuard<'_, Cluster> {
@@ -361,6 +371,19 @@ impl Scheduler for Api {
             public: m.public,
         });
         Ok(Response::new(pb::GetManifestResponse { manifest }))
+    }
+
+    async fn report_trace(&self, req: Request<pb::ReportTraceRequest>) -> Result<Response<pb::ReportTraceResponse>, Status> {
+        let r = req.into_inner();
+        let paths = r.paths.len();
+        let kept = self.traces().record(&r.image, &r.host_id, r.paths).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        debug!(image = %r.image, host = %r.host_id, paths, kept, "trace recorded");
+        Ok(Response::new(pb::ReportTraceResponse { kept: kept as u32 }))
+    }
+
+    async fn get_trace(&self, req: Request<pb::GetTraceRequest>) -> Result<Response<pb::GetTraceResponse>, Status> {
+        let (paths, traces) = self.traces().merged(&req.into_inner().image);
+        Ok(Response::new(pb::GetTraceResponse { paths, traces: traces as u32 }))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Fixtures for the lazy-loading tests: OCI image layouts written entry by entry with the `tar`
 //! crate (whiteouts, opaque directories, hard links, devices, xattrs), the merged tree those
 //! layers should produce, a comparison of a mounted tree with it, and `shoal mount` as a real
-//! process that is always unmounted afterwards.
+//! process that is always unmounted afterwards, with its live counters (`--stats`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -429,8 +429,16 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts.lines().any(|line| line.split(' ').nth(1) == Some(want.as_ref()))
 }
 
+/// Writes dirty pages and drops the kernel's clean page cache (all of it: root only), so the
+/// next read of a file goes to its filesystem.
+pub fn drop_page_cache() -> anyhow::Result<()> {
+    Command::new("sync").status().context("running sync")?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches (needs root)")?;
+    Ok(())
+}
+
 /// A `shoal mount` process and its mount point; unmounted and stopped when dropped, even when
-/// the test fails.
+/// the test fails. It keeps its counters in a stats file ([`Mount::stats`]).
 pub struct Mount {
     /// Holds the mount point and the log.
     dir: tempfile::TempDir,
@@ -441,8 +449,15 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Runs `shoal mount ARGS... <mountpoint>` and waits until the filesystem is mounted.
+    /// Runs `shoal mount ARGS... --stats <file> <mountpoint>` and waits until the filesystem
+    /// is mounted. Unless ARGS name a `--scheduler`, the mount neither reports nor uses access
+    /// traces (`--no-cluster-trace`), so tests never learn from each other.
     pub async fn start(args: &[String]) -> anyhow::Result<Mount> {
+        Mount::start_with_env(args, &[]).await
+    }
+
+    /// [`Mount::start`] with extra environment variables (`SHOAL_PEER__HOST_ID`, say).
+    pub async fn start_with_env(args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Mount> {
         let dir = tempfile::Builder::new().prefix("shoal-mount-").tempdir()?;
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir(&mountpoint)?;
@@ -450,8 +465,12 @@ impl Mount {
         let child = Command::new(shoal_bin())
             .arg("mount")
             .args(args)
+            .arg("--stats")
+            .arg(dir.path().join("stats.json"))
+            .args(args.iter().all(|a| a != "--scheduler").then_some("--no-cluster-trace"))
             .arg(&mountpoint)
-            .env("RUST_LOG", "info,shoal_fuse=debug")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,shoal_fuse=debug,shoal=debug,shoal_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -480,6 +499,36 @@ impl Mount {
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mount.log")).unwrap_or_default()
+    }
+
+    /// The mount's counters as last written (every 200 ms when they change): `passthrough`
+    /// ("on", "off", "refused"), `passthrough_opens`, `plain_opens`, `releases`, `reads` and
+    /// `read_bytes` (read requests shoal answered), `materialised_files`, `fetched_chunks`, ...
+    pub fn stats(&self) -> serde_json::Value {
+        std::fs::read(self.dir.path().join("stats.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Counter `name` of the mount's last stats (0 before the first).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()[name].as_u64().unwrap_or(0)
+    }
+
+    /// Waits up to 30 s for stats that satisfy `check`, and returns them.
+    pub async fn wait_stats(&self, what: &str, mut check: impl FnMut(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let stats = self.stats();
+            if !stats.is_null() && check(&stats) {
+                return Ok(stats);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("waited 30 s for {what}; stats: {stats}\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the process with SIGTERM and waits for it; fails unless it exits cleanly within

@@ -1,18 +1,23 @@
 //! Lazy loading end to end with real parts: `shoal build` converts a multi-layer OCI image into
 //! a real registry, `shoal mount` serves it with FUSE (through a real agent's mirror, from the
 //! registry directly, or from local files), and the tests check what a reader sees, what the
-//! registry sent and what the chunk cache holds.
+//! registry sent, what the chunk cache holds, and (through the mount's counters) whether reads
+//! were served by shoal or by the kernel from a materialised file (passthrough).
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use shoal_fuse::materialise::file_key;
 use shoal_fuse::Bootstrap;
-use shoal_tests::lazy::{compare_tree, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount};
+use shoal_tests::lazy::{
+    compare_tree, drop_page_cache, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount,
+};
 use shoal_tests::registry::run;
-use shoal_tests::{random_bytes, require, task_dir, Agent, Registry};
+use shoal_tests::{random_bytes, require, task_dir, Agent, Registry, Scheduler};
 
 const MIB: usize = 1 << 20;
 
@@ -284,6 +289,22 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
     assert_eq!(std::fs::read(mount.path("bin/tool")).unwrap(), content("bin/tool"));
     assert!(!cache.join(hex::encode(bad.digest)).exists(), "the corrupt chunk must never be cached");
     assert!(mount.log().contains("failed verification"), "{}", mount.log());
+    drop(file);
+    // The files read whole are materialised; the one with a bad chunk never is, and stays EIO.
+    mount.wait_stats("two files materialised", |s| s["materialised_files"].as_u64() >= Some(2)).await.unwrap();
+    let materialised = |path: &str| {
+        let ino = bootstrap.resolve(path.as_bytes()).unwrap();
+        cache.join("files").join(hex::encode(file_key(&bootstrap, ino).unwrap()))
+    };
+    assert!(materialised("small/one.txt").exists() && materialised("bin/tool").exists());
+    assert!(!materialised("data/big.bin").exists(), "a file with a corrupt chunk must never be materialised");
+    let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    let stats =
+        mount.wait_stats("every open released", |s| s["releases"].as_u64() >= s["plain_opens"].as_u64().map(|p| p + 1)).await.unwrap();
+    assert_eq!(stats["passthrough_opens"], 1, "only the second read of small/one.txt is passthrough: {stats}");
+    assert!(!materialised("data/big.bin").exists());
     let status = mount.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
 }
@@ -331,6 +352,53 @@ async fn a_recorded_trace_as_the_prefetch_list_makes_those_chunks_local_without_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_learned_on_one_host_makes_another_hosts_mount_prefetch_those_files_without_reads() {
+    let setup = Setup::new().await;
+    let scheduler = Scheduler::start().await.unwrap();
+    let image = setup.image("lazy/app:v1-shoal");
+    shoal_build(&[setup.source(), image.clone()]).unwrap();
+    let addr = scheduler.addr();
+    let mount_args =
+        |cache: &str| vec![image.clone(), s("--direct"), s("--scheduler"), addr.clone(), s("--cache-dir"), path_arg(&setup.path(cache))];
+
+    // Node A runs the image: two files read, then unmounted (its trace goes to the scheduler).
+    let mut first = Mount::start_with_env(&mount_args("a"), &[("SHOAL_PEER__HOST_ID", "node-a")]).await.unwrap();
+    assert!(first.log().contains("no host has reported a trace"), "{}", first.log());
+    assert_eq!(std::fs::read(first.path("etc/hostname")).unwrap(), b"shoal-lazy\n");
+    assert_eq!(std::fs::read(first.path("data/big.bin")).unwrap(), content("data/big.bin"));
+    assert!(first.stop().await.unwrap().success(), "{}", first.log());
+    assert!(scheduler.log().contains("trace recorded"), "{}", scheduler.log());
+
+    // Node B mounts the same image, which has no prefetch list, and reads nothing: the files
+    // node A read arrive by themselves, and nothing else.
+    let cache = setup.path("b");
+    let mut second = Mount::start_with_env(&mount_args("b"), &[("SHOAL_PEER__HOST_ID", "node-b")]).await.unwrap();
+    let chunk_names = |path: &str| -> Vec<String> { content(path).chunks(MIB).map(|c| blake3::hash(c).to_hex().to_string()).collect() };
+    let wanted: Vec<String> = chunk_names("etc/hostname").into_iter().chain(chunk_names("data/big.bin")).collect();
+    let start = Instant::now();
+    while !wanted.iter().all(|name| cache.join(name).exists()) {
+        assert!(start.elapsed() < Duration::from_secs(30), "the learned trace did not prefetch {wanted:?}:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(second.log().contains("prefetching by the trace the cluster learned"), "{}", second.log());
+    for unread in ["data/dup-a", "bin/tool", "small/one.txt"] {
+        for name in chunk_names(unread) {
+            assert!(!cache.join(&name).exists(), "{unread} was never read on node A but its chunk {name} was fetched");
+        }
+    }
+    assert_eq!(second.counter("reads"), 0, "nothing read the mount: {}", second.stats());
+    assert!(second.stop().await.unwrap().success(), "{}", second.log());
+
+    // With the scheduler gone a mount still works; it only learns nothing.
+    drop(scheduler);
+    let mut third = Mount::start_with_env(&mount_args("c"), &[("SHOAL_PEER__HOST_ID", "node-c")]).await.unwrap();
+    assert_eq!(std::fs::read(third.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    let status = third.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", third.log());
+    assert!(third.log().contains("no cluster-learned prefetch"), "{}", third.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_dictionary_image_lends_its_chunks_to_a_new_build_in_another_repository() {
     let setup = Setup::new().await;
     shoal_build(&[setup.source(), setup.image("lazy/app:v1-shoal")]).unwrap();
@@ -357,6 +425,132 @@ async fn a_chunk_dictionary_image_lends_its_chunks_to_a_new_build_in_another_rep
     let diffs = compare_tree(&mount.mountpoint, &merged_tree(&v2));
     assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
     assert!(mount.stop().await.unwrap().success());
+}
+
+/// `shoal mount --bootstrap --blobs` arguments for the image built into `out`, with `cache`.
+fn local_mount_args(out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        s("--bootstrap"),
+        path_arg(&out.join("bootstrap")),
+        s("--blobs"),
+        path_arg(&out.join("blobs")),
+        s("--cache-dir"),
+        path_arg(cache),
+    ];
+    args.extend(extra.iter().map(s));
+    args
+}
+
+/// Counter `name` of `stats`.
+fn n(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel_without_shoal() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
+    let key = file_key(&bootstrap, bootstrap.resolve(b"data/big.bin").unwrap()).unwrap();
+    let cache = setup.path("cache");
+    let materialised = cache.join("files").join(hex::encode(key));
+    let big = content("data/big.bin");
+
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let first = mount
+        .wait_stats("the file materialised after its first read", |s| {
+            s["materialised_files"].as_u64() >= Some(1) && s["releases"].as_u64() >= Some(1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(first["passthrough"], "on", "{first}");
+    assert_eq!(n(&first, "passthrough_opens"), 0, "the first open has no local copy yet: {first}");
+    assert!(n(&first, "reads") > 0 && n(&first, "read_bytes") >= big.len() as u64, "the first read went through shoal: {first}");
+    assert_eq!(std::fs::read(&materialised).unwrap(), big, "the materialised file is the file");
+
+    // Nothing of the file left in the page cache: without passthrough these reads would reach shoal.
+    drop_page_cache().unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let file = std::fs::File::open(mount.path("data/big.bin")).unwrap();
+    for (offset, len) in [(0, 10), (MIB - 5, 10), (3 * MIB + 7, 4096), (big.len() - 3, 3)] {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset as u64).unwrap();
+        assert_eq!(buf, big[offset..offset + len], "{len} bytes at {offset}");
+    }
+    drop(file);
+    let later = mount.wait_stats("both opens released", |s| s["releases"].as_u64() >= Some(n(&first, "releases") + 2)).await.unwrap();
+    assert_eq!(n(&later, "passthrough_opens"), 2, "both later opens are passthrough: {later}");
+    assert_eq!(n(&later, "reads"), n(&first, "reads"), "passthrough reads never reach shoal: {later}");
+    assert_eq!(n(&later, "read_bytes"), n(&first, "read_bytes"));
+    // The counter is live: a file without a local copy is still read through shoal.
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    mount.wait_stats("a plain read counted", |s| s["reads"].as_u64() > Some(n(&first, "reads"))).await.unwrap();
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+
+    // A fresh mount over the same cache opens the materialised file from the start.
+    let mut again = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    assert_eq!(std::fs::read(again.path("data/big.bin")).unwrap(), big);
+    let stats = again.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "reads"), n(&stats, "fetched_chunks")), (1, 0, 0), "{stats}");
+    assert!(again.stop().await.unwrap().success(), "{}", again.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_file_is_open_through_shoal_new_opens_stay_there_until_it_is_closed() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let big = content("data/big.bin");
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let mut held = std::fs::File::open(mount.path("data/big.bin")).unwrap();
+    let mut data = Vec::new();
+    held.read_to_end(&mut data).unwrap();
+    assert_eq!(data, big);
+    // Every chunk is local: this open and close get the file materialised.
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    mount.wait_stats("the file materialised", |s| s["materialised_files"].as_u64() >= Some(1)).await.unwrap();
+    // The kernel refuses a passthrough open next to a cached one (ETXTBSY): this one stays plain.
+    let third = std::fs::read(mount.path("data/big.bin")).expect("opening a file held open through shoal");
+    assert_eq!(third, big);
+    assert_eq!(mount.counter("passthrough_opens"), 0);
+    drop(held);
+    mount.wait_stats("every open released", |s| s["releases"].as_u64() >= Some(3)).await.unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let stats = mount.wait_stats("the fourth open released", |s| s["releases"].as_u64() >= Some(4)).await.unwrap();
+    assert_eq!(n(&stats, "passthrough_opens"), 1, "{stats}");
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing_is_materialised() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let cache = setup.path("cache");
+    let big = content("data/big.bin");
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--no-passthrough"])).await.unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let first = mount.wait_stats("the first read released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!(first["passthrough"], "off", "{first}");
+    drop_page_cache().unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let file = std::fs::File::open(mount.path("data/big.bin")).unwrap();
+    let mut buf = vec![0; 4096];
+    file.read_exact_at(&mut buf, 3 * MIB as u64 + 7).unwrap();
+    assert_eq!(buf, big[3 * MIB + 7..3 * MIB + 7 + 4096]);
+    drop(file);
+    let stats = mount.wait_stats("both opens released", |s| s["releases"].as_u64() >= Some(n(&first, "releases") + 2)).await.unwrap();
+    assert!(n(&stats, "read_bytes") >= n(&first, "read_bytes") + big.len() as u64, "the second read went through shoal: {stats}");
+    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+    // Written at exit: the final counters.
+    let stats = mount.stats();
+    assert!(n(&stats, "plain_opens") > 10, "{stats}");
+    assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "materialised_files")), (0, 0), "{stats}");
+    assert_eq!(std::fs::read_dir(cache.join("files")).unwrap().count(), 0, "nothing is materialised without passthrough");
 }
 
 /// Sanity check of the model the other tests compare with, so a broken model cannot pass them.

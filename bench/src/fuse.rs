@@ -1,0 +1,575 @@
+//! The FUSE scenario: a tree of one big file and many small files, converted by `shoal build`
+//! and read through `shoal mount` with kernel passthrough, through `shoal mount
+//! --no-passthrough`, and straight from the native directory, in the same run on the same disk.
+//!
+//! Each way of serving the tree is a [`System`]; each is measured in three states:
+//! - **cold**: nothing local — a fresh mount with an empty chunk cache, page cache dropped;
+//! - **local**: what the cold read fetched is on local disk — a fresh mount over that cache,
+//!   page cache dropped (for Shoal with passthrough the files are materialised by then);
+//! - **warm**: the same files read again, page cache warm.
+//!
+//! The native directory's cold and local states are the same: the files on disk, page cache dropped.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+use shoal_tests::lazy::{drop_page_cache, Mount};
+use shoal_tests::{random_bytes, shoal_bin};
+
+use crate::report::{machine, median, write};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Size of the big file, in MiB.
+    #[arg(long, default_value_t = 512)]
+    big_mib: usize,
+    /// How many small files.
+    #[arg(long, default_value_t = 2000)]
+    small_files: usize,
+    /// Mean size of a small file, in KiB (sizes spread from a few bytes to twice this).
+    #[arg(long, default_value_t = 16)]
+    small_kib: usize,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Scratch directory for the tree, the image and the caches (on the disk being measured).
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+}
+
+/// Seconds per run of the three states of one read.
+#[derive(Debug, Default, Clone)]
+struct Timings {
+    /// Nothing local.
+    cold: Vec<f64>,
+    /// Everything local on disk, page cache dropped.
+    local: Vec<f64>,
+    /// Page cache warm.
+    warm: Vec<f64>,
+}
+
+impl Timings {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "cold": self.cold, "local": self.local, "warm": self.warm })
+    }
+}
+
+/// What a system measured.
+#[derive(Debug, Default)]
+struct Measured {
+    /// Sequential read of the big file.
+    big: Timings,
+    /// Reading every small file, walking the tree.
+    small: Timings,
+    /// The system's own counters after the last read, if it keeps any.
+    stats: serde_json::Value,
+}
+
+/// A way of serving the tree. Another one (another lazy-loading filesystem, say) is measured
+/// by implementing this and adding it to [`run`].
+trait System {
+    /// How the results name it.
+    fn name(&self) -> &str;
+
+    /// Serves the tree with nothing local; returns its root.
+    async fn cold(&mut self) -> anyhow::Result<PathBuf>;
+
+    /// Serves the tree afresh with what earlier reads made local kept; returns its root.
+    async fn local(&mut self) -> anyhow::Result<PathBuf>;
+
+    /// Waits until what the reads so far set in motion is done (files made whole in the cache).
+    async fn settle(&mut self, files: usize) -> anyhow::Result<()>;
+
+    /// Stops serving; returns its counters, if it keeps any.
+    async fn stop(&mut self) -> anyhow::Result<serde_json::Value>;
+}
+
+/// The native directory.
+struct Native {
+    /// The tree.
+    root: PathBuf,
+}
+
+impl System for Native {
+    fn name(&self) -> &str {
+        "native"
+    }
+
+    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
+        Ok(self.root.clone())
+    }
+
+    async fn local(&mut self) -> anyhow::Result<PathBuf> {
+        Ok(self.root.clone())
+    }
+
+    async fn settle(&mut self, _files: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::Value::Null)
+    }
+}
+
+/// `shoal mount --bootstrap --blobs` of the built image.
+struct Shoal {
+    /// Passthrough on or off.
+    passthrough: bool,
+    /// The built image: `bootstrap` and `blobs/`.
+    image: PathBuf,
+    /// The chunk cache of the current round.
+    cache: PathBuf,
+    /// The mount, while mounted.
+    mount: Option<Mount>,
+}
+
+impl Shoal {
+    fn new(image: &Path, work: &Path, passthrough: bool) -> Shoal {
+        let cache = work.join(if passthrough { "cache-passthrough" } else { "cache-plain" });
+        Shoal { passthrough, image: image.to_path_buf(), cache, mount: None }
+    }
+
+    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+        self.stop().await?;
+        let mut args: Vec<String> = vec![
+            "--bootstrap".into(),
+            self.image.join("bootstrap").display().to_string(),
+            "--blobs".into(),
+            self.image.join("blobs").display().to_string(),
+            "--cache-dir".into(),
+            self.cache.display().to_string(),
+        ];
+        if !self.passthrough {
+            args.push("--no-passthrough".into());
+        }
+        let mount = Mount::start(&args).await?;
+        let root = mount.mountpoint.clone();
+        self.mount = Some(mount);
+        Ok(root)
+    }
+}
+
+impl System for Shoal {
+    fn name(&self) -> &str {
+        if self.passthrough {
+            "shoal-passthrough"
+        } else {
+            "shoal-plain"
+        }
+    }
+
+    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
+        self.stop().await?;
+        if self.cache.exists() {
+            std::fs::remove_dir_all(&self.cache).with_context(|| format!("emptying {}", self.cache.display()))?;
+        }
+        self.remount().await
+    }
+
+    async fn local(&mut self) -> anyhow::Result<PathBuf> {
+        self.remount().await
+    }
+
+    async fn settle(&mut self, files: usize) -> anyhow::Result<()> {
+        let Some(mount) = &self.mount else { bail!("{} is not mounted", self.name()) };
+        if !self.passthrough {
+            return Ok(());
+        }
+        let started = Instant::now();
+        mount.wait_stats(&format!("{files} files materialised"), |s| s["materialised_files"].as_u64() >= Some(files as u64)).await?;
+        eprintln!("  {files} files materialised in {:.1} s after the reads", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<serde_json::Value> {
+        let Some(mut mount) = self.mount.take() else { return Ok(serde_json::Value::Null) };
+        let stats = mount.stats();
+        let status = mount.stop().await?;
+        if !status.success() {
+            bail!("shoal mount exited with {status}:\n{}", mount.log());
+        }
+        Ok(stats)
+    }
+}
+
+/// The tree: one big file and `small` files spread over 20 directories.
+struct Tree {
+    /// Its root.
+    root: PathBuf,
+    /// The big file, relative to the root.
+    big: &'static str,
+    /// The small files, relative to the root, in reading order.
+    small: Vec<PathBuf>,
+    /// Bytes of the big file.
+    big_bytes: u64,
+    /// Bytes of all small files.
+    small_bytes: u64,
+}
+
+fn write_tree(root: &Path, args: &Args) -> anyhow::Result<Tree> {
+    let big = "big.bin";
+    let big_bytes = args.big_mib << 20;
+    std::fs::create_dir_all(root)?;
+    // Incompressible, so every system moves every byte; written in pieces to bound memory.
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(root.join(big))?);
+        for mib in 0..args.big_mib {
+            file.write_all(&random_bytes(1 << 20, 1000 + mib as u64))?;
+        }
+        file.flush()?;
+    }
+    let mut small = Vec::new();
+    let mut small_bytes = 0u64;
+    let spread = (2 * args.small_kib * 1024).max(2);
+    for i in 0..args.small_files {
+        let rel = PathBuf::from(format!("small/d{:02}/f{i:05}", i % 20));
+        std::fs::create_dir_all(root.join(rel.parent().unwrap_or(Path::new("small"))))?;
+        let len = 1 + (i * 7919) % spread;
+        std::fs::write(root.join(&rel), random_bytes(len, 10_000 + i as u64))?;
+        small_bytes += len as u64;
+        small.push(rel);
+    }
+    small.sort();
+    Ok(Tree { root: root.to_path_buf(), big, small, big_bytes: big_bytes as u64, small_bytes })
+}
+
+/// sha256 of a file, streamed.
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Writes an OCI image layout at `layout` holding the tree as one uncompressed layer, tagged `v1`.
+fn write_layout(tree: &Path, layout: &Path) -> anyhow::Result<()> {
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let tar = layout.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@1700000000", "-C"])
+        .arg(tree)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar of {} failed: {status}", tree.display());
+    }
+    let layer_hex = sha256_file(&tar)?;
+    let layer_size = std::fs::metadata(&tar)?.len();
+    std::fs::rename(&tar, blobs.join(&layer_hex))?;
+    let put = |bytes: Vec<u8>| -> anyhow::Result<(String, usize)> {
+        let hex = hex::encode(Sha256::digest(&bytes));
+        std::fs::write(blobs.join(&hex), &bytes)?;
+        Ok((format!("sha256:{hex}"), bytes.len()))
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_hex}")] },
+    });
+    let (config_digest, config_size) = put(serde_json::to_vec(&config)?)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_hex}"), "size": layer_size }],
+    });
+    let (manifest_digest, manifest_size) = put(serde_json::to_vec(&manifest)?)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": { "org.opencontainers.image.ref.name": "v1" },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(())
+}
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Reads `path` to the end in 1 MiB reads; returns the bytes read.
+fn read_file(path: &Path, buf: &mut [u8]) -> anyhow::Result<u64> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut total = 0u64;
+    loop {
+        let n = file.read(buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Seconds to read the big file under `root`, checking its length.
+fn time_big(root: &Path, tree: &Tree) -> anyhow::Result<f64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let read = read_file(&root.join(tree.big), &mut buf)?;
+    let secs = started.elapsed().as_secs_f64();
+    if read != tree.big_bytes {
+        bail!("read {read} bytes of {} under {}, expected {}", tree.big, root.display(), tree.big_bytes);
+    }
+    Ok(secs)
+}
+
+/// Paths of the regular files under `dir`, walked in name order.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let kind = e.file_type()?;
+        if kind.is_dir() {
+            walk(&e.path(), out)?;
+        } else if kind.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Seconds to list and read every small file under `root`, checking the total.
+fn time_small(root: &Path, tree: &Tree) -> anyhow::Result<f64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let mut files = Vec::new();
+    walk(&root.join("small"), &mut files)?;
+    let mut read = 0;
+    for path in &files {
+        read += read_file(path, &mut buf)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if files.len() != tree.small.len() || read != tree.small_bytes {
+        bail!(
+            "read {} small files ({read} bytes) under {}, expected {} ({} bytes)",
+            files.len(),
+            root.display(),
+            tree.small.len(),
+            tree.small_bytes
+        );
+    }
+    Ok(secs)
+}
+
+/// sha256 of the tree's content under `root` (the big file, then every small file in order).
+fn tree_digest(root: &Path, tree: &Tree) -> anyhow::Result<String> {
+    let mut all = Sha256::new();
+    all.update(sha256_file(&root.join(tree.big))?);
+    for rel in &tree.small {
+        all.update(std::fs::read(root.join(rel)).with_context(|| format!("reading {}", rel.display()))?);
+    }
+    Ok(hex::encode(all.finalize()))
+}
+
+/// Measures one system: `runs` rounds of cold, warm and local reads of the big file, then of
+/// the small files; checks once that it serves the tree's exact content.
+async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &str) -> anyhow::Result<Measured> {
+    let mut m = Measured::default();
+    for run in 0..runs {
+        eprintln!("{} run {}/{runs}", system.name(), run + 1);
+        // The big file.
+        let root = system.cold().await?;
+        drop_page_cache()?;
+        m.big.cold.push(time_big(&root, tree)?);
+        system.settle(1).await?;
+        time_big(&root, tree)?;
+        m.big.warm.push(time_big(&root, tree)?);
+        let root = system.local().await?;
+        drop_page_cache()?;
+        m.big.local.push(time_big(&root, tree)?);
+        // The small files, on a fresh mount of their own.
+        let root = system.cold().await?;
+        drop_page_cache()?;
+        m.small.cold.push(time_small(&root, tree)?);
+        system.settle(tree.small.len()).await?;
+        time_small(&root, tree)?;
+        m.small.warm.push(time_small(&root, tree)?);
+        let root = system.local().await?;
+        drop_page_cache()?;
+        m.small.local.push(time_small(&root, tree)?);
+        if run + 1 == runs {
+            let got = tree_digest(&root, tree)?;
+            if got != expected {
+                bail!("{} served other content than the native tree (sha256 {got}, expected {expected})", system.name());
+            }
+        }
+    }
+    m.stats = system.stop().await?;
+    Ok(m)
+}
+
+/// What `shoal build` took and made.
+struct Built {
+    /// Wall-clock seconds of the build.
+    seconds: f64,
+    /// Bytes of the source layer (the tar).
+    input_bytes: u64,
+    /// Bytes of the bootstrap.
+    bootstrap_bytes: u64,
+    /// Bytes of the chunk blobs.
+    blob_bytes: u64,
+}
+
+fn build(layout: &Path, image: &Path, tmp: &Path) -> anyhow::Result<Built> {
+    let input_bytes = dir_bytes(&layout.join("blobs"));
+    drop_page_cache()?;
+    let started = Instant::now();
+    let out = Command::new(shoal_bin())
+        .arg("build")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg("--output-dir")
+        .arg(image)
+        .arg("--tmp-dir")
+        .arg(tmp)
+        .stdin(Stdio::null())
+        .output()
+        .context("running shoal build")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("shoal build failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    let bootstrap_bytes = std::fs::metadata(image.join("bootstrap"))?.len();
+    Ok(Built { seconds, input_bytes, bootstrap_bytes, blob_bytes: dir_bytes(&image.join("blobs")) })
+}
+
+pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
+    shoal_tests::require("fusermount3");
+    shoal_tests::require("tar");
+    let work = tempfile::Builder::new().prefix("shoal-bench-fuse-").tempdir_in(&args.work_dir)?;
+    eprintln!("writing the tree ({} MiB file, {} small files) under {}", args.big_mib, args.small_files, work.path().display());
+    let tree = write_tree(&work.path().join("tree"), &args)?;
+    let layout = work.path().join("layout");
+    write_layout(&tree.root, &layout)?;
+    let image = work.path().join("image");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    eprintln!("shoal build");
+    let built = build(&layout, &image, &tmp)?;
+    std::fs::remove_dir_all(&layout)?;
+    let expected = tree_digest(&tree.root, &tree)?;
+
+    let mut results: Vec<(String, Measured)> = Vec::new();
+    let mut native = Native { root: tree.root.clone() };
+    results.push((native.name().into(), measure(&mut native, &tree, args.runs, &expected).await?));
+    for passthrough in [true, false] {
+        let mut shoal = Shoal::new(&image, work.path(), passthrough);
+        let measured = measure(&mut shoal, &tree, args.runs, &expected).await;
+        let _ = shoal.stop().await;
+        results.push((shoal.name().into(), measured?));
+    }
+    report(&args, &tree, &built, &results, out)
+}
+
+fn report(args: &Args, tree: &Tree, built: &Built, results: &[(String, Measured)], out: &Path) -> anyhow::Result<()> {
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let native = &results[0].1;
+    let mut systems = serde_json::Map::new();
+    let mut rows = String::new();
+    for (name, m) in results {
+        let medians = |t: &Timings| serde_json::json!({ "cold": median(&t.cold), "local": median(&t.local), "warm": median(&t.warm) });
+        let vs = |t: &Timings, n: &Timings| {
+            serde_json::json!({
+                "cold": median(&n.cold) / median(&t.cold),
+                "local": median(&n.local) / median(&t.local),
+                "warm": median(&n.warm) / median(&t.warm),
+            })
+        };
+        systems.insert(
+            name.clone(),
+            serde_json::json!({
+                "big_seconds": m.big.json(),
+                "small_seconds": m.small.json(),
+                "big_median_seconds": medians(&m.big),
+                "small_median_seconds": medians(&m.small),
+                "big_speed_vs_native": vs(&m.big, &native.big),
+                "small_speed_vs_native": vs(&m.small, &native.small),
+                "last_mount_stats": m.stats,
+            }),
+        );
+        let cell = |samples: &[f64], native: &[f64], bytes: u64| {
+            let secs = median(samples);
+            format!("{secs:.2} s, {:.0} MiB/s, {:.2}×", mib(bytes) / secs, median(native) / secs)
+        };
+        rows.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {} |\n",
+            cell(&m.big.cold, &native.big.cold, tree.big_bytes),
+            cell(&m.big.local, &native.big.local, tree.big_bytes),
+            cell(&m.big.warm, &native.big.warm, tree.big_bytes),
+            cell(&m.small.cold, &native.small.cold, tree.small_bytes),
+            cell(&m.small.local, &native.small.local, tree.small_bytes),
+            cell(&m.small.warm, &native.small.warm, tree.small_bytes),
+        ));
+    }
+    let json = serde_json::json!({
+        "scenario": "fuse",
+        "machine": machine(),
+        "runs": args.runs,
+        "big_file_bytes": tree.big_bytes,
+        "small_files": tree.small.len(),
+        "small_files_bytes": tree.small_bytes,
+        "builder": {
+            "seconds": built.seconds,
+            "input_layer_bytes": built.input_bytes,
+            "bootstrap_bytes": built.bootstrap_bytes,
+            "chunk_blob_bytes": built.blob_bytes,
+            "output_bytes": built.bootstrap_bytes + built.blob_bytes,
+        },
+        "systems": systems,
+    });
+    let md = format!(
+        "### FUSE: one {big:.0} MiB file and {n} small files ({small:.1} MiB) read through Shoal's filesystem and natively \
+         (median of {runs} runs; each cell: time, throughput, speed relative to native)\n\n\
+         | system | big file cold | big file local | big file warm | small files cold | small files local | small files warm |\n\
+         |---|---|---|---|---|---|---|\n{rows}\n\
+         cold: nothing local (fresh mount, empty chunk cache, page cache dropped); local: the chunks a cold read fetched on \
+         disk, and for passthrough the files materialised (fresh mount, page cache dropped); warm: read again, page cache \
+         warm. Reads are 1 MiB `read` calls; the small files are listed and read in name order, one at a time. \
+         Chunks come from a local blob directory (`shoal mount --bootstrap --blobs`), so cold reads measure \
+         decompression and the filesystem, not a network.\n\n\
+         `shoal build`: {build_s:.2} s for a {input:.0} MiB layer; output {output:.1} MiB (bootstrap {boot:.1} KiB, chunk \
+         blobs {blobs:.1} MiB; the data is incompressible). Machine: {cpus} × {cpu}, kernel {kernel}.\n",
+        big = mib(tree.big_bytes),
+        n = tree.small.len(),
+        small = mib(tree.small_bytes),
+        runs = args.runs,
+        build_s = built.seconds,
+        input = mib(built.input_bytes),
+        output = mib(built.bootstrap_bytes + built.blob_bytes),
+        boot = built.bootstrap_bytes as f64 / 1024.0,
+        blobs = mib(built.blob_bytes),
+        cpus = json["machine"]["cpus"],
+        cpu = json["machine"]["cpu"].as_str().unwrap_or("?"),
+        kernel = json["machine"]["kernel"].as_str().unwrap_or("?"),
+    );
+    write(out, "fuse", &json, &md)
+}
