@@ -1,6 +1,8 @@
 //! The FUSE scenario: a tree of one big file and many small files, converted by `shoal build`
-//! and read through `shoal mount` with kernel passthrough, through `shoal mount
-//! --no-passthrough`, and straight from the native directory, in the same run on the same disk.
+//! and by `nydus-image create`, and read through `shoal mount` with kernel passthrough, through
+//! `shoal mount --no-passthrough`, through `nydusd` (Nydus, RAFS v6 with its uncompressed local
+//! blob cache) and straight from the native directory, in the same run on the same disk.
+//! Nydus must be installed first (`cargo install --locked nydus-rs`, which needs cmake).
 //!
 //! Each way of serving the tree is a [`System`]; each is measured in three states:
 //! - **cold**: nothing local — a fresh mount with an empty chunk cache, page cache dropped;
@@ -17,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
-use shoal_tests::lazy::{drop_page_cache, Mount};
+use shoal_tests::lazy::{drop_page_cache, is_mounted, Mount};
 use shoal_tests::{random_bytes, shoal_bin};
 
 use crate::report::{machine, median, write};
@@ -39,6 +41,13 @@ pub struct Args {
     /// Scratch directory for the tree, the image and the caches (on the disk being measured).
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
+    /// Fill files with random bytes that no compressor shrinks. By default file data has about
+    /// 4 bits of entropy per byte, so zstd halves it, as it roughly does executables and libraries.
+    #[arg(long)]
+    incompressible: bool,
+    /// Leave Nydus out (when `nydus-image` and `nydusd` are not installed).
+    #[arg(long)]
+    no_nydus: bool,
 }
 
 /// Seconds per run of the three states of one read.
@@ -81,7 +90,8 @@ trait System {
     /// Serves the tree afresh with what earlier reads made local kept; returns its root.
     async fn local(&mut self) -> anyhow::Result<PathBuf>;
 
-    /// Waits until what the reads so far set in motion is done (files made whole in the cache).
+    /// Waits until what the reads so far set in motion is done (`files` files of several chunks
+    /// made whole in the cache).
     async fn settle(&mut self, files: usize) -> anyhow::Result<()>;
 
     /// Stops serving; returns its counters, if it keeps any.
@@ -197,6 +207,148 @@ impl System for Shoal {
     }
 }
 
+/// `nydusd` serving the image `nydus-image create` built, RAFS v6 over a localfs backend with
+/// the blob cache that keeps chunks uncompressed on disk (`compressed: false`), the closest
+/// match of Shoal's chunk cache. Nydus's defaults otherwise (4 FUSE threads, no digest
+/// validation on cache reads, no prefetch).
+struct Nydus {
+    /// The RAFS bootstrap.
+    bootstrap: PathBuf,
+    /// The blob cache directory of the current round.
+    cache: PathBuf,
+    /// nydusd's configuration file.
+    config: PathBuf,
+    /// Where it mounts.
+    mountpoint: PathBuf,
+    /// Its API socket.
+    apisock: PathBuf,
+    /// Its log.
+    log: PathBuf,
+    /// The daemon, while mounted.
+    child: Option<std::process::Child>,
+}
+
+impl Nydus {
+    fn new(built: &NydusBuilt, work: &Path) -> anyhow::Result<Nydus> {
+        let dir = work.join("nydus-run");
+        std::fs::create_dir_all(dir.join("mnt"))?;
+        let cache = dir.join("cache");
+        let config = dir.join("config.json");
+        let json = serde_json::json!({
+            "device": {
+                "backend": { "type": "localfs", "config": { "dir": built.blobs.display().to_string() } },
+                "cache": { "type": "blobcache", "compressed": false, "config": { "work_dir": cache.display().to_string() } },
+            },
+            "mode": "direct",
+            "digest_validate": false,
+            "iostats_files": false,
+            "enable_xattr": true,
+            "fs_prefetch": { "enable": false },
+        });
+        std::fs::write(&config, serde_json::to_vec_pretty(&json)?)?;
+        Ok(Nydus {
+            bootstrap: built.bootstrap.clone(),
+            cache,
+            config,
+            mountpoint: dir.join("mnt"),
+            apisock: dir.join("api.sock"),
+            log: dir.join("nydusd.log"),
+            child: None,
+        })
+    }
+
+    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+        self.stop().await?;
+        std::fs::create_dir_all(&self.cache)?;
+        let _ = std::fs::remove_file(&self.apisock);
+        let log = std::fs::File::create(&self.log)?;
+        let mut child = Command::new("nydusd")
+            .args(["fuse", "--rlimit-nofile", "0", "--log-level", "warn"])
+            .arg("--bootstrap")
+            .arg(&self.bootstrap)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--mountpoint")
+            .arg(&self.mountpoint)
+            .arg("--apisock")
+            .arg(&self.apisock)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting nydusd (install it with `cargo install --locked nydus-rs`)")?;
+        let started = Instant::now();
+        while !is_mounted(&self.mountpoint) {
+            if let Some(status) = child.try_wait()? {
+                bail!("nydusd exited with {status}:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            if started.elapsed().as_secs() > 30 {
+                let _ = child.kill();
+                bail!("nydusd did not mount within 30 s:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.child = Some(child);
+        Ok(self.mountpoint.clone())
+    }
+}
+
+impl System for Nydus {
+    fn name(&self) -> &str {
+        "nydusd"
+    }
+
+    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
+        self.stop().await?;
+        if self.cache.exists() {
+            std::fs::remove_dir_all(&self.cache).with_context(|| format!("emptying {}", self.cache.display()))?;
+        }
+        self.remount().await
+    }
+
+    async fn local(&mut self) -> anyhow::Result<PathBuf> {
+        self.remount().await
+    }
+
+    async fn settle(&mut self, _files: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// SIGTERM, which unmounts; `umount` if the mount outlives the daemon.
+    async fn stop(&mut self) -> anyhow::Result<serde_json::Value> {
+        let Some(mut child) = self.child.take() else { return Ok(serde_json::Value::Null) };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let started = Instant::now();
+        while child.try_wait()?.is_none() {
+            if started.elapsed().as_secs() > 15 {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if is_mounted(&self.mountpoint) {
+            let status = Command::new("umount").arg(&self.mountpoint).status()?;
+            if !status.success() {
+                bail!("cannot unmount nydusd's {}", self.mountpoint.display());
+            }
+        }
+        Ok(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Nydus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
+}
+
 /// The tree: one big file and `small` files spread over 20 directories.
 struct Tree {
     /// Its root.
@@ -211,16 +363,28 @@ struct Tree {
     small_bytes: u64,
 }
 
+/// `len` bytes of file data: random, or (unless `incompressible`) random over 16 byte values.
+fn file_data(len: usize, seed: u64, incompressible: bool) -> Vec<u8> {
+    let mut data = random_bytes(len, seed);
+    if !incompressible {
+        const ALPHABET: &[u8; 16] = b"\0\x01\x48\x89etaoinsrhd \xff";
+        for byte in &mut data {
+            *byte = ALPHABET[usize::from(*byte & 15)];
+        }
+    }
+    data
+}
+
 fn write_tree(root: &Path, args: &Args) -> anyhow::Result<Tree> {
     let big = "big.bin";
     let big_bytes = args.big_mib << 20;
     std::fs::create_dir_all(root)?;
-    // Incompressible, so every system moves every byte; written in pieces to bound memory.
+    // Written in pieces to bound memory.
     {
         use std::io::Write;
         let mut file = std::io::BufWriter::new(std::fs::File::create(root.join(big))?);
         for mib in 0..args.big_mib {
-            file.write_all(&random_bytes(1 << 20, 1000 + mib as u64))?;
+            file.write_all(&file_data(1 << 20, 1000 + mib as u64, args.incompressible))?;
         }
         file.flush()?;
     }
@@ -231,7 +395,7 @@ fn write_tree(root: &Path, args: &Args) -> anyhow::Result<Tree> {
         let rel = PathBuf::from(format!("small/d{:02}/f{i:05}", i % 20));
         std::fs::create_dir_all(root.join(rel.parent().unwrap_or(Path::new("small"))))?;
         let len = 1 + (i * 7919) % spread;
-        std::fs::write(root.join(&rel), random_bytes(len, 10_000 + i as u64))?;
+        std::fs::write(root.join(&rel), file_data(len, 10_000 + i as u64, args.incompressible))?;
         small_bytes += len as u64;
         small.push(rel);
     }
@@ -303,6 +467,14 @@ fn write_layout(tree: &Path, layout: &Path) -> anyhow::Result<()> {
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     Ok(())
+}
+
+/// The layer tar of the layout [`write_layout`] wrote: its largest blob.
+fn layer_tar(layout: &Path) -> anyhow::Result<PathBuf> {
+    let mut blobs: Vec<(u64, PathBuf)> =
+        std::fs::read_dir(layout.join("blobs/sha256"))?.flatten().filter_map(|e| Some((e.metadata().ok()?.len(), e.path()))).collect();
+    blobs.sort();
+    blobs.pop().map(|(_, path)| path).context("the layout has no blobs")
 }
 
 /// Bytes of every file under `dir`.
@@ -411,7 +583,9 @@ async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &
         let root = system.cold().await?;
         drop_page_cache()?;
         m.small.cold.push(time_small(&root, tree)?);
-        system.settle(tree.small.len()).await?;
+        // Files of one chunk need no copy: their cached chunk is handed to the kernel.
+        let multi_chunk = tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
+        system.settle(multi_chunk).await?;
         time_small(&root, tree)?;
         m.small.warm.push(time_small(&root, tree)?);
         let root = system.local().await?;
@@ -462,9 +636,56 @@ fn build(layout: &Path, image: &Path, tmp: &Path) -> anyhow::Result<Built> {
     Ok(Built { seconds, input_bytes, bootstrap_bytes, blob_bytes: dir_bytes(&image.join("blobs")) })
 }
 
+/// What `nydus-image create` took and made.
+struct NydusBuilt {
+    /// Wall-clock seconds of the build.
+    seconds: f64,
+    /// The RAFS bootstrap.
+    bootstrap: PathBuf,
+    /// The directory holding the data blob.
+    blobs: PathBuf,
+    /// Bytes of the bootstrap.
+    bootstrap_bytes: u64,
+    /// Bytes of the data blobs.
+    blob_bytes: u64,
+}
+
+/// Converts the layer tar `layer` as Shoal does: RAFS v6, 1 MiB chunks, zstd.
+fn nydus_build(layer: &Path, work: &Path) -> anyhow::Result<NydusBuilt> {
+    let dir = work.join("nydus-image");
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs)?;
+    let bootstrap = dir.join("bootstrap");
+    drop_page_cache()?;
+    let started = Instant::now();
+    let out = Command::new("nydus-image")
+        .args(["create", "--type", "tar-rafs", "--fs-version", "6", "--chunk-size", "0x100000", "--compressor", "zstd"])
+        .args(["--log-level", "warn", "--blob-dir"])
+        .arg(&blobs)
+        .arg("--bootstrap")
+        .arg(&bootstrap)
+        .arg(layer)
+        .stdin(Stdio::null())
+        .output()
+        .context("running nydus-image (install it with `cargo install --locked nydus-rs`)")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("nydus-image create failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    let bootstrap_bytes = std::fs::metadata(&bootstrap)?.len();
+    Ok(NydusBuilt { seconds, bootstrap, blob_bytes: dir_bytes(&blobs), blobs, bootstrap_bytes })
+}
+
 pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     shoal_tests::require("fusermount3");
     shoal_tests::require("tar");
+    if !args.no_nydus {
+        for tool in ["nydus-image", "nydusd"] {
+            if Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+                bail!("{tool} is not installed: `cargo install --locked nydus-rs` (needs cmake), or pass --no-nydus");
+            }
+        }
+    }
     let work = tempfile::Builder::new().prefix("shoal-bench-fuse-").tempdir_in(&args.work_dir)?;
     eprintln!("writing the tree ({} MiB file, {} small files) under {}", args.big_mib, args.small_files, work.path().display());
     let tree = write_tree(&work.path().join("tree"), &args)?;
@@ -475,6 +696,12 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tmp)?;
     eprintln!("shoal build");
     let built = build(&layout, &image, &tmp)?;
+    let nydus_built = if args.no_nydus {
+        None
+    } else {
+        eprintln!("nydus-image create");
+        Some(nydus_build(&layer_tar(&layout)?, work.path())?)
+    };
     std::fs::remove_dir_all(&layout)?;
     let expected = tree_digest(&tree.root, &tree)?;
 
@@ -487,10 +714,23 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         let _ = shoal.stop().await;
         results.push((shoal.name().into(), measured?));
     }
-    report(&args, &tree, &built, &results, out)
+    if let Some(nydus_built) = &nydus_built {
+        let mut nydus = Nydus::new(nydus_built, work.path())?;
+        let measured = measure(&mut nydus, &tree, args.runs, &expected).await;
+        let _ = nydus.stop().await;
+        results.push((nydus.name().into(), measured?));
+    }
+    report(&args, &tree, &built, nydus_built.as_ref(), &results, out)
 }
 
-fn report(args: &Args, tree: &Tree, built: &Built, results: &[(String, Measured)], out: &Path) -> anyhow::Result<()> {
+fn report(
+    args: &Args,
+    tree: &Tree,
+    built: &Built,
+    nydus: Option<&NydusBuilt>,
+    results: &[(String, Measured)],
+    out: &Path,
+) -> anyhow::Result<()> {
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
     let native = &results[0].1;
     let mut systems = serde_json::Map::new();
@@ -537,6 +777,7 @@ fn report(args: &Args, tree: &Tree, built: &Built, results: &[(String, Measured)
         "big_file_bytes": tree.big_bytes,
         "small_files": tree.small.len(),
         "small_files_bytes": tree.small_bytes,
+        "compressible": !args.incompressible,
         "builder": {
             "seconds": built.seconds,
             "input_layer_bytes": built.input_bytes,
@@ -544,29 +785,46 @@ fn report(args: &Args, tree: &Tree, built: &Built, results: &[(String, Measured)
             "chunk_blob_bytes": built.blob_bytes,
             "output_bytes": built.bootstrap_bytes + built.blob_bytes,
         },
+        "nydus_builder": nydus.map(|n| serde_json::json!({
+            "seconds": n.seconds,
+            "bootstrap_bytes": n.bootstrap_bytes,
+            "blob_bytes": n.blob_bytes,
+            "output_bytes": n.bootstrap_bytes + n.blob_bytes,
+        })),
         "systems": systems,
     });
+    let data = if args.incompressible { "random, incompressible" } else { "about 4 bits of entropy per byte, so zstd halves it" };
+    let mut builders = format!(
+        "| `shoal build` | {:.2} s | {:.1} MiB | {:.1} KiB |\n",
+        built.seconds,
+        mib(built.bootstrap_bytes + built.blob_bytes),
+        built.bootstrap_bytes as f64 / 1024.0
+    );
+    if let Some(n) = nydus {
+        builders.push_str(&format!(
+            "| `nydus-image create` (RAFS v6, 1 MiB chunks, zstd) | {:.2} s | {:.1} MiB | {:.1} KiB |\n",
+            n.seconds,
+            mib(n.bootstrap_bytes + n.blob_bytes),
+            n.bootstrap_bytes as f64 / 1024.0
+        ));
+    }
     let md = format!(
-        "### FUSE: one {big:.0} MiB file and {n} small files ({small:.1} MiB) read through Shoal's filesystem and natively \
+        "### FUSE: one {big:.0} MiB file and {n} small files ({small:.1} MiB) read through lazy-loading filesystems and natively \
          (median of {runs} runs; each cell: time, throughput, speed relative to native)\n\n\
          | system | big file cold | big file local | big file warm | small files cold | small files local | small files warm |\n\
          |---|---|---|---|---|---|---|\n{rows}\n\
          cold: nothing local (fresh mount, empty chunk cache, page cache dropped); local: the chunks a cold read fetched on \
-         disk, and for passthrough the files materialised (fresh mount, page cache dropped); warm: read again, page cache \
-         warm. Reads are 1 MiB `read` calls; the small files are listed and read in name order, one at a time. \
-         Chunks come from a local blob directory (`shoal mount --bootstrap --blobs`), so cold reads measure \
-         decompression and the filesystem, not a network.\n\n\
-         `shoal build`: {build_s:.2} s for a {input:.0} MiB layer; output {output:.1} MiB (bootstrap {boot:.1} KiB, chunk \
-         blobs {blobs:.1} MiB; the data is incompressible). Machine: {cpus} × {cpu}, kernel {kernel}.\n",
+         disk (fresh mount over the same cache, page cache dropped; for Shoal with passthrough the files are materialised by \
+         then); warm: read again, page cache warm. Reads are 1 MiB `read` calls; the small files are listed and read in \
+         name order, one at a time. Chunks come from local blob files (`shoal mount --bootstrap --blobs`, nydusd's \
+         localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}.\n\n\
+         | builder, from the same {input:.0} MiB layer tar | time | output | of which bootstrap |\n|---|---|---|---|\n{builders}\n\
+         Machine: {cpus} × {cpu}, kernel {kernel}.\n",
         big = mib(tree.big_bytes),
         n = tree.small.len(),
         small = mib(tree.small_bytes),
         runs = args.runs,
-        build_s = built.seconds,
         input = mib(built.input_bytes),
-        output = mib(built.bootstrap_bytes + built.blob_bytes),
-        boot = built.bootstrap_bytes as f64 / 1024.0,
-        blobs = mib(built.blob_bytes),
         cpus = json["machine"]["cpus"],
         cpu = json["machine"]["cpu"].as_str().unwrap_or("?"),
         kernel = json["machine"]["kernel"].as_str().unwrap_or("?"),

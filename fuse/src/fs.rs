@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-    SessionACL,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request, SessionACL,
 };
 use tokio::runtime::Handle;
 
@@ -244,6 +244,22 @@ impl ShoalFs {
         self.bootstrap.getattr(ino).map(|attr| file_attr(&attr))
     }
 
+    /// The entries of directory `ino` from position `offset` on, each with the position of the
+    /// next (0 is ".", 1 is "..", 2 + i is entry i), its inode, kind and name.
+    fn dir_entries(&self, ino: u64, offset: u64) -> Option<impl Iterator<Item = (u64, u64, FileKind, &[u8])> + '_> {
+        let entries = self.bootstrap.readdir(ino)?;
+        let parent = self.bootstrap.parent(ino).unwrap_or(ino);
+        let dots = [(ino, b".".as_slice()), (parent, b"..".as_slice())];
+        Some(
+            dots.into_iter()
+                .map(|(child, name)| (child, FileKind::Directory, name))
+                .chain(entries.map(|entry| (entry.ino, entry.kind, entry.name)))
+                .enumerate()
+                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .map(|(position, (child, kind, name))| (position as u64 + 1, child, kind, name)),
+        )
+    }
+
     fn opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenInode>> {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -319,7 +335,7 @@ impl fuser::Filesystem for ShoalFs {
             }
         }
         // Optional speedups: fine if the kernel lacks them.
-        for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS] {
+        for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_DO_READDIRPLUS] {
             let _ = config.add_capabilities(flag);
         }
         Ok(())
@@ -451,8 +467,10 @@ impl fuser::Filesystem for ShoalFs {
         }
     }
 
+    /// Nothing to flush on a read-only filesystem: ENOSYS tells the kernel never to ask again,
+    /// which spares every close a round trip.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -466,18 +484,21 @@ impl fuser::Filesystem for ShoalFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(entries) = self.bootstrap.readdir(ino.0) else { return reply.error(Errno::ENOTDIR) };
-        let parent = self.bootstrap.parent(ino.0).unwrap_or(ino.0);
-        // Offsets: 0 is ".", 1 is "..", 2 + i is entry i; each entry carries the next one's.
-        let dots = [(ino.0, b".".as_slice()), (parent, b"..".as_slice())];
-        for (position, (child, kind, name)) in dots
-            .into_iter()
-            .map(|(child, name)| (child, FileType::Directory, name))
-            .chain(entries.map(|entry| (entry.ino, file_type(entry.kind), entry.name)))
-            .enumerate()
-            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        {
-            if reply.add(INodeNo(child), position as u64 + 1, kind, OsStr::from_bytes(name)) {
+        let Some(entries) = self.dir_entries(ino.0, offset) else { return reply.error(Errno::ENOTDIR) };
+        for (next, child, kind, name) in entries {
+            if reply.add(INodeNo(child), next, file_type(kind), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Listing with every entry's attributes, so walking a tree needs no lookup per entry.
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(entries) = self.dir_entries(ino.0, offset) else { return reply.error(Errno::ENOTDIR) };
+        for (next, child, _, name) in entries {
+            let Some(attr) = self.attr(child) else { continue };
+            if reply.add(INodeNo(child), next, OsStr::from_bytes(name), &self.ttl, &attr, Generation(0)) {
                 break;
             }
         }

@@ -139,15 +139,32 @@ impl Materialiser {
         Some((attr.size, file_key(&self.bootstrap, ino)?))
     }
 
-    /// Opens the materialised copy of file `ino` (marking it used), if there is one.
-    pub fn open(&self, ino: u64) -> Option<File> {
-        let (size, key) = self.sized_key(ino)?;
-        self.cache.open_file(&key, size)
+    /// The one chunk file `ino` consists of, if it is a single whole chunk: then the cached
+    /// chunk is the file, and nothing needs writing.
+    fn sole_chunk(&self, ino: u64) -> Option<(&[u8; 32], u32)> {
+        let size = self.bootstrap.getattr(ino)?.size;
+        let mut chunks = self.bootstrap.chunks_of(ino)?;
+        let first = chunks.next()?;
+        (chunks.next().is_none() && first.file_offset == 0 && u64::from(first.chunk.uncompressed_len) == size)
+            .then_some((&first.chunk.digest, first.chunk.uncompressed_len))
     }
 
-    /// Whether file `ino` is materialised.
+    /// Opens the local copy of file `ino` (marking it used), if there is one: its materialised
+    /// file, or for a file of one chunk the cached chunk.
+    pub fn open(&self, ino: u64) -> Option<File> {
+        let (size, key) = self.sized_key(ino)?;
+        match self.sole_chunk(ino) {
+            Some((digest, len)) => self.cache.open_chunk(digest, len),
+            None => self.cache.open_file(&key, size),
+        }
+    }
+
+    /// Whether file `ino` has a local copy to hand to the kernel.
     pub fn is_materialised(&self, ino: u64) -> bool {
-        self.sized_key(ino).is_some_and(|(_, key)| self.cache.contains_file(&key))
+        match self.sole_chunk(ino) {
+            Some((digest, _)) => self.cache.contains(digest),
+            None => self.sized_key(ino).is_some_and(|(_, key)| self.cache.contains_file(&key)),
+        }
     }
 
     /// Whether every chunk of file `ino` is in the cache.
@@ -156,10 +173,11 @@ impl Materialiser {
     }
 
     /// Starts materialising file `ino` in the background when it has data, is not materialised
-    /// yet, fits the cache, and every one of its chunks is local. Cheap when there is nothing to do.
+    /// yet, fits the cache, and every one of its chunks is local. Cheap when there is nothing to
+    /// do, and for a file of one chunk there never is.
     pub fn offer(self: &Arc<Self>, ino: u64) {
         let Some((size, key)) = self.sized_key(ino) else { return };
-        if self.cache.contains_file(&key) || !self.cache.fits_file(size) || !self.all_local(ino) {
+        if self.sole_chunk(ino).is_some() || self.cache.contains_file(&key) || !self.cache.fits_file(size) || !self.all_local(ino) {
             return;
         }
         if !self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ino) {
