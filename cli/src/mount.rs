@@ -106,11 +106,13 @@ pub struct MountArgs {
     /// Threads answering the kernel's requests.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
-    /// Serve every read from this process. By default a file whose chunks are all local is
-    /// written whole into the cache (counted against --cache-size) and its later opens are
-    /// handed to the kernel (FUSE passthrough), so reads run at local-disk speed without
-    /// entering this process. Passthrough needs root (CAP_SYS_ADMIN) and Linux 6.9+; without
-    /// them shoal falls back to serving reads itself, and says so once in the log.
+    /// Serve every read from this process. By default a file of more than one chunk whose
+    /// chunks are all local is written whole into the cache (counted against --cache-size) and
+    /// its later opens are handed to the kernel (FUSE passthrough), so reads run at local-disk
+    /// speed without entering this process. Passthrough needs root (CAP_SYS_ADMIN) and Linux
+    /// 6.9+; without them shoal falls back to serving reads itself, and says so once in the
+    /// log. Without passthrough the kernel opens files without asking shoal, which suits
+    /// images of many small files best.
     #[arg(long, env = "SHOAL_NO_PASSTHROUGH")]
     no_passthrough: bool,
     /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:

@@ -155,6 +155,8 @@ pub struct ShoalFs {
     opens: Mutex<HashMap<u64, OpenInode>>,
     /// What was done.
     stats: Arc<FsStats>,
+    /// The kernel opens files without asking (no passthrough wanted, and the kernel supports it).
+    zero_message_opens: bool,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -199,6 +201,7 @@ impl ShoalFs {
             local,
             opens: Mutex::new(HashMap::new()),
             stats: Arc::new(FsStats::new(Passthrough::On)),
+            zero_message_opens: false,
         }
     }
 
@@ -283,7 +286,8 @@ impl ShoalFs {
     /// this process is open on it; else counts a plain open. Returns the reply when the caller
     /// is to answer it as a plain open.
     fn open_file(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
-        if self.stats.passthrough() == Passthrough::Off {
+        // A file that is never materialised is always served here: nothing to track.
+        if self.stats.passthrough() == Passthrough::Off || !self.local.may_materialise(ino) {
             return Some(reply);
         }
         let mut opens = self.opens();
@@ -334,6 +338,12 @@ impl fuser::Filesystem for ShoalFs {
                 warn!("the kernel does not offer FUSE passthrough (Linux 6.9+); serving every read from shoal");
             }
         }
+        // Without passthrough an open only says "keep the page cache": answering the first
+        // with ENOSYS has the kernel open files (and close them) without asking from then on,
+        // two round trips fewer per file.
+        if self.stats.passthrough() == Passthrough::Off && config.add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok() {
+            self.zero_message_opens = true;
+        }
         // Optional speedups: fine if the kernel lacks them.
         for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_DO_READDIRPLUS] {
             let _ = config.add_capabilities(flag);
@@ -380,10 +390,14 @@ impl fuser::Filesystem for ShoalFs {
         if attr.kind != FileKind::Regular {
             return reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
         }
+        if self.zero_message_opens {
+            self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(reply) = self.open_file(ino.0, reply) else { return };
         reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
         self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
-        if self.stats.passthrough() == Passthrough::On {
+        if self.stats.passthrough() == Passthrough::On && self.local.may_materialise(ino.0) {
             // Its chunks may be local already (prefetch, another file with the same data).
             self.local.offer(ino.0);
         }
@@ -423,7 +437,7 @@ impl fuser::Filesystem for ShoalFs {
         drop(opens);
         reply.ok();
         // A file read through once has all its chunks local now: make it whole for the next open.
-        if plain && self.stats.passthrough() == Passthrough::On {
+        if plain && self.stats.passthrough() == Passthrough::On && self.local.may_materialise(ino.0) {
             self.local.offer(ino.0);
         }
     }
@@ -444,7 +458,7 @@ impl fuser::Filesystem for ShoalFs {
             trace.record(ino);
         }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let cached = self.loader.read_cached(ino, offset, size);
+        let cached = self.loader.read_cached(ino, offset, size).or_else(|| self.loader.read_now(ino, offset, size));
         self.loader.note_read(ino, offset, size);
         match cached {
             Some(Ok(data)) => {

@@ -15,7 +15,7 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
-use crate::cache::{read_exact_at, ChunkCache};
+use crate::cache::ChunkCache;
 use crate::chunk::{decompress_chunk, ChunkError};
 use crate::format::{Bootstrap, Chunk};
 use crate::source::{ChunkSource, SourceError};
@@ -71,6 +71,12 @@ struct Placed {
     index: u32,
     /// The chunk.
     chunk: Chunk,
+}
+
+/// Decompresses and verifies `chunk`'s `compressed` bytes and stores the data in `cache`.
+fn store(cache: &ChunkCache, chunk: &Chunk, compressed: &[u8]) -> Result<(), LoadError> {
+    let data = decompress_chunk(compressed, chunk.uncompressed_len, &chunk.digest).map_err(|e| LoadError::Verify(Arc::new(e)))?;
+    cache.insert(&chunk.digest, &data).map_err(|e| LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() })
 }
 
 /// Loads an image's chunks into a cache and reads files from them.
@@ -163,41 +169,86 @@ impl ChunkLoader {
 
     /// Fetches a chunk's compressed bytes, verifies them and stores the data.
     async fn fetch_and_store(&self, chunk: Chunk) -> Result<(), LoadError> {
-        let digest = hex::encode(chunk.digest);
-        let blob = *self
-            .bootstrap
+        let blob = self.blob_of(&chunk)?;
+        let started = Instant::now();
+        let compressed = self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await;
+        let compressed = self.fetched(&chunk, compressed)?;
+        let cache = self.cache.clone();
+        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed)).await.unwrap_or_else(|e| {
+            Err(LoadError::Cache { digest: hex::encode(chunk.digest), reason: format!("the storing task failed: {e}") })
+        });
+        self.stored(&chunk, started, stored)
+    }
+
+    /// The blob chunk `chunk` is in.
+    fn blob_of(&self, chunk: &Chunk) -> Result<crate::format::Blob, LoadError> {
+        self.bootstrap
             .blobs()
             .get(chunk.blob as usize)
-            .ok_or_else(|| LoadError::NotFound(format!("chunk {digest}: blob {} is not in the bootstrap", chunk.blob)))?;
-        let started = Instant::now();
-        let compressed = match self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await {
-            Ok(bytes) => bytes,
+            .copied()
+            .ok_or_else(|| LoadError::NotFound(format!("chunk {}: blob {} is not in the bootstrap", hex::encode(chunk.digest), chunk.blob)))
+    }
+
+    /// Accounts for a fetch of `chunk`'s bytes.
+    fn fetched(&self, chunk: &Chunk, fetched: Result<bytes::Bytes, SourceError>) -> Result<bytes::Bytes, LoadError> {
+        match fetched {
+            Ok(bytes) => {
+                self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Ok(bytes)
+            }
             Err(e) => {
                 self.stats.failed_chunks.fetch_add(1, Ordering::Relaxed);
-                warn!(chunk = %digest, blob = %blob.digest(), error = %e, "cannot fetch a chunk");
-                return Err(LoadError::Source(Arc::new(e)));
+                warn!(chunk = %hex::encode(chunk.digest), error = %e, "cannot fetch a chunk");
+                Err(LoadError::Source(Arc::new(e)))
             }
-        };
-        self.stats.fetched_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
-        let cache = self.cache.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            let data = decompress_chunk(&compressed, chunk.uncompressed_len, &chunk.digest).map_err(|e| LoadError::Verify(Arc::new(e)))?;
-            cache.insert(&chunk.digest, &data).map_err(|e| LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() })
-        })
-        .await
-        .unwrap_or_else(|e| Err(LoadError::Cache { digest: digest.clone(), reason: format!("the storing task failed: {e}") }));
+        }
+    }
+
+    /// Accounts for storing `chunk`.
+    fn stored(&self, chunk: &Chunk, started: Instant, stored: Result<(), LoadError>) -> Result<(), LoadError> {
+        let digest = hex::encode(chunk.digest);
         match &stored {
             Ok(()) => {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                debug!(chunk = %digest, blob = %blob.digest(), len = chunk.compressed_len, elapsed = ?started.elapsed(), "chunk fetched");
+                debug!(chunk = %digest, blob = chunk.blob, len = chunk.compressed_len, elapsed = ?started.elapsed(), "chunk fetched");
             }
             Err(LoadError::Verify(e)) => {
                 self.stats.failed_chunks.fetch_add(1, Ordering::Relaxed);
-                warn!(chunk = %digest, blob = %blob.digest(), offset = chunk.compressed_offset, error = %e, "chunk failed verification; reads that need it get EIO");
+                warn!(chunk = %digest, blob = chunk.blob, offset = chunk.compressed_offset, error = %e, "chunk failed verification; reads that need it get EIO");
             }
             Err(e) => warn!(chunk = %digest, error = %e, "cannot store a chunk"),
         }
         stored
+    }
+
+    /// Reads `[offset, offset + size)` of regular file `ino` right away, on the calling thread,
+    /// when its missing chunks can be had without waiting on a network (a local blob
+    /// directory): a cold read of a local image then costs no hand-over between threads.
+    /// `None` when the read has to wait (remote chunks, or a fetch already in flight).
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, LoadError>> {
+        if !self.source.is_local() {
+            return None;
+        }
+        let placed = match self.placed(ino, offset, u64::from(size)) {
+            Ok(placed) => placed,
+            Err(e) => return Some(Err(e)),
+        };
+        for p in placed.iter().filter(|p| !self.cache.contains(&p.chunk.digest)) {
+            if self.is_inflight(p.index) {
+                return None;
+            }
+            let blob = match self.blob_of(&p.chunk) {
+                Ok(blob) => blob,
+                Err(e) => return Some(Err(e)),
+            };
+            let started = Instant::now();
+            let fetched = self.source.fetch_now(blob, p.chunk.compressed_offset, p.chunk.compressed_len)?;
+            let stored = self.fetched(&p.chunk, fetched).and_then(|compressed| store(&self.cache, &p.chunk, &compressed));
+            if let Err(e) = self.stored(&p.chunk, started, stored) {
+                return Some(Err(e));
+            }
+        }
+        self.read_cached(ino, offset, size)
     }
 
     /// The chunks of regular file `ino` covering `[offset, offset + size)`.
@@ -220,7 +271,6 @@ impl ChunkLoader {
         let end = offset.saturating_add(u64::from(size)).min(file_size);
         let mut out = vec![0u8; end.saturating_sub(offset) as usize];
         for p in &placed {
-            let file = self.cache.open_chunk(&p.chunk.digest, p.chunk.uncompressed_len)?;
             let chunk_end = p.file_offset + u64::from(p.chunk.uncompressed_len);
             let from = offset.max(p.file_offset);
             let to = end.min(chunk_end);
@@ -228,8 +278,13 @@ impl ChunkLoader {
                 continue;
             }
             let dest = &mut out[(from - offset) as usize..(to - offset) as usize];
-            if let Err(e) = read_exact_at(&file, dest, from - p.file_offset) {
-                return Some(Err(LoadError::Cache { digest: hex::encode(p.chunk.digest), reason: format!("reading the chunk file: {e}") }));
+            // Within the chunk, so below its length (a u32).
+            let within = (from - p.file_offset) as u32;
+            if let Err(e) = self.cache.read_chunk(&p.chunk.digest, p.chunk.uncompressed_len, within, dest)? {
+                return Some(Err(LoadError::Cache {
+                    digest: hex::encode(p.chunk.digest),
+                    reason: format!("reading the cached chunk: {e}"),
+                }));
             }
         }
         Some(Ok(out))

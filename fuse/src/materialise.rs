@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::cache::{read_exact_at, ChunkCache};
+use crate::cache::ChunkCache;
 use crate::chunk::chunk_digest;
 use crate::format::{Bootstrap, FileKind, MAX_CHUNK_SIZE};
 
@@ -139,32 +139,26 @@ impl Materialiser {
         Some((attr.size, file_key(&self.bootstrap, ino)?))
     }
 
-    /// The one chunk file `ino` consists of, if it is a single whole chunk: then the cached
-    /// chunk is the file, and nothing needs writing.
-    fn sole_chunk(&self, ino: u64) -> Option<(&[u8; 32], u32)> {
-        let size = self.bootstrap.getattr(ino)?.size;
-        let mut chunks = self.bootstrap.chunks_of(ino)?;
-        let first = chunks.next()?;
-        (chunks.next().is_none() && first.file_offset == 0 && u64::from(first.chunk.uncompressed_len) == size)
-            .then_some((&first.chunk.digest, first.chunk.uncompressed_len))
+    /// Whether file `ino` is ever materialised: a regular file of more than one chunk that fits
+    /// the cache. Files of one chunk are not: they are small, so their opens, not their reads,
+    /// cost most, and the plain path keeps them in the page cache; a copy of each would cost a
+    /// file creation and a sync.
+    pub fn may_materialise(&self, ino: u64) -> bool {
+        let Some(attr) = self.bootstrap.getattr(ino) else { return false };
+        attr.kind == FileKind::Regular
+            && self.cache.fits_file(attr.size)
+            && self.bootstrap.chunks_of(ino).is_some_and(|chunks| chunks.count() > 1)
     }
 
-    /// Opens the local copy of file `ino` (marking it used), if there is one: its materialised
-    /// file, or for a file of one chunk the cached chunk.
+    /// Opens the materialised copy of file `ino` (marking it used), if there is one.
     pub fn open(&self, ino: u64) -> Option<File> {
         let (size, key) = self.sized_key(ino)?;
-        match self.sole_chunk(ino) {
-            Some((digest, len)) => self.cache.open_chunk(digest, len),
-            None => self.cache.open_file(&key, size),
-        }
+        self.cache.open_file(&key, size)
     }
 
-    /// Whether file `ino` has a local copy to hand to the kernel.
+    /// Whether file `ino` is materialised.
     pub fn is_materialised(&self, ino: u64) -> bool {
-        match self.sole_chunk(ino) {
-            Some((digest, _)) => self.cache.contains(digest),
-            None => self.sized_key(ino).is_some_and(|(_, key)| self.cache.contains_file(&key)),
-        }
+        self.sized_key(ino).is_some_and(|(_, key)| self.cache.contains_file(&key))
     }
 
     /// Whether every chunk of file `ino` is in the cache.
@@ -174,10 +168,10 @@ impl Materialiser {
 
     /// Starts materialising file `ino` in the background when it has data, is not materialised
     /// yet, fits the cache, and every one of its chunks is local. Cheap when there is nothing to
-    /// do, and for a file of one chunk there never is.
+    /// do; files of one chunk are never materialised.
     pub fn offer(self: &Arc<Self>, ino: u64) {
-        let Some((size, key)) = self.sized_key(ino) else { return };
-        if self.sole_chunk(ino).is_some() || self.cache.contains_file(&key) || !self.cache.fits_file(size) || !self.all_local(ino) {
+        let Some((_, key)) = self.sized_key(ino) else { return };
+        if !self.may_materialise(ino) || self.cache.contains_file(&key) || !self.all_local(ino) {
             return;
         }
         if !self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ino) {
@@ -218,10 +212,8 @@ impl Materialiser {
                 let digest = &c.chunk.digest;
                 let len = c.chunk.uncompressed_len;
                 let hex_digest = || hex::encode(digest);
-                let chunk_file =
-                    self.cache.open_chunk(digest, len).ok_or_else(|| MaterialiseError::Missing { ino, digest: hex_digest() })?;
                 let data = &mut buf[..len as usize];
-                read_exact_at(&chunk_file, data, 0)?;
+                self.cache.read_chunk(digest, len, 0, data).ok_or_else(|| MaterialiseError::Missing { ino, digest: hex_digest() })??;
                 if chunk_digest(data) != *digest {
                     self.cache.remove(digest);
                     return Err(MaterialiseError::Corrupt { ino, digest: hex_digest() });
@@ -247,6 +239,7 @@ impl Materialiser {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+    use std::os::unix::fs::FileExt;
 
     use super::*;
     use crate::cache::MIN_CACHE_SIZE;
@@ -341,11 +334,11 @@ mod tests {
         let m = f.materialiser();
         f.make_local("big");
         let second = *f.bootstrap.chunks_of(f.ino("big")).unwrap().nth(1).unwrap().chunk;
-        let path = f.cache.path(&second.digest);
-        let mut data = std::fs::read(&path).unwrap();
-        data[100] ^= 0xff;
-        assert_ne!(chunk_digest(&data), second.digest);
-        std::fs::write(&path, data).unwrap();
+        let (slab, offset) = f.cache.chunk_location(&second.digest).unwrap();
+        let slab = std::fs::OpenOptions::new().read(true).write(true).open(slab).unwrap();
+        let mut byte = [0u8];
+        slab.read_exact_at(&mut byte, offset + 100).unwrap();
+        slab.write_all_at(&[byte[0] ^ 0xff], offset + 100).unwrap();
         assert!(matches!(m.materialise(f.ino("big")), Err(MaterialiseError::Corrupt { .. })));
         assert!(!m.is_materialised(f.ino("big")));
         assert!(!f.cache.contains(&second.digest), "the damaged chunk is forgotten, to be fetched again");

@@ -4,8 +4,9 @@
 //!
 //! A source only moves bytes; the caller checks every chunk's blake3 digest before using it.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,27 +59,51 @@ pub trait ChunkSource: Send + Sync + 'static {
 
     /// Where the bytes come from, for logs.
     fn describe(&self) -> String;
+
+    /// Whether bytes come without waiting on a network, so [`fetch_now`](Self::fetch_now)
+    /// may be called on any thread.
+    fn is_local(&self) -> bool {
+        false
+    }
+
+    /// Fetches like [`fetch`](Self::fetch), blocking the calling thread; `None` when this
+    /// source cannot (it is not local).
+    fn fetch_now(&self, _blob: Blob, _offset: u64, _len: u32) -> Option<Result<Bytes, SourceError>> {
+        None
+    }
 }
 
 /// Chunk blobs in a local directory, each in a file named by its digest's hex
-/// (`shoal mount --blobs DIR`, or an OCI layout's `blobs/sha256`).
+/// (`shoal mount --blobs DIR`, or an OCI layout's `blobs/sha256`). Each blob file is opened
+/// once and kept open, so the kernel's readahead follows reads through it.
 #[derive(Debug, Clone)]
 pub struct BlobDir {
     /// The directory.
     dir: PathBuf,
+    /// Blob files opened so far, by sha256.
+    open: Arc<Mutex<HashMap<[u8; 32], Arc<std::fs::File>>>>,
 }
 
 impl BlobDir {
     /// Blobs in `dir`.
     pub fn new(dir: PathBuf) -> Self {
-        BlobDir { dir }
+        BlobDir { dir, open: Arc::default() }
     }
 
     fn read(&self, blob: Blob, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         use std::os::unix::fs::FileExt;
-        let hex = hex::encode(blob.sha256);
         let fail = |reason: String| SourceError::Local { digest: blob.digest(), dir: self.dir.display().to_string(), reason };
-        let file = std::fs::File::open(self.dir.join(&hex)).map_err(|e| fail(e.to_string()))?;
+        let file = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            match open.get(&blob.sha256) {
+                Some(file) => file.clone(),
+                None => {
+                    let file = Arc::new(std::fs::File::open(self.dir.join(hex::encode(blob.sha256))).map_err(|e| fail(e.to_string()))?);
+                    open.insert(blob.sha256, file.clone());
+                    file
+                }
+            }
+        };
         let mut data = vec![0; len as usize];
         file.read_exact_at(&mut data, offset).map_err(|e| fail(format!("reading {len} bytes at {offset}: {e}")))?;
         Ok(Bytes::from(data))
@@ -97,6 +122,14 @@ impl ChunkSource for BlobDir {
 
     fn describe(&self) -> String {
         format!("blobs in {}", self.dir.display())
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn fetch_now(&self, blob: Blob, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+        Some(self.read(blob, offset, len))
     }
 }
 

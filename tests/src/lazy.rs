@@ -429,6 +429,12 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts.lines().any(|line| line.split(' ').nth(1) == Some(want.as_ref()))
 }
 
+/// Hex digests of the chunks the chunk cache in `dir` holds, from its index (safe while a
+/// mount is using the cache).
+pub fn cached_chunks(dir: &Path) -> std::collections::HashSet<String> {
+    shoal_fuse::cache::cached_chunks(dir).unwrap_or_default().iter().map(hex::encode).collect()
+}
+
 /// Writes dirty pages and drops the kernel's clean page cache (all of it: root only), so the
 /// next read of a file goes to its filesystem.
 pub fn drop_page_cache() -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use shoal_fuse::materialise::file_key;
 use shoal_fuse::Bootstrap;
 use shoal_tests::lazy::{
-    compare_tree, drop_page_cache, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount,
+    cached_chunks, compare_tree, drop_page_cache, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount,
 };
 use shoal_tests::registry::run;
 use shoal_tests::{random_bytes, require, task_dir, Agent, Registry, Scheduler};
@@ -287,7 +287,7 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
     assert_eq!(std::fs::read(mount.path("data/dup-a")).unwrap(), content("data/dup-a"));
-    assert!(!cache.join(hex::encode(bad.digest)).exists(), "the corrupt chunk must never be cached");
+    assert!(!cached_chunks(&cache).contains(&hex::encode(bad.digest)), "the corrupt chunk must never be cached");
     assert!(mount.log().contains("failed verification"), "{}", mount.log());
     drop(file);
     // A file of several chunks read whole is materialised; a file of one chunk is served from
@@ -298,14 +298,15 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
         cache.join("files").join(hex::encode(file_key(&bootstrap, ino).unwrap()))
     };
     assert!(materialised("data/dup-a").exists());
-    assert!(!materialised("small/one.txt").exists(), "a file of one chunk needs no copy");
+    assert!(!materialised("small/one.txt").exists(), "a file of one chunk is not copied");
     assert!(!materialised("data/big.bin").exists(), "a file with a corrupt chunk must never be materialised");
     let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    assert_eq!(std::fs::read(mount.path("data/dup-a")).unwrap(), content("data/dup-a"));
     let stats =
         mount.wait_stats("every open released", |s| s["releases"].as_u64() >= s["plain_opens"].as_u64().map(|p| p + 1)).await.unwrap();
-    assert_eq!(stats["passthrough_opens"], 1, "only the second read of small/one.txt is passthrough: {stats}");
+    assert_eq!(stats["passthrough_opens"], 1, "only the second read of data/dup-a is passthrough: {stats}");
     assert!(!materialised("data/big.bin").exists());
     let status = mount.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
@@ -340,13 +341,13 @@ async fn a_recorded_trace_as_the_prefetch_list_makes_those_chunks_local_without_
     let wanted: Vec<String> = chunk_names("etc/hostname").into_iter().chain(chunk_names("data/big.bin")).collect();
     assert_eq!(wanted.len(), 5);
     let start = Instant::now();
-    while !wanted.iter().all(|name| cache.join(name).exists()) {
+    while !wanted.iter().all(|name| cached_chunks(&cache).contains(name)) {
         assert!(start.elapsed() < Duration::from_secs(30), "prefetch did not fetch {wanted:?}:\n{}", second.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for unlisted in ["data/dup-a", "bin/tool", "small/one.txt"] {
         for name in chunk_names(unlisted) {
-            assert!(!cache.join(&name).exists(), "{unlisted} is not in the prefetch list but its chunk {name} was fetched");
+            assert!(!cached_chunks(&cache).contains(&name), "{unlisted} is not in the prefetch list but its chunk {name} was fetched");
         }
     }
     let status = second.stop().await.unwrap();
@@ -378,14 +379,14 @@ async fn a_trace_learned_on_one_host_makes_another_hosts_mount_prefetch_those_fi
     let chunk_names = |path: &str| -> Vec<String> { content(path).chunks(MIB).map(|c| blake3::hash(c).to_hex().to_string()).collect() };
     let wanted: Vec<String> = chunk_names("etc/hostname").into_iter().chain(chunk_names("data/big.bin")).collect();
     let start = Instant::now();
-    while !wanted.iter().all(|name| cache.join(name).exists()) {
+    while !wanted.iter().all(|name| cached_chunks(&cache).contains(name)) {
         assert!(start.elapsed() < Duration::from_secs(30), "the learned trace did not prefetch {wanted:?}:\n{}", second.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(second.log().contains("prefetching by the trace the cluster learned"), "{}", second.log());
     for unread in ["data/dup-a", "bin/tool", "small/one.txt"] {
         for name in chunk_names(unread) {
-            assert!(!cache.join(&name).exists(), "{unread} was never read on node A but its chunk {name} was fetched");
+            assert!(!cached_chunks(&cache).contains(&name), "{unread} was never read on node A but its chunk {name} was fetched");
         }
     }
     assert_eq!(second.counter("reads"), 0, "nothing read the mount: {}", second.stats());
@@ -534,7 +535,7 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     let big = content("data/big.bin");
     let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--no-passthrough"])).await.unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
-    let first = mount.wait_stats("the first read released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
+    let first = mount.wait_stats("the first read served", |s| s["read_bytes"].as_u64() >= Some(big.len() as u64)).await.unwrap();
     assert_eq!(first["passthrough"], "off", "{first}");
     drop_page_cache().unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
@@ -543,14 +544,18 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     file.read_exact_at(&mut buf, 3 * MIB as u64 + 7).unwrap();
     assert_eq!(buf, big[3 * MIB + 7..3 * MIB + 7 + 4096]);
     drop(file);
-    let stats = mount.wait_stats("both opens released", |s| s["releases"].as_u64() >= Some(n(&first, "releases") + 2)).await.unwrap();
-    assert!(n(&stats, "read_bytes") >= n(&first, "read_bytes") + big.len() as u64, "the second read went through shoal: {stats}");
+    mount
+        .wait_stats("the second read served", |s| s["read_bytes"].as_u64() >= Some(n(&first, "read_bytes") + big.len() as u64))
+        .await
+        .unwrap();
     let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
     assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
     assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
-    // Written at exit: the final counters.
+    // Written at exit: the final counters. Only the first open reached shoal: its ENOSYS has
+    // the kernel open every later file without asking (and never send a release).
     let stats = mount.stats();
-    assert!(n(&stats, "plain_opens") > 10, "{stats}");
+    assert_eq!((n(&stats, "plain_opens"), n(&stats, "releases")), (1, 0), "{stats}");
+    assert!(n(&stats, "reads") > n(&first, "reads"), "{stats}");
     assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "materialised_files")), (0, 0), "{stats}");
     assert_eq!(std::fs::read_dir(cache.join("files")).unwrap().count(), 0, "nothing is materialised without passthrough");
 }
