@@ -6,10 +6,13 @@
 //! directory. Regular file data is cut into chunks of at most 1 MiB; a chunk already stored
 //! (by an earlier layer, earlier in the same layer, or in a chunk dictionary from another
 //! image) is referenced again, and a new one is compressed and streamed into the layer's chunk
-//! blob. Only metadata stays in memory, never a layer's data.
+//! blob. Only metadata stays in memory, never a layer's data (beyond the few chunks being
+//! compressed: new chunks are compressed on one worker thread per core while the tar stream is
+//! read, and appended to the blob in the order they were met).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
+use std::sync::{mpsc, Arc, Mutex};
 
 use thiserror::Error;
 
@@ -251,7 +254,7 @@ struct LayerState<W> {
     /// The layer's chunk blob.
     writer: ChunkBlobWriter<W>,
     /// Compresses the layer's new chunks.
-    compressor: ChunkCompressor,
+    compressing: Compressing,
     /// This layer's index in the blob table, once it has written a chunk.
     blob_index: Option<u32>,
     /// Chunks written to the blob so far.
@@ -260,6 +263,32 @@ struct LayerState<W> {
     reused_chunks: u64,
     /// Entries skipped so far, and why.
     warnings: Vec<String>,
+}
+
+/// Threads compressing new chunks: one per core, at most 8.
+fn compression_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8)
+}
+
+/// New chunks compressed at once, at most.
+pub(crate) fn max_in_flight() -> usize {
+    2 * compression_workers()
+}
+
+/// New chunks on their way through the compression workers.
+struct Compressing {
+    /// Where chunks to compress go, numbered in order; `None` once the layer is done.
+    jobs: Option<mpsc::SyncSender<(u64, Vec<u8>)>>,
+    /// Compressed chunks come back here, in any order.
+    done: mpsc::Receiver<(u64, io::Result<Vec<u8>>)>,
+    /// Chunks sent so far.
+    sent: u64,
+    /// Compressed chunks that came back before the ones ahead of them.
+    early: BTreeMap<u64, io::Result<Vec<u8>>>,
+    /// The chunk-table index of every chunk sent and not yet appended, in order.
+    waiting: VecDeque<u32>,
+    /// Most chunks in flight at once (bounds memory to that many chunks).
+    max_in_flight: usize,
 }
 
 /// Builds a bootstrap from an image's layers, streaming each layer's new chunks to its blob.
@@ -313,23 +342,64 @@ impl TreeBuilder {
     /// Applies the next layer, read from `archive`, writing its new chunks to `blob_sink`.
     pub fn add_layer<R: Read, W: Write>(&mut self, archive: &mut tar::Archive<R>, blob_sink: W) -> Result<LayerOutcome, BuildError> {
         let index = self.layers.len();
-        let read_error = |source| BuildError::Read { layer: index, source };
-        let mut state = LayerState {
-            index,
-            writer: ChunkBlobWriter::new(blob_sink),
-            compressor: ChunkCompressor::new(self.options.compression_level)
-                .map_err(|source| BuildError::Compress { layer: index, source })?,
-            blob_index: None,
-            new_chunks: 0,
-            reused_chunks: 0,
-            warnings: Vec::new(),
-        };
+        let workers = compression_workers();
+        let compressors = (0..workers)
+            .map(|_| ChunkCompressor::new(self.options.compression_level))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| BuildError::Compress { layer: index, source })?;
+        std::thread::scope(|scope| {
+            let (jobs, queue) = mpsc::sync_channel::<(u64, Vec<u8>)>(workers);
+            let (finished, done) = mpsc::channel();
+            let queue = Arc::new(Mutex::new(queue));
+            for mut compressor in compressors {
+                let (queue, finished) = (queue.clone(), finished.clone());
+                scope.spawn(move || loop {
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((number, data)) = job else { return };
+                    if finished.send((number, compressor.compress(&data))).is_err() {
+                        return;
+                    }
+                });
+            }
+            let compressing = Compressing {
+                jobs: Some(jobs),
+                done,
+                sent: 0,
+                early: BTreeMap::new(),
+                waiting: VecDeque::new(),
+                max_in_flight: max_in_flight(),
+            };
+            let mut state = LayerState {
+                index,
+                writer: ChunkBlobWriter::new(blob_sink),
+                compressing,
+                blob_index: None,
+                new_chunks: 0,
+                reused_chunks: 0,
+                warnings: Vec::new(),
+            };
+            let applied = self.apply_entries(archive, &mut state);
+            // The workers stop once the queue closes; the scope waits for them.
+            state.compressing.jobs = None;
+            applied?;
+            self.finish_layer(state)
+        })
+    }
+
+    /// Applies every entry of `archive`, then waits for the last chunks to be appended.
+    fn apply_entries<R: Read, W: Write>(&mut self, archive: &mut tar::Archive<R>, state: &mut LayerState<W>) -> Result<(), BuildError> {
+        let read_error = |source| BuildError::Read { layer: state.index, source };
         let mut buffer = vec![0; MAX_CHUNK_SIZE as usize];
         for entry in archive.entries().map_err(read_error)? {
-            let mut entry = entry.map_err(read_error)?;
-            self.apply_entry(&mut entry, &mut state, &mut buffer)?;
+            let mut entry = entry.map_err(|source| BuildError::Read { layer: state.index, source })?;
+            self.apply_entry(&mut entry, state, &mut buffer)?;
         }
+        self.append_compressed(state, 0)
+    }
 
+    /// Completes the layer's blob and records the layer.
+    fn finish_layer<W: Write>(&mut self, state: LayerState<W>) -> Result<LayerOutcome, BuildError> {
+        let index = state.index;
         let blob = match state.blob_index {
             None => None,
             Some(blob_index) => {
@@ -342,6 +412,41 @@ impl TreeBuilder {
         };
         self.layers.push(blob);
         Ok(LayerOutcome { blob, new_chunks: state.new_chunks, reused_chunks: state.reused_chunks, warnings: state.warnings })
+    }
+
+    /// Appends compressed chunks to the blob, in order, until at most `in_flight` are left
+    /// with the workers; records each one's place in the chunk table.
+    fn append_compressed<W: Write>(&mut self, state: &mut LayerState<W>, in_flight: usize) -> Result<(), BuildError> {
+        let layer = state.index;
+        let c = &mut state.compressing;
+        while c.waiting.len() > in_flight {
+            let number = c.sent - c.waiting.len() as u64;
+            let compressed = loop {
+                if let Some(compressed) = c.early.remove(&number) {
+                    break compressed;
+                }
+                match c.done.recv() {
+                    Ok((n, compressed)) => {
+                        c.early.insert(n, compressed);
+                    }
+                    Err(_) => {
+                        return Err(BuildError::Compress { layer, source: io::Error::other("the compression workers stopped") });
+                    }
+                }
+            };
+            let compressed = compressed.map_err(|source| BuildError::Compress { layer, source })?;
+            let Some(target) = c.waiting.pop_front() else { break };
+            let chunk = &mut self.chunks[target as usize];
+            let compressed_len = u32::try_from(compressed.len()).ok().filter(|&len| len <= MAX_COMPRESSED_CHUNK_SIZE).ok_or_else(|| {
+                BuildError::Compress {
+                    layer,
+                    source: io::Error::other(format!("a {}-byte chunk compressed to {} bytes", chunk.uncompressed_len, compressed.len())),
+                }
+            })?;
+            chunk.compressed_offset = state.writer.append(&compressed).map_err(|source| BuildError::Write { layer, source })?;
+            chunk.compressed_len = compressed_len;
+        }
+        Ok(())
     }
 
     /// Finishes the build: numbers the inodes, drops chunks no file uses any more, resolves the
@@ -608,19 +713,24 @@ impl TreeBuilder {
                 }
             }
             None => {
-                let layer = state.index;
-                let compressed = state.compressor.compress(data).map_err(|source| BuildError::Compress { layer, source })?;
-                let compressed_len =
-                    u32::try_from(compressed.len()).ok().filter(|&len| len <= MAX_COMPRESSED_CHUNK_SIZE).ok_or_else(|| {
-                        BuildError::Compress {
-                            layer,
-                            source: io::Error::other(format!("a {uncompressed_len}-byte chunk compressed to {} bytes", compressed.len())),
-                        }
-                    })?;
+                // Placed in the blob once compressed (append_compressed).
                 let blob = self.layer_blob_index(state)?;
-                let compressed_offset = state.writer.append(&compressed).map_err(|source| BuildError::Write { layer, source })?;
                 state.new_chunks += 1;
-                Chunk { digest, blob, compressed_offset, compressed_len, uncompressed_len }
+                let c = &mut state.compressing;
+                let jobs = c.jobs.as_ref().ok_or_else(|| BuildError::Compress {
+                    layer: state.index,
+                    source: io::Error::other("the layer is already finished"),
+                })?;
+                if jobs.send((c.sent, data.to_vec())).is_err() {
+                    return Err(BuildError::Compress { layer: state.index, source: io::Error::other("the compression workers stopped") });
+                }
+                c.sent += 1;
+                c.waiting.push_back(index);
+                self.chunks.push(Chunk { digest, blob, compressed_offset: 0, compressed_len: 0, uncompressed_len });
+                self.known.insert(digest, index);
+                let max_in_flight = state.compressing.max_in_flight;
+                self.append_compressed(state, max_in_flight)?;
+                return Ok(index);
             }
         };
         self.chunks.push(chunk);
