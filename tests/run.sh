@@ -27,6 +27,7 @@ declare -A packages=(
     [opentracker]=opentracker
     [transmission-create]=transmission-cli
     [fusermount3]=fuse3
+    [debootstrap]=debootstrap
 )
 missing=()
 for cmd in "${!packages[@]}"; do

@@ -3,7 +3,7 @@
 //! layers should produce, a comparison of a mounted tree with it, and `shoal mount` as a real
 //! process that is always unmounted afterwards, with its live counters (`--stats`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -194,15 +194,21 @@ fn write_blob(dir: &Path, bytes: &[u8]) -> anyhow::Result<(String, u64)> {
 
 /// Writes an OCI image layout at `dir` holding one image tagged `tag` with these layers.
 pub fn write_layout(dir: &Path, tag: &str, layers: &[LayerSpec]) -> anyhow::Result<()> {
+    let tars = layers.iter().map(|layer| Ok((layer_tar(&layer.entries)?, layer.compression))).collect::<anyhow::Result<Vec<_>>>()?;
+    write_layout_of_tars(dir, tag, &tars)
+}
+
+/// Writes an OCI image layout at `dir` holding one image tagged `tag` whose layers are these
+/// tar streams, each stored with its compression.
+pub fn write_layout_of_tars(dir: &Path, tag: &str, layers: &[(Vec<u8>, Compression)]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
-    for layer in layers {
-        let tar = layer_tar(&layer.entries)?;
-        diff_ids.push(digest_of(&tar));
-        let (digest, size) = write_blob(dir, &layer.compression.compress(&tar)?)?;
-        descriptors.push(serde_json::json!({ "mediaType": layer.compression.media_type(), "digest": digest, "size": size }));
+    for (tar, compression) in layers {
+        diff_ids.push(digest_of(tar));
+        let (digest, size) = write_blob(dir, &compression.compress(tar)?)?;
+        descriptors.push(serde_json::json!({ "mediaType": compression.media_type(), "digest": digest, "size": size }));
     }
     let config = serde_json::json!({
         "architecture": "amd64",
@@ -392,6 +398,129 @@ fn compare_entry(full: &Path, path: &str, want: &Expected, meta: &std::fs::Metad
     diffs
 }
 
+/// Compares the tree under `got` with the one under `want` path by path: type, permissions,
+/// owner, mtime (to the nanosecond), size and content of files, symlink targets, device
+/// numbers, xattrs, and which names are hard links of one file. Directory sizes and link
+/// counts are not compared (they are the filesystem's own). Returns every difference.
+pub fn compare_dirs(got: &Path, want: &Path) -> Vec<String> {
+    let (mut found, mut expected) = (BTreeMap::new(), BTreeMap::new());
+    walk(got, got, &mut found);
+    walk(want, want, &mut expected);
+    let mut diffs = Vec::new();
+    for path in expected.keys().filter(|p| !found.contains_key(*p)) {
+        diffs.push(format!("{path}: missing"));
+    }
+    for path in found.keys().filter(|p| !expected.contains_key(*p)) {
+        diffs.push(format!("{path}: not expected"));
+    }
+    let mut want_links: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut got_links: HashMap<String, u64> = HashMap::new();
+    for (path, want_meta) in &expected {
+        let Some(got_meta) = found.get(path) else { continue };
+        let mut check = |what: &str, got: String, want: String| {
+            if got != want {
+                diffs.push(format!("{path}: {what} is {got}, expected {want}"));
+            }
+        };
+        let (gt, wt) = (got_meta.file_type(), want_meta.file_type());
+        let kind = |t: std::fs::FileType| {
+            [
+                (t.is_dir(), "dir"),
+                (t.is_file(), "file"),
+                (t.is_symlink(), "symlink"),
+                (t.is_char_device(), "char device"),
+                (t.is_block_device(), "block device"),
+                (t.is_fifo(), "fifo"),
+                (t.is_socket(), "socket"),
+            ]
+            .into_iter()
+            .find(|(is, _)| *is)
+            .map_or("unknown", |(_, name)| name)
+        };
+        if kind(gt) != kind(wt) {
+            check("type", kind(gt).into(), kind(wt).into());
+            continue;
+        }
+        check("permissions", format!("{:o}", got_meta.mode() & 0o7777), format!("{:o}", want_meta.mode() & 0o7777));
+        check("owner", format!("{}:{}", got_meta.uid(), got_meta.gid()), format!("{}:{}", want_meta.uid(), want_meta.gid()));
+        check(
+            "mtime",
+            format!("{}.{:09}", got_meta.mtime(), got_meta.mtime_nsec()),
+            format!("{}.{:09}", want_meta.mtime(), want_meta.mtime_nsec()),
+        );
+        let (got_path, want_path) = (got.join(path), want.join(path));
+        if wt.is_file() {
+            check("size", got_meta.len().to_string(), want_meta.len().to_string());
+            if !same_content(&got_path, &want_path) {
+                check("content", "different".into(), "the same".into());
+            }
+            want_links.entry(want_meta.ino()).or_default().push(path.clone());
+            got_links.insert(path.clone(), got_meta.ino());
+        }
+        if wt.is_symlink() {
+            let target = |p: &Path| std::fs::read_link(p).map(|t| t.to_string_lossy().into_owned()).unwrap_or_else(|e| e.to_string());
+            check("link target", target(&got_path), target(&want_path));
+        }
+        if wt.is_char_device() || wt.is_block_device() {
+            check("device", got_meta.rdev().to_string(), want_meta.rdev().to_string());
+        }
+        check("xattrs", format!("{:?}", xattrs(&got_path).ok()), format!("{:?}", xattrs(&want_path).ok()));
+    }
+    // Names of one file must be names of one file, and only of it.
+    let mut file_of: HashMap<u64, u64> = HashMap::new();
+    for (want_ino, names) in &want_links {
+        let inodes: HashSet<Option<&u64>> = names.iter().map(|n| got_links.get(n)).collect();
+        if inodes.len() != 1 {
+            diffs.push(format!("{names:?} are one file, but not in the mounted tree"));
+        }
+        for got_ino in inodes.into_iter().flatten() {
+            if file_of.insert(*got_ino, *want_ino).is_some_and(|other| other != *want_ino) {
+                diffs.push(format!("{names:?} share their inode with other files in the mounted tree"));
+            }
+        }
+        if let Some(meta) = found.get(&names[0]) {
+            if meta.nlink() != names.len() as u64 {
+                diffs.push(format!("{}: nlink {} for {} names", names[0], meta.nlink(), names.len()));
+            }
+        }
+    }
+    diffs
+}
+
+/// Whether two files hold the same bytes, read in 1 MiB pieces.
+fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(mut a), Ok(mut b)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = match read_full(&mut a, &mut x) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        match read_full(&mut b, &mut y) {
+            Ok(m) if m == n => {}
+            _ => return false,
+        }
+        if x[..n] != y[..n] {
+            return false;
+        }
+        if n < x.len() {
+            return true;
+        }
+    }
+
+    fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        Ok(filled)
+    }
+}
+
 /// The extended attributes of `path` (not following symlinks).
 pub fn xattrs(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
     let c_path = CString::new(path.as_os_str().as_bytes())?;
@@ -431,7 +560,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Hex digests of the chunks the chunk cache in `dir` holds, from its index (safe while a
 /// mount is using the cache).
-pub fn cached_chunks(dir: &Path) -> std::collections::HashSet<String> {
+pub fn cached_chunks(dir: &Path) -> HashSet<String> {
     shoal_fuse::cache::cached_chunks(dir).unwrap_or_default().iter().map(hex::encode).collect()
 }
 
