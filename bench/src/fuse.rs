@@ -175,9 +175,7 @@ impl System for Shoal {
 
     async fn cold(&mut self) -> anyhow::Result<PathBuf> {
         self.stop().await?;
-        if self.cache.exists() {
-            std::fs::remove_dir_all(&self.cache).with_context(|| format!("emptying {}", self.cache.display()))?;
-        }
+        remove_cache(&self.cache)?;
         self.remount().await
     }
 
@@ -300,9 +298,7 @@ impl System for Nydus {
 
     async fn cold(&mut self) -> anyhow::Result<PathBuf> {
         self.stop().await?;
-        if self.cache.exists() {
-            std::fs::remove_dir_all(&self.cache).with_context(|| format!("emptying {}", self.cache.display()))?;
-        }
+        remove_cache(&self.cache)?;
         self.remount().await
     }
 
@@ -347,6 +343,14 @@ impl Drop for Nydus {
             let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
         }
     }
+}
+
+/// Removes a chunk cache, so the next mount starts with nothing local.
+fn remove_cache(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// The tree: one big file and `small` files spread over 20 directories.

@@ -75,11 +75,19 @@ pub fn decompress_chunk(compressed: &[u8], expected_len: u32, expected_digest: &
     if expected_len > MAX_CHUNK_SIZE {
         return Err(ChunkError::TooLong { digest: digest(), len: expected_len });
     }
-    let data = zstd::bulk::decompress(compressed, expected_len as usize).map_err(|source| ChunkError::Decompress {
-        digest: digest(),
-        expected: expected_len,
-        source,
-    })?;
+    thread_local! {
+        /// One zstd context per thread, reused: making one costs more than decompressing a small chunk.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    let decompressed = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decompressor = match slot.as_mut() {
+            Some(decompressor) => decompressor,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(compressed, expected_len as usize)
+    });
+    let data = decompressed.map_err(|source| ChunkError::Decompress { digest: digest(), expected: expected_len, source })?;
     if data.len() != expected_len as usize {
         return Err(ChunkError::LengthMismatch { digest: digest(), expected: expected_len, actual: data.len() });
     }

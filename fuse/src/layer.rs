@@ -183,16 +183,7 @@ mod tests {
     use crate::format::Bootstrap;
 
     fn tar_with(path: &str, data: &[u8]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_ustar();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
-        builder.append_data(&mut header, path, data).unwrap();
-        builder.into_inner().unwrap()
+        crate::test_data::tar_of(&[(path, data)])
     }
 
     fn sha(bytes: &[u8]) -> String {

@@ -33,6 +33,8 @@ pub mod layer;
 pub mod loader;
 pub mod materialise;
 pub mod source;
+#[cfg(test)]
+mod test_data;
 pub mod trace;
 pub mod tree;
 

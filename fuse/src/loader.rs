@@ -73,10 +73,12 @@ struct Placed {
     chunk: Chunk,
 }
 
-/// Decompresses and verifies `chunk`'s `compressed` bytes and stores the data in `cache`.
-fn store(cache: &ChunkCache, chunk: &Chunk, compressed: &[u8]) -> Result<(), LoadError> {
+/// Decompresses and verifies `chunk`'s `compressed` bytes and stores the data in `cache`;
+/// returns the data.
+fn store(cache: &ChunkCache, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, LoadError> {
     let data = decompress_chunk(compressed, chunk.uncompressed_len, &chunk.digest).map_err(|e| LoadError::Verify(Arc::new(e)))?;
-    cache.insert(&chunk.digest, &data).map_err(|e| LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() })
+    cache.insert(&chunk.digest, &data).map_err(|e| LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() })?;
+    Ok(data)
 }
 
 /// Loads an image's chunks into a cache and reads files from them.
@@ -174,7 +176,7 @@ impl ChunkLoader {
         let compressed = self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await;
         let compressed = self.fetched(&chunk, compressed)?;
         let cache = self.cache.clone();
-        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed)).await.unwrap_or_else(|e| {
+        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed).map(drop)).await.unwrap_or_else(|e| {
             Err(LoadError::Cache { digest: hex::encode(chunk.digest), reason: format!("the storing task failed: {e}") })
         });
         self.stored(&chunk, started, stored)
@@ -233,6 +235,7 @@ impl ChunkLoader {
             Ok(placed) => placed,
             Err(e) => return Some(Err(e)),
         };
+        let mut fresh = HashMap::new();
         for p in placed.iter().filter(|p| !self.cache.contains(&p.chunk.digest)) {
             if self.is_inflight(p.index) {
                 return None;
@@ -244,11 +247,15 @@ impl ChunkLoader {
             let started = Instant::now();
             let fetched = self.source.fetch_now(blob, p.chunk.compressed_offset, p.chunk.compressed_len)?;
             let stored = self.fetched(&p.chunk, fetched).and_then(|compressed| store(&self.cache, &p.chunk, &compressed));
-            if let Err(e) = self.stored(&p.chunk, started, stored) {
-                return Some(Err(e));
+            match stored {
+                Ok(data) => {
+                    let _ = self.stored(&p.chunk, started, Ok(()));
+                    fresh.insert(p.index, data);
+                }
+                Err(e) => return Some(self.stored(&p.chunk, started, Err(e)).map(|()| Vec::new())),
             }
         }
-        self.read_cached(ino, offset, size)
+        self.assemble(ino, offset, size, &placed, &fresh)
     }
 
     /// The chunks of regular file `ino` covering `[offset, offset + size)`.
@@ -267,10 +274,23 @@ impl ChunkLoader {
             Ok(placed) => placed,
             Err(e) => return Some(Err(e)),
         };
+        self.assemble(ino, offset, size, &placed, &HashMap::new())
+    }
+
+    /// The bytes `[offset, offset + size)` of file `ino`, made of `placed`: from `fresh` (data
+    /// of chunks just fetched, by chunk index) or the cache; `None` when a chunk is in neither.
+    fn assemble(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        placed: &[Placed],
+        fresh: &HashMap<u32, Vec<u8>>,
+    ) -> Option<Result<Vec<u8>, LoadError>> {
         let file_size = self.bootstrap.getattr(ino).map_or(0, |attr| attr.size);
         let end = offset.saturating_add(u64::from(size)).min(file_size);
         let mut out = vec![0u8; end.saturating_sub(offset) as usize];
-        for p in &placed {
+        for p in placed {
             let chunk_end = p.file_offset + u64::from(p.chunk.uncompressed_len);
             let from = offset.max(p.file_offset);
             let to = end.min(chunk_end);
@@ -279,8 +299,12 @@ impl ChunkLoader {
             }
             let dest = &mut out[(from - offset) as usize..(to - offset) as usize];
             // Within the chunk, so below its length (a u32).
-            let within = (from - p.file_offset) as u32;
-            if let Err(e) = self.cache.read_chunk(&p.chunk.digest, p.chunk.uncompressed_len, within, dest)? {
+            let within = (from - p.file_offset) as usize;
+            if let Some(data) = fresh.get(&p.index) {
+                dest.copy_from_slice(&data[within..within + dest.len()]);
+                continue;
+            }
+            if let Err(e) = self.cache.read_chunk(&p.chunk.digest, p.chunk.uncompressed_len, within as u32, dest)? {
                 return Some(Err(LoadError::Cache {
                     digest: hex::encode(p.chunk.digest),
                     reason: format!("reading the cached chunk: {e}"),

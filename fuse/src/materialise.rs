@@ -244,21 +244,10 @@ mod tests {
     use super::*;
     use crate::cache::MIN_CACHE_SIZE;
     use crate::chunk::decompress_chunk;
+    use crate::test_data::{pattern, tar_of};
     use crate::tree::TreeBuilder;
 
     const MIB: usize = MAX_CHUNK_SIZE as usize;
-
-    fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     struct Fixture {
         bootstrap: Arc<Bootstrap>,
@@ -271,17 +260,8 @@ mod tests {
     impl Fixture {
         fn new(limit: u64) -> Fixture {
             let files = vec![("big", pattern(MIB * 5 / 2, 3)), ("small", b"small file".to_vec()), ("empty", Vec::new())];
-            let mut tar = tar::Builder::new(Vec::new());
-            for (path, data) in &files {
-                let mut header = tar::Header::new_ustar();
-                header.set_size(data.len() as u64);
-                header.set_mode(0o644);
-                header.set_uid(0);
-                header.set_gid(0);
-                header.set_mtime(0);
-                tar.append_data(&mut header, path, data.as_slice()).unwrap();
-            }
-            let tar = tar.into_inner().unwrap();
+            let entries: Vec<(&str, &[u8])> = files.iter().map(|(path, data)| (*path, data.as_slice())).collect();
+            let tar = tar_of(&entries);
             let mut builder = TreeBuilder::default();
             let mut blob = Vec::new();
             builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();

@@ -89,6 +89,16 @@ impl Meta {
     }
 }
 
+/// A regular file entry.
+pub fn file(path: &str, meta: Meta, data: Vec<u8>) -> Entry {
+    Entry::File(path.into(), meta, data)
+}
+
+/// A directory entry.
+pub fn dir(path: &str, meta: Meta) -> Entry {
+    Entry::Dir(path.into(), meta)
+}
+
 /// One entry of a layer.
 #[derive(Debug, Clone)]
 pub enum Entry {

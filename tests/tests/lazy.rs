@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use shoal_fuse::materialise::file_key;
 use shoal_fuse::Bootstrap;
 use shoal_tests::lazy::{
-    cached_chunks, compare_tree, drop_page_cache, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta, Mount,
+    cached_chunks, compare_tree, dir, drop_page_cache, file, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta,
+    Mount,
 };
 use shoal_tests::registry::run;
 use shoal_tests::{random_bytes, require, task_dir, Agent, Registry, Scheduler};
@@ -23,14 +24,6 @@ const MIB: usize = 1 << 20;
 
 /// A fixed time for entries that do not care.
 const T: i64 = 1_700_000_000;
-
-fn file(path: &str, meta: Meta, data: Vec<u8>) -> Entry {
-    Entry::File(path.into(), meta, data)
-}
-
-fn dir(path: &str, meta: Meta) -> Entry {
-    Entry::Dir(path.into(), meta)
-}
 
 /// Three layers (gzip, zstd, plain) exercising every rule of the merge: whiteouts of a file and
 /// of a directory, an opaque directory, hard links within and across layers, a symlink, device

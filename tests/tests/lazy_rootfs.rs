@@ -7,19 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use shoal_tests::lazy::{compare_dirs, layer_tar, shoal_build, write_layout_of_tars, Compression, Entry, Meta, Mount};
+use shoal_tests::lazy::{compare_dirs, dir, file, layer_tar, shoal_build, write_layout_of_tars, Compression, Entry, Meta, Mount};
 use shoal_tests::{random_bytes, require, Registry};
 
 const MIB: usize = 1 << 20;
 const T: i64 = 1_700_000_000;
-
-fn file(path: &str, meta: Meta, data: Vec<u8>) -> Entry {
-    Entry::File(path.into(), meta, data)
-}
-
-fn dir(path: &str, meta: Meta) -> Entry {
-    Entry::Dir(path.into(), meta)
-}
 
 /// Runs a command, failing with its output.
 fn run(program: &str, args: &[&str]) {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use super::*;
 use crate::cache::{ChunkCache, MIN_CACHE_SIZE};
 use crate::format::{Blob, MAX_CHUNK_SIZE};
+use crate::test_data::{pattern, tar_of};
 use crate::tree::TreeBuilder;
 
 const MIB: usize = MAX_CHUNK_SIZE as usize;
@@ -30,19 +31,6 @@ impl ChunkSource for MemorySource {
     fn describe(&self) -> String {
         "memory".into()
     }
-}
-
-/// Bytes that repeat nowhere within a chunk's distance, so no two chunks dedup.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 struct Fixture {
@@ -70,17 +58,7 @@ impl Fixture {
 /// damaged in the blob.
 fn fixture(readahead: usize, corrupt: &[usize]) -> Fixture {
     let big = pattern(MIB * 5 / 2, 7);
-    let mut tar = tar::Builder::new(Vec::new());
-    for (path, data) in [("big", big.as_slice()), ("small", b"small file".as_slice())] {
-        let mut header = tar::Header::new_ustar();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        tar.append_data(&mut header, path, data).unwrap();
-    }
-    let tar = tar.into_inner().unwrap();
+    let tar = tar_of(&[("big", big.as_slice()), ("small", b"small file".as_slice())]);
     let mut builder = TreeBuilder::default();
     let mut blob = Vec::new();
     builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
