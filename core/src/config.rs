@@ -306,7 +306,7 @@ impl Config {
             None => {}
         }
         let config: Config = figment
-            .merge(Env::prefixed("SHOAL_").ignore(&["config", "fault_corrupt_pieces"]).split("__"))
+            .merge(Env::prefixed("SHOAL_").ignore(&["config", "fault_corrupt_pieces", "no_passthrough"]).split("__"))
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.check()?;

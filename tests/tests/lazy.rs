@@ -526,7 +526,8 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
     let cache = setup.path("cache");
     let big = content("data/big.bin");
-    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--no-passthrough"])).await.unwrap();
+    // Set as the environment variable (shoal's configuration must not take it for one of its own).
+    let mut mount = Mount::start_with_env(&local_mount_args(&out, &cache, &[]), &[("SHOAL_NO_PASSTHROUGH", "true")]).await.unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
     let first = mount.wait_stats("the first read served", |s| s["read_bytes"].as_u64() >= Some(big.len() as u64)).await.unwrap();
     assert_eq!(first["passthrough"], "off", "{first}");
