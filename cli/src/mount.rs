@@ -49,6 +49,9 @@ const READ_AHEAD_KB: u32 = 1024;
 /// How long unmounting may take before the process exits anyway.
 const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Chunk caches under the data directory that mounts at the same time may take.
+const MAX_DEFAULT_CACHES: usize = 64;
+
 /// How often the stats file is refreshed (when something changed).
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -74,7 +77,8 @@ pub struct MountArgs {
     /// Fetch chunks from the registry directly, never through a mirror.
     #[arg(long)]
     direct: bool,
-    /// The chunk cache directory (shared by every image mounted with it). Default: <data_dir>/chunks.
+    /// The chunk cache directory, shared by every image mounted with it, one mount at a time.
+    /// Default: <data_dir>/chunks, or chunks-1, chunks-2, ... while other mounts use it.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// The most the chunk cache keeps; least recently used chunks are evicted beyond it.
@@ -153,10 +157,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         _ => bail!("--bootstrap needs --blobs"),
     };
     let bootstrap = Arc::new(bootstrap);
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| config.data_dir.join("chunks"));
-    let cache = Arc::new(
-        ChunkCache::open(&cache_dir, args.cache_size.0).with_context(|| format!("opening the chunk cache {}", cache_dir.display()))?,
-    );
+    let (cache, cache_dir) = open_cache(&args, &config)?;
     info!(image = %name, source = %source.describe(), cache = %cache_dir.display(), files = bootstrap.inode_count(), "mounting");
     let runtime = tokio::runtime::Handle::current();
     let loader = Arc::new(ChunkLoader::new(bootstrap.clone(), cache, source, runtime.clone(), args.readahead));
@@ -417,6 +418,29 @@ impl Remote {
             Remote::Direct { client } => Arc::new(RegistryBlobs::new(client.clone(), &r.registry, &r.repository)),
         })
     }
+}
+
+/// The chunk cache: `--cache-dir`, else the first of `<data_dir>/chunks`, `chunks-1`, ... that no
+/// other mount is using (mounts one after another share one; mounts at the same time each take
+/// their own).
+fn open_cache(args: &MountArgs, config: &Config) -> anyhow::Result<(Arc<ChunkCache>, PathBuf)> {
+    let open = |dir: &Path| ChunkCache::open(dir, args.cache_size.0).map(Arc::new);
+    if let Some(dir) = &args.cache_dir {
+        let cache = open(dir).with_context(|| format!("opening the chunk cache {}", dir.display()))?;
+        return Ok((cache, dir.clone()));
+    }
+    for n in 0..MAX_DEFAULT_CACHES {
+        let dir = match n {
+            0 => config.data_dir.join("chunks"),
+            n => config.data_dir.join(format!("chunks-{n}")),
+        };
+        match open(&dir) {
+            Ok(cache) => return Ok((cache, dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e).with_context(|| format!("opening the chunk cache {}", dir.display())),
+        }
+    }
+    bail!("{MAX_DEFAULT_CACHES} shoal mounts use every chunk cache under {}; give this one --cache-dir", config.data_dir.display())
 }
 
 /// The scheduler replicas that learn access traces: `--scheduler`, else `[peer] schedulers`,

@@ -49,6 +49,9 @@ const SLABS_DIR: &str = "slabs";
 /// The index file.
 const INDEX: &str = "index";
 
+/// The lock file: one process uses a cache at a time (it holds an exclusive `flock` on it).
+const LOCK: &str = "lock";
+
 /// Bytes of one index record: tag, digest, slab, offset, length, check.
 const RECORD_LEN: usize = 1 + 32 + 4 + 8 + 4 + 4;
 
@@ -141,6 +144,8 @@ pub struct ChunkCache {
     state: Mutex<CacheState>,
     /// Numbers temporary files uniquely within this process.
     next_tmp: AtomicU64,
+    /// Holds the directory's lock while the cache is open.
+    _lock: File,
 }
 
 impl std::fmt::Debug for ChunkCache {
@@ -151,13 +156,16 @@ impl std::fmt::Debug for ChunkCache {
 
 impl ChunkCache {
     /// Opens (creating it if needed) the cache in `dir`, keeping at most `limit` bytes (raised
-    /// to [`MIN_CACHE_SIZE`]). Chunks and materialised files already there are kept, up to the limit.
+    /// to [`MIN_CACHE_SIZE`]). Chunks and materialised files already there are kept, up to the
+    /// limit. Fails with [`io::ErrorKind::WouldBlock`] while another process (or another open
+    /// cache of this one) uses `dir`.
     pub fn open(dir: &Path, limit: u64) -> io::Result<ChunkCache> {
         ChunkCache::open_with_slab_size(dir, limit, SLAB_SIZE)
     }
 
     fn open_with_slab_size(dir: &Path, limit: u64, slab_size: u64) -> io::Result<ChunkCache> {
         fs::create_dir_all(dir.join(FILES_DIR))?;
+        let lock = lock(dir)?;
         fs::create_dir_all(dir.join(SLABS_DIR))?;
         remove_leftovers(dir)?;
         let (chunks, slabs, next_slab) = replay(dir)?;
@@ -191,6 +199,7 @@ impl ChunkCache {
             slab_size,
             state: Mutex::new(CacheState { lru, used, slabs: slab_states, current: None, next_slab, index }),
             next_tmp: AtomicU64::new(0),
+            _lock: lock,
         };
         cache.evict(None);
         Ok(cache)
@@ -495,6 +504,20 @@ impl CacheState {
     }
 }
 
+/// Takes `dir`'s lock: the slabs and the index are one process's to write.
+#[allow(unsafe_code)]
+fn lock(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK))?;
+    // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("the chunk cache {} is in use by another process (each shoal mount needs a cache of its own)", dir.display()),
+        ));
+    }
+    Ok(file)
+}
+
 /// Frees `len` bytes at `offset` of `file` without changing its length.
 #[allow(unsafe_code)]
 fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -765,6 +788,17 @@ mod tests {
         assert!(read(&cache, &digest, 999, 0, 10).is_none());
         assert!(!cache.contains(&digest));
         assert_eq!(cache.used(), 0);
+    }
+
+    #[test]
+    fn a_cache_in_use_cannot_be_opened_again_until_it_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap();
+        let err = ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(cache);
+        ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap();
     }
 
     #[test]

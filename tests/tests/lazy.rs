@@ -359,7 +359,12 @@ async fn a_trace_learned_on_one_host_makes_another_hosts_mount_prefetch_those_fi
 
     // Node A runs the image: two files read, then unmounted (its trace goes to the scheduler).
     let mut first = Mount::start_with_env(&mount_args("a"), &[("SHOAL_PEER__HOST_ID", "node-a")]).await.unwrap();
-    assert!(first.log().contains("no host has reported a trace"), "{}", first.log());
+    // The mount asks the scheduler in the background, once mounted.
+    let start = Instant::now();
+    while !first.log().contains("no host has reported a trace") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the mount did not ask the scheduler:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(std::fs::read(first.path("etc/hostname")).unwrap(), b"shoal-lazy\n");
     assert_eq!(std::fs::read(first.path("data/big.bin")).unwrap(), content("data/big.bin"));
     assert!(first.stop().await.unwrap().success(), "{}", first.log());
@@ -389,9 +394,13 @@ async fn a_trace_learned_on_one_host_makes_another_hosts_mount_prefetch_those_fi
     drop(scheduler);
     let mut third = Mount::start_with_env(&mount_args("c"), &[("SHOAL_PEER__HOST_ID", "node-c")]).await.unwrap();
     assert_eq!(std::fs::read(third.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    let start = Instant::now();
+    while !third.log().contains("no cluster-learned prefetch") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no word of the missing scheduler:\n{}", third.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let status = third.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", third.log());
-    assert!(third.log().contains("no cluster-learned prefetch"), "{}", third.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,6 +561,39 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     assert!(n(&stats, "reads") > n(&first, "reads"), "{stats}");
     assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "materialised_files")), (0, 0), "{stats}");
     assert_eq!(std::fs::read_dir(cache.join("files")).unwrap().count(), 0, "nothing is materialised without passthrough");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_cache_serves_one_mount_at_a_time_and_the_default_ones_stay_apart() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let cache = setup.path("cache");
+    let mut first = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    let err = Mount::start(&local_mount_args(&out, &cache, &[])).await.err().expect("a second mount on a cache in use must fail");
+    assert!(err.to_string().contains("is in use by another process"), "{err:#}");
+    assert_eq!(std::fs::read(first.path("small/one.txt")).unwrap(), content("small/one.txt"));
+
+    // Without --cache-dir, mounts at the same time each take a default cache of their own.
+    let data_dir = setup.path("data").display().to_string();
+    let env = [("SHOAL_DATA_DIR", data_dir.as_str())];
+    let local = [s("--bootstrap"), path_arg(&out.join("bootstrap")), s("--blobs"), path_arg(&out.join("blobs"))];
+    let mut a = Mount::start_with_env(&local, &env).await.unwrap();
+    let mut b = Mount::start_with_env(&local, &env).await.unwrap();
+    assert_eq!(std::fs::read(a.path("bin/tool")).unwrap(), content("bin/tool"));
+    assert_eq!(std::fs::read(b.path("bin/tool")).unwrap(), content("bin/tool"));
+    let tool = hex::encode(blake3::hash(&content("bin/tool")).as_bytes());
+    let holders: Vec<PathBuf> = ["chunks", "chunks-1"].iter().map(|d| setup.path("data").join(d)).collect();
+    assert!(holders.iter().all(|dir| cached_chunks(dir).contains(&tool)), "each mount has its cache: {holders:?}");
+    for mount in [&mut a, &mut b, &mut first] {
+        assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+    }
+    // Once free, the first default cache is used again, with what it holds.
+    let mut again = Mount::start_with_env(&local, &env).await.unwrap();
+    assert_eq!(std::fs::read(again.path("bin/tool")).unwrap(), content("bin/tool"));
+    let stats = again.wait_stats("the read served", |s| s["reads"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!(n(&stats, "fetched_chunks"), 0, "the chunk was in the reused cache: {stats}");
+    assert!(again.stop().await.unwrap().success(), "{}", again.log());
 }
 
 /// Sanity check of the model the other tests compare with, so a broken model cannot pass them.
