@@ -130,6 +130,10 @@ struct CacheState {
     next_slab: u32,
     /// The index, appended to.
     index: File,
+    /// Records in the index.
+    records: usize,
+    /// Where the cache is (to rewrite the index).
+    dir: PathBuf,
 }
 
 /// A directory of chunks and materialised files with LRU eviction.
@@ -170,6 +174,7 @@ impl ChunkCache {
         remove_leftovers(dir)?;
         let (chunks, slabs, next_slab) = replay(dir)?;
         let index = write_index(dir, chunks.iter().map(|(digest, place)| (ADDED, digest, place)))?;
+        let chunk_count = chunks.len();
         let files = materialised_files(&dir.join(FILES_DIR))?;
 
         let mut lru = LruCache::unbounded();
@@ -197,7 +202,16 @@ impl ChunkCache {
             dir: dir.to_path_buf(),
             limit: limit.max(MIN_CACHE_SIZE),
             slab_size,
-            state: Mutex::new(CacheState { lru, used, slabs: slab_states, current: None, next_slab, index }),
+            state: Mutex::new(CacheState {
+                lru,
+                used,
+                slabs: slab_states,
+                current: None,
+                next_slab,
+                index,
+                records: chunk_count,
+                dir: dir.to_path_buf(),
+            }),
             next_tmp: AtomicU64::new(0),
             _lock: lock,
         };
@@ -500,6 +514,33 @@ impl CacheState {
     fn log(&mut self, tag: u8, digest: &[u8; 32], place: &Placement) {
         if let Err(e) = self.index.write_all(&encode_record(tag, digest, place)) {
             debug!(error = %e, "cannot append to the chunk cache index");
+        }
+        self.records += 1;
+        // Records of chunks long evicted pile up in a long-lived cache: past four per chunk
+        // held, the index is written afresh with the chunks held now.
+        if self.records > 4 * self.lru.len() + 4096 {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the index with the chunks held now. Best effort: on failure appending goes on.
+    fn compact(&mut self) {
+        let held: Vec<([u8; 32], Placement)> = self
+            .lru
+            .iter()
+            .rev()
+            .filter_map(|(entry, held)| match (entry, held) {
+                (Entry::Chunk(digest), Held::Chunk(place)) => Some((*digest, *place)),
+                _ => None,
+            })
+            .collect();
+        match write_index(&self.dir, held.iter().map(|(digest, place)| (ADDED, digest, place))) {
+            Ok(index) => {
+                debug!(chunks = held.len(), dropped = self.records - held.len(), "chunk cache index compacted");
+                self.index = index;
+                self.records = held.len();
+            }
+            Err(e) => debug!(error = %e, "cannot compact the chunk cache index"),
         }
     }
 }
@@ -839,6 +880,26 @@ mod tests {
         assert!(!cache.contains_file(&key));
         assert!(!cache.file_path(&key).exists(), "an evicted file is removed");
         assert!(cache.used() <= cache.limit());
+    }
+
+    #[test]
+    fn the_index_of_a_long_lived_cache_is_compacted_as_chunks_come_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap();
+        let (kept, kept_digest) = chunk(100, 1);
+        cache.insert(&kept_digest, &kept).unwrap();
+        for i in 0..3000u32 {
+            let data = i.to_le_bytes().repeat(8);
+            let digest = chunk_digest(&data);
+            cache.insert(&digest, &data).unwrap();
+            cache.remove(&digest);
+        }
+        let index_len = fs::metadata(dir.path().join(INDEX)).unwrap().len();
+        assert!(index_len < (6000 * RECORD_LEN) as u64, "6,001 records written, {index_len} bytes left");
+        assert_eq!(cached_chunks(dir.path()).unwrap(), HashSet::from([kept_digest]));
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap();
+        assert_eq!(read(&cache, &kept_digest, 100, 0, 100).unwrap(), kept);
     }
 
     #[test]
