@@ -6,9 +6,10 @@
 //! all local are answered on the FUSE thread; the others wait for their chunks on the runtime
 //! without blocking other requests.
 //!
-//! Once every chunk of a file is local, the file is materialised uncompressed in the cache, and
-//! later opens hand that file to the kernel (FUSE passthrough): reads then go straight to it and
-//! never reach this process. The kernel refuses to mix passthrough and cached opens of one
+//! Once every chunk of a file of several chunks is local, the file is materialised uncompressed
+//! in the cache, and later opens hand that file to the kernel (FUSE passthrough): reads then go
+//! straight to it and never reach this process. Without passthrough, the first open is answered
+//! with ENOSYS, so the kernel opens (and closes) files without asking from then on. The kernel refuses to mix passthrough and cached opens of one
 //! inode (the second open fails with ETXTBSY), so an inode stays in the mode of the handles open
 //! on it, and all its passthrough handles share one backing id, kept until the last is released.
 
