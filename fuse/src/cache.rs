@@ -654,18 +654,28 @@ fn write_index<'a>(dir: &Path, records: impl Iterator<Item = (u8, &'a [u8; 32], 
     OpenOptions::new().append(true).open(dir.join(INDEX))
 }
 
-/// Removes partial writes, and the one-file-per-chunk files of the cache's earlier layout.
+/// Removes partial writes. Chunk files of the cache's earlier layout (one file per chunk, named
+/// by its digest) are left alone, since `dir` may be a directory the user chose, and said once.
 fn remove_leftovers(dir: &Path) -> io::Result<()> {
+    let mut old_chunks = 0;
     for folder in [dir.to_path_buf(), dir.join(FILES_DIR)] {
         for entry in fs::read_dir(&folder)? {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let old_chunk = folder == dir && parse_digest(&name).is_some();
-            if name.starts_with(TMP_PREFIX) || old_chunk {
+            if name.starts_with(TMP_PREFIX) {
                 let _ = fs::remove_file(entry.path());
+            } else if folder == dir && parse_digest(&name).is_some() {
+                old_chunks += 1;
             }
         }
+    }
+    if old_chunks > 0 {
+        warn!(
+            dir = %dir.display(),
+            files = old_chunks,
+            "the chunk cache holds files of an earlier layout that are no longer used; remove the 64-hex-digit files at its top to free their space"
+        );
     }
     Ok(())
 }
@@ -843,13 +853,14 @@ mod tests {
     }
 
     #[test]
-    fn the_earlier_one_file_per_chunk_layout_is_cleared() {
+    fn files_of_the_earlier_one_file_per_chunk_layout_are_neither_used_nor_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let (_, digest) = chunk(10, 1);
         std::fs::write(dir.path().join(hex::encode(digest)), b"old").unwrap();
         let cache = ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap();
         assert!(!cache.contains(&digest));
-        assert!(!dir.path().join(hex::encode(digest)).exists());
+        assert_eq!(cache.used(), 0);
+        assert!(dir.path().join(hex::encode(digest)).exists(), "a file the cache did not write is not deleted");
     }
 
     #[test]
