@@ -84,11 +84,27 @@ trait System {
     /// How the results name it.
     fn name(&self) -> &str;
 
+    /// Its chunk cache, if it keeps one.
+    fn cache(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Serves the tree afresh, keeping whatever is local; returns its root.
+    async fn remount(&mut self) -> anyhow::Result<PathBuf>;
+
     /// Serves the tree with nothing local; returns its root.
-    async fn cold(&mut self) -> anyhow::Result<PathBuf>;
+    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
+        self.stop().await?;
+        if let Some(cache) = self.cache() {
+            remove_cache(cache)?;
+        }
+        self.remount().await
+    }
 
     /// Serves the tree afresh with what earlier reads made local kept; returns its root.
-    async fn local(&mut self) -> anyhow::Result<PathBuf>;
+    async fn local(&mut self) -> anyhow::Result<PathBuf> {
+        self.remount().await
+    }
 
     /// Waits until what the reads so far set in motion is done (`files` files of several chunks
     /// made whole in the cache).
@@ -109,11 +125,7 @@ impl System for Native {
         "native"
     }
 
-    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
-        Ok(self.root.clone())
-    }
-
-    async fn local(&mut self) -> anyhow::Result<PathBuf> {
+    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
         Ok(self.root.clone())
     }
 
@@ -144,7 +156,7 @@ impl Shoal {
         Shoal { passthrough, image: image.to_path_buf(), cache, mount: None }
     }
 
-    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+    async fn start(&mut self) -> anyhow::Result<PathBuf> {
         self.stop().await?;
         let mut args: Vec<String> = vec![
             "--bootstrap".into(),
@@ -173,14 +185,12 @@ impl System for Shoal {
         }
     }
 
-    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
-        self.stop().await?;
-        remove_cache(&self.cache)?;
-        self.remount().await
+    fn cache(&self) -> Option<&Path> {
+        Some(&self.cache)
     }
 
-    async fn local(&mut self) -> anyhow::Result<PathBuf> {
-        self.remount().await
+    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+        self.start().await
     }
 
     async fn settle(&mut self, files: usize) -> anyhow::Result<()> {
@@ -255,7 +265,7 @@ impl Nydus {
         })
     }
 
-    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+    async fn start(&mut self) -> anyhow::Result<PathBuf> {
         self.stop().await?;
         std::fs::create_dir_all(&self.cache)?;
         let _ = std::fs::remove_file(&self.apisock);
@@ -296,14 +306,12 @@ impl System for Nydus {
         "nydusd"
     }
 
-    async fn cold(&mut self) -> anyhow::Result<PathBuf> {
-        self.stop().await?;
-        remove_cache(&self.cache)?;
-        self.remount().await
+    fn cache(&self) -> Option<&Path> {
+        Some(&self.cache)
     }
 
-    async fn local(&mut self) -> anyhow::Result<PathBuf> {
-        self.remount().await
+    async fn remount(&mut self) -> anyhow::Result<PathBuf> {
+        self.start().await
     }
 
     async fn settle(&mut self, _files: usize) -> anyhow::Result<()> {

@@ -83,15 +83,7 @@ impl Layer {
 
 /// Deterministic bytes that do not compress.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    crate::test_data::pattern(len, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A built image with every chunk blob's bytes, by sha256.
