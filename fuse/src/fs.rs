@@ -398,7 +398,7 @@ impl fuser::Filesystem for ShoalFs {
         let Some(reply) = self.open_file(ino.0, reply) else { return };
         reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
         self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
-        if self.stats.passthrough() == Passthrough::On && self.local.may_materialise(ino.0) {
+        if self.stats.passthrough() == Passthrough::On {
             // Its chunks may be local already (prefetch, another file with the same data).
             self.local.offer(ino.0);
         }
@@ -438,7 +438,7 @@ impl fuser::Filesystem for ShoalFs {
         drop(opens);
         reply.ok();
         // A file read through once has all its chunks local now: make it whole for the next open.
-        if plain && self.stats.passthrough() == Passthrough::On && self.local.may_materialise(ino.0) {
+        if plain && self.stats.passthrough() == Passthrough::On {
             self.local.offer(ino.0);
         }
     }

@@ -176,10 +176,10 @@ impl ChunkLoader {
         let compressed = self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await;
         let compressed = self.fetched(&chunk, compressed)?;
         let cache = self.cache.clone();
-        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed).map(drop)).await.unwrap_or_else(|e| {
+        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed)).await.unwrap_or_else(|e| {
             Err(LoadError::Cache { digest: hex::encode(chunk.digest), reason: format!("the storing task failed: {e}") })
         });
-        self.stored(&chunk, started, stored)
+        self.stored(&chunk, started, stored).map(drop)
     }
 
     /// The blob chunk `chunk` is in.
@@ -207,10 +207,10 @@ impl ChunkLoader {
     }
 
     /// Accounts for storing `chunk`.
-    fn stored(&self, chunk: &Chunk, started: Instant, stored: Result<(), LoadError>) -> Result<(), LoadError> {
+    fn stored<T>(&self, chunk: &Chunk, started: Instant, stored: Result<T, LoadError>) -> Result<T, LoadError> {
         let digest = hex::encode(chunk.digest);
         match &stored {
-            Ok(()) => {
+            Ok(_) => {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 debug!(chunk = %digest, blob = chunk.blob, len = chunk.compressed_len, elapsed = ?started.elapsed(), "chunk fetched");
             }
@@ -247,13 +247,10 @@ impl ChunkLoader {
             let started = Instant::now();
             let fetched = self.source.fetch_now(blob, p.chunk.compressed_offset, p.chunk.compressed_len)?;
             let stored = self.fetched(&p.chunk, fetched).and_then(|compressed| store(&self.cache, &p.chunk, &compressed));
-            match stored {
-                Ok(data) => {
-                    let _ = self.stored(&p.chunk, started, Ok(()));
-                    fresh.insert(p.index, data);
-                }
-                Err(e) => return Some(self.stored(&p.chunk, started, Err(e)).map(|()| Vec::new())),
-            }
+            match self.stored(&p.chunk, started, stored) {
+                Ok(data) => fresh.insert(p.index, data),
+                Err(e) => return Some(Err(e)),
+            };
         }
         self.assemble(ino, offset, size, &placed, &fresh)
     }

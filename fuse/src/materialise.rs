@@ -170,8 +170,11 @@ impl Materialiser {
     /// yet, fits the cache, and every one of its chunks is local. Cheap when there is nothing to
     /// do; files of one chunk are never materialised.
     pub fn offer(self: &Arc<Self>, ino: u64) {
+        if !self.may_materialise(ino) {
+            return;
+        }
         let Some((_, key)) = self.sized_key(ino) else { return };
-        if !self.may_materialise(ino) || self.cache.contains_file(&key) || !self.all_local(ino) {
+        if self.cache.contains_file(&key) || !self.all_local(ino) {
             return;
         }
         if !self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(ino) {
