@@ -68,48 +68,54 @@ impl Schedulers {
         *r.client.lock().await = None;
     }
 
-    /// Reports `host`'s access trace of `image` (the digest of its bootstrap) to the image's
-    /// replica, or the next one that answers. Returns how many paths it kept.
-    pub async fn report_trace(&self, image: &str, host: &str, paths: Vec<Vec<u8>>) -> Result<u32, String> {
-        let req = pb::ReportTraceRequest { image: image.into(), host_id: host.into(), paths };
-        let mut last = format!("no scheduler configured for the trace of {image}");
-        for r in self.for_key(image) {
+    /// Calls `rpc` on `key`'s replica, or on the next ones in order when one fails; `what`
+    /// names the call in logs and errors.
+    async fn call<T, F>(&self, key: &str, what: &str, rpc: impl Fn(SchedulerClient<Channel>) -> F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = format!("{what}: no scheduler configured");
+        for r in self.for_key(key) {
             let result = match self.client(r).await {
-                Ok(mut c) => c.report_trace(req.clone()).await.map(|resp| resp.into_inner().kept).map_err(|e| e.message().to_string()),
+                Ok(c) => rpc(c).await.map(tonic::Response::into_inner).map_err(|e| e.message().to_string()),
                 Err(e) => Err(e),
             };
             match result {
-                Ok(kept) => return Ok(kept),
+                Ok(answer) => return Ok(answer),
                 Err(e) => {
-                    debug!(scheduler = %r.addr, error = %e, "reporting a trace failed; trying the next replica");
+                    debug!(scheduler = %r.addr, error = %e, "{what} failed; trying the next replica");
                     self.forget(r).await;
-                    last = format!("scheduler {}: {e}", r.addr);
+                    last = format!("{what}: scheduler {}: {e}", r.addr);
                 }
             }
         }
         Err(last)
     }
 
+    /// Reports `host`'s access trace of `image` (the digest of its bootstrap) to the image's
+    /// replica, or the next one that answers. Returns how many paths it kept.
+    pub async fn report_trace(&self, image: &str, host: &str, paths: Vec<Vec<u8>>) -> Result<u32, String> {
+        let req = pb::ReportTraceRequest { image: image.into(), host_id: host.into(), paths };
+        let answer = self
+            .call(image, "reporting a trace", |mut c| {
+                let req = req.clone();
+                async move { c.report_trace(req).await }
+            })
+            .await?;
+        Ok(answer.kept)
+    }
+
     /// The merged access trace of `image` from its replica (or the next that answers): paths,
     /// most needed first, and how many hosts' traces it merges.
     pub async fn merged_trace(&self, image: &str) -> Result<(Vec<Vec<u8>>, u32), String> {
         let req = pb::GetTraceRequest { image: image.into() };
-        let mut last = format!("no scheduler configured for the trace of {image}");
-        for r in self.for_key(image) {
-            let result = match self.client(r).await {
-                Ok(mut c) => c.get_trace(req.clone()).await.map(|resp| resp.into_inner()).map_err(|e| e.message().to_string()),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(trace) => return Ok((trace.paths, trace.traces)),
-                Err(e) => {
-                    debug!(scheduler = %r.addr, error = %e, "asking for a merged trace failed; trying the next replica");
-                    self.forget(r).await;
-                    last = format!("scheduler {}: {e}", r.addr);
-                }
-            }
-        }
-        Err(last)
+        let trace = self
+            .call(image, "asking for a merged trace", |mut c| {
+                let req = req.clone();
+                async move { c.get_trace(req).await }
+            })
+            .await?;
+        Ok((trace.paths, trace.traces))
     }
 }
 

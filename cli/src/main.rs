@@ -153,17 +153,21 @@ async fn daemon(args: DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Res
     Ok(())
 }
 
+/// `addr` with 127.0.0.1 for an unspecified IP: where the all-in-one node listens.
+fn on_loopback(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip([127, 0, 0, 1].into());
+    }
+    addr
+}
+
 /// The all-in-one node: scheduler, seed and agent in one process, all on loopback.
 async fn up(args: DaemonArgs) -> anyhow::Result<()> {
     let Some((config, shutdown)) = prepare(&args, |config| {
         config.peer.enabled = true;
         config.peer.seed = true;
-        if config.peer.listen.ip().is_unspecified() {
-            config.peer.listen.set_ip([127, 0, 0, 1].into());
-        }
-        if config.scheduler.listen.ip().is_unspecified() {
-            config.scheduler.listen.set_ip([127, 0, 0, 1].into());
-        }
+        config.peer.listen = on_loopback(config.peer.listen);
+        config.scheduler.listen = on_loopback(config.scheduler.listen);
         if config.peer.schedulers.is_empty() {
             config.peer.schedulers = vec![config.scheduler.listen.to_string()];
         }

@@ -452,11 +452,7 @@ fn schedulers(args: &MountArgs, config: &Config) -> Vec<String> {
     if !config.peer.schedulers.is_empty() {
         return config.peer.schedulers.clone();
     }
-    let mut embedded = config.scheduler.listen;
-    if embedded.ip().is_unspecified() {
-        embedded.set_ip([127, 0, 0, 1].into());
-    }
-    vec![embedded.to_string()]
+    vec![crate::on_loopback(config.scheduler.listen).to_string()]
 }
 
 /// This host's id for its traces: `[peer] host_id`, else the host name.
