@@ -194,6 +194,8 @@ impl Agent {
         let text = format!("data_dir = \"{}\"\n{}\n", self.data_dir().display(), self.extra);
         std::fs::write(&config, text)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log"))?;
+        // `TEST_AGENT_LOG` replaces the agents' log filter (e.g. to add `quinn_proto=debug`).
+        let filter = std::env::var("TEST_AGENT_LOG").unwrap_or_else(|_| "info,shoal_agent=debug".into());
         let mut cmd = match &self.place {
             Some((ns, _)) => {
                 let mut c = Command::new("ip");
@@ -206,7 +208,7 @@ impl Agent {
         let child = cmd
             .args([self.role.as_str(), "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info,shoal_agent=debug")
+            .env("RUST_LOG", filter)
             .env("SHOAL_MIRROR__LISTEN", format!("{ip}:{}", self.port))
             .env("SHOAL_ADMIN__LISTEN", format!("{ip}:{}", self.admin_port))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -52,7 +52,7 @@ pub struct PeerClient {
 impl PeerClient {
     /// A client presenting the cluster certificate when there is one.
     pub fn new(cluster: Option<&ClusterTls>) -> Result<PeerClient, TlsError> {
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+        let mut endpoint = super::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None)
             .map_err(|e| TlsError::Quic(format!("cannot open a UDP socket for the peer client: {e}")))?;
         endpoint.set_default_client_config(tls::client_config(cluster)?);
         Ok(PeerClient { endpoint, links: Mutex::new(HashMap::new()) })
@@ -74,8 +74,8 @@ impl PeerClient {
         let result = match self.endpoint.connect(addr, tls::SERVER_NAME) {
             Ok(connecting) => match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".to_string()),
+                Ok(Err(e)) => Err(format!("handshake failed: {e}")),
+                Err(_) => Err(format!("no handshake within {} s", CONNECT_TIMEOUT.as_secs())),
             },
             Err(e) => Err(e.to_string()),
         };
@@ -93,7 +93,7 @@ impl PeerClient {
 
     async fn open(&self, addr: SocketAddr, req: Request) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
         let conn = self.connection(addr).await?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| PeerError::Connect { addr, reason: format!("connection lost: {e}") })?;
         wire::write(&mut send, &PeerRequest { request: Some(req) }).await.map_err(|source| PeerError::Wire { addr, source })?;
         let _ = send.finish();
         Ok((send, recv))

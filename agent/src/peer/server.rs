@@ -83,7 +83,7 @@ impl PeerServer {
     /// Binds the server; [`PeerServer::run`] serves it.
     pub fn bind(config: &PeerServerConfig) -> Result<PeerServer, TlsError> {
         let server = tls::server_config(config.cluster_tls.as_ref())?;
-        let endpoint = quinn::Endpoint::server(server, config.listen)
+        let endpoint = super::endpoint(config.listen, Some(server))
             .map_err(|e| TlsError::Quic(format!("cannot listen on udp {}: {e}", config.listen)))?;
         Ok(PeerServer { endpoint })
     }
