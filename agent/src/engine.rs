@@ -344,6 +344,7 @@ impl Engine {
         let open_id = id.clone();
         let file = tokio::task::spawn_blocking(move || match store.complete(&open_id) {
             Some(f) if f.layout() == layout => Ok(f),
+            // Stored under another piece size: cut anew (open_task does), not fetched again.
             _ => {
                 let f = store.open_task(&open_id, layout)?;
                 if f.bitmap().count() > 0 {

@@ -365,7 +365,9 @@ impl P2p {
                         let missing: Vec<u32> = (0..count).filter(|&n| !local.has(n)).collect();
                         let held = missing.iter().filter(|&&n| d.have.values().any(|b| b.has(n))).count();
                         let digests = missing.iter().filter(|&&n| d.digests.contains_key(&n)).count();
-                        debug!(missing = missing.len(), held_by_parents = held, with_digest = digests, in_flight = d.in_flight(), parents = d.parents.len(), busy = d.busy_until.len(), "download progress");
+                        // Pieces that could be fetched now: a parent has them and their digest is known.
+                        let startable = missing.iter().filter(|&&n| d.digests.contains_key(&n) && d.have.values().any(|b| b.has(n))).count();
+                        debug!(missing = missing.len(), held_by_parents = held, with_digest = digests, startable, in_flight = d.in_flight(), parents = d.parents.len(), busy = d.busy_until.len(), "download progress");
                     }
                     // Told to wait (or to fetch from parents) for too long without a piece.
                     if d.mode != Mode::Origin && d.last_progress.elapsed() > STALL {

@@ -239,6 +239,11 @@ impl Store {
             if h.layout() == layout {
                 return Ok(h);
             }
+            if h.is_complete() && h.layout().len == layout.len {
+                // Stored under another piece size (an earlier version's rule): same bytes, new cut.
+                h.relayout(layout)?;
+                return Ok(h);
+            }
             warn!(task = %id, "stored task has a different length than the origin reports; starting over");
             drop(h);
             self.remove(id);
@@ -457,6 +462,38 @@ impl TaskFile {
         Ok(bad.len() as u32)
     }
 
+    /// Cuts a complete task into pieces of another size: each new piece's blake3 is computed from
+    /// the stored bytes (read once), so the task can be served to peers that use `layout`.
+    pub fn relayout(&self, layout: PieceLayout) -> Result<(), StoreError> {
+        let mut m = self.meta();
+        if m.meta.layout == layout {
+            return Ok(());
+        }
+        if !m.meta.complete || m.meta.layout.len != layout.len {
+            return Err(StoreError::io(&self.dir, io::Error::other("only a complete task of the same length can be cut anew")));
+        }
+        let mut buf = vec![0u8; layout.piece_size as usize];
+        let mut digests = Vec::with_capacity(layout.count() as usize);
+        for n in 0..layout.count() {
+            let r = layout.range(n);
+            let len = (r.end - r.start) as usize;
+            if self.read_at(r.start, &mut buf[..len])? != len {
+                return Err(StoreError::io(&self.dir.join("data"), io::ErrorKind::UnexpectedEof.into()));
+            }
+            digests.push(blake3::hash(&buf[..len]).to_hex().to_string());
+        }
+        let mut bitmap = Bitmap::new(layout.count());
+        for n in 0..layout.count() {
+            bitmap.set(n);
+        }
+        m.meta.layout = layout;
+        m.meta.bitmap = bitmap;
+        m.meta.piece_blake3 = digests;
+        write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
+        m.dirty = 0;
+        Ok(())
+    }
+
     /// Reads up to `len` bytes at `offset` into a new buffer, without zeroing it first (the hot
     /// path of every cache hit). Shorter only at the end of the file.
     pub fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
@@ -647,6 +684,34 @@ mod tests {
         let t = s.open_task(&task(1), PieceLayout { len: 20, piece_size: 1 << 20 }).unwrap();
         assert!(!t.has_piece(0));
         assert_eq!(s.usage().used_bytes, 20);
+    }
+
+    #[test]
+    fn a_complete_task_stored_under_another_piece_size_is_cut_anew_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..(3u32 << 18)).map(|i| (i % 251) as u8).collect();
+        let old = PieceLayout { len: bytes.len() as u64, piece_size: 1 << 19 };
+        {
+            let s = store(dir.path(), 100 << 20);
+            let t = s.open_task(&task(1), old).unwrap();
+            t.write_at(0, &bytes).unwrap();
+            for n in 0..old.count() {
+                t.piece_written(n, "old".into()).unwrap();
+            }
+            t.mark_complete().unwrap();
+        }
+        let new = PieceLayout { len: old.len, piece_size: 1 << 16 };
+        let s = store(dir.path(), 100 << 20);
+        let t = s.open_task(&task(1), new).unwrap();
+        assert_eq!(t.layout(), new);
+        assert!(t.is_complete() && t.bitmap().is_full());
+        let r = new.range(5);
+        let want = blake3::hash(&bytes[r.start as usize..r.end as usize]).to_hex().to_string();
+        assert_eq!(t.piece_blake3(5), Some(want));
+        drop((t, s));
+        // The new cut is what a restart finds.
+        let s = store(dir.path(), 100 << 20);
+        assert_eq!(s.complete(&task(1)).unwrap().layout(), new);
     }
 
     #[test]

@@ -11,8 +11,10 @@ use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-/// The ALPN id of the peer protocol.
-pub const ALPN: &[u8] = b"shoal-peer/1";
+/// The ALPN id of the peer protocol. Version 2: pieces follow the 64 KiB minimum of
+/// [`shoal_core::piece::MIN_PIECE_SIZE`], so a host of version 1 numbers them otherwise and the
+/// two must not trade pieces (their handshake fails and each fetches elsewhere).
+pub const ALPN: &[u8] = b"shoal-peer/2";
 /// The name peers present and expect in certificates.
 pub const SERVER_NAME: &str = "shoal-peer";
 
