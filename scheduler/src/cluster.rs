@@ -58,9 +58,21 @@ struct Peer {
     parents: Vec<HostId>,
     depth: u32,
     back_to_source: bool,
-    /// Parents this peer reported as failing: never offered to it again.
-    bad_parents: HashSet<HostId>,
+    /// Parents this peer reported as failing, and until when (ms) they are not offered to it:
+    /// for ever after a wrong answer, for [`UNREACHABLE_FOR_MS`] when it could not reach them.
+    bad_parents: HashMap<HostId, u64>,
 }
+
+impl Peer {
+    fn avoids(&self, parent: &HostId, now: u64) -> bool {
+        self.bad_parents.get(parent).is_some_and(|&until| now < until)
+    }
+}
+
+/// How long a parent a child could not reach is not offered to that child again. Unreachable
+/// mostly means congested (a full uplink drops the handshake), which passes; a host that died
+/// leaves through its own streams and announcements.
+pub const UNREACHABLE_FOR_MS: u64 = 10_000;
 
 /// One task as the cluster knows it.
 #[derive(Clone, Debug)]
@@ -153,7 +165,7 @@ impl Cluster {
             parents: Vec::new(),
             depth: 0,
             back_to_source: false,
-            bad_parents: HashSet::new(),
+            bad_parents: HashMap::new(),
         });
         self.schedule(task, host, now)
     }
@@ -190,7 +202,7 @@ impl Cluster {
                     same_idc: !idc.is_empty() && h.info.idc == idc,
                     failures: h.recent_failures(now),
                     free_slots: h.info.upload_slots.saturating_sub(h.uploads),
-                    failed_this_child: child.bad_parents.contains(id),
+                    failed_this_child: child.avoids(id, now),
                 })
             })
             .collect();
@@ -202,7 +214,7 @@ impl Cluster {
                 .hosts
                 .seeds(now)
                 .into_iter()
-                .find(|s| &s.info.id != host && !child.bad_parents.contains(&s.info.id))
+                .find(|s| &s.info.id != host && !child.avoids(&s.info.id, now))
                 .map(|s| s.info.id.clone());
             match seed {
                 Some(s) => parents.push(s),
@@ -287,8 +299,9 @@ impl Cluster {
         self.tasks.get(task)?.digests.get(n as usize)?.as_deref()
     }
 
-    /// `child` could not get a piece from `parent` (or got a bad one): the parent is never offered
-    /// to this child again, a bad answer also marks its host failing; the child is rescheduled.
+    /// `child` could not get a piece from `parent` (or got a bad one): the parent is not offered to
+    /// this child again (for a while when it was unreachable), a bad answer also marks its host
+    /// failing; the child is rescheduled.
     pub fn parent_failed(
         &mut self,
         task: &TaskId,
@@ -305,7 +318,8 @@ impl Cluster {
         }
         let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         let peer = t.peers.get_mut(child).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
-        peer.bad_parents.insert(parent.clone());
+        let until = if unreachable { now + UNREACHABLE_FOR_MS } else { u64::MAX };
+        peer.bad_parents.insert(parent.clone(), until);
         self.schedule(task, child, now)
     }
 
@@ -465,7 +479,9 @@ mod tests {
         assert_eq!(c.piece_digest(&t, 1), Some("good"));
         let err = c.piece_finished(&t, &id("b"), 1, "evil").unwrap_err();
         assert!(matches!(err, ClusterError::DigestMismatch { .. }));
-        assert!(matches!(c.piece_finished(&t, &id("a"), 9, "x"), Err(ClusterError::PieceOutOfRange { .. })));
+        let pieces = shoal_core::piece::PieceLayout::for_len(2 * MIB).count();
+        assert!(c.piece_finished(&t, &id("a"), pieces - 1, "x").is_ok());
+        assert!(matches!(c.piece_finished(&t, &id("a"), pieces, "x"), Err(ClusterError::PieceOutOfRange { .. })));
         assert!(matches!(c.register(&t, 3 * MIB, &id("b"), 0), Err(ClusterError::LengthMismatch { .. })));
         let other = TaskId::of_digest(&Digest::of(b"huge"));
         assert!(matches!(c.register(&other, u64::MAX, &id("b"), 0), Err(ClusterError::TooLarge { .. })));
@@ -516,6 +532,12 @@ mod tests {
         // Three children could not reach it: a congested link, not a liar. Others still get it.
         assert_eq!(c.hosts().get(&id("far")).unwrap().recent_failures(2000), 0);
         let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 2000).unwrap() else { panic!() };
+        assert!(p.contains(&id("far")), "{p:?}");
+        // Congestion passes: once the window is over, the children that could not reach it are
+        // offered it again.
+        let Decision::Parents(p) = c.schedule(&t, &id("x"), 1000 + UNREACHABLE_FOR_MS - 1).unwrap() else { panic!() };
+        assert!(!p.contains(&id("far")), "{p:?}");
+        let Decision::Parents(p) = c.schedule(&t, &id("x"), 1000 + UNREACHABLE_FOR_MS).unwrap() else { panic!() };
         assert!(p.contains(&id("far")), "{p:?}");
     }
 
