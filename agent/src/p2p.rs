@@ -27,7 +27,10 @@ use crate::schedulers::{Replica, Schedulers};
 const MAX_FETCHES: usize = 16;
 /// Pieces fetched from one parent at once, per download.
 const MAX_PER_PARENT: usize = 4;
-/// With parents but no new piece for this long, the rest comes from the origin.
+/// With parents, when for this long no piece arrived here and no parent got a new one, the rest
+/// comes from the origin. A parent getting pieces means the swarm is moving and this download's
+/// turn comes: in a large cluster on slow links a node can wait longer than this for its first
+/// piece, and sending every such node to the origin at once would swamp the registry.
 const STALL: Duration = Duration::from_secs(15);
 /// While fetching from parents, a download asks for a fresh set this often, so peers that joined
 /// later (and have pieces to trade) become parents too.
@@ -431,6 +434,7 @@ struct Download {
     subscriptions: JoinSet<()>,
     updates_tx: mpsc::Sender<(String, ParentNews)>,
     updates: mpsc::Receiver<(String, ParentNews)>,
+    /// When a piece last arrived here or a parent last got a new one (see [`STALL`]).
     last_progress: Instant,
 }
 
@@ -568,6 +572,7 @@ impl Download {
             return;
         }
         let have = self.have.entry(parent.to_string()).or_insert_with(|| Bitmap::new(count));
+        let before = have.count();
         for n in u.numbers {
             have.set(n);
         }
@@ -575,6 +580,9 @@ impl Download {
             for n in 0..count {
                 have.set(n);
             }
+        }
+        if have.count() > before {
+            self.last_progress = Instant::now();
         }
     }
 
