@@ -71,6 +71,8 @@ pub const CHILDREN_PER_UPLOAD_SLOT: usize = 4;
 /// Most parents a download keeps: the scheduler's picks accumulate (a piece source is worth
 /// keeping even when the scheduler now ranks others higher) up to this many.
 const MAX_PARENTS: usize = 16;
+/// Where a download's events go to its scheduler replica.
+type Events = mpsc::UnboundedSender<pb::PeerEvent>;
 /// Hosts announce themselves this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -252,13 +254,17 @@ impl P2p {
     }
 
     /// Opens a peer stream for `task` on the first replica that answers.
-    async fn open(&self, task: &Task) -> Option<(mpsc::Sender<pb::PeerEvent>, tonic::Streaming<pb::PeerCommand>)> {
+    ///
+    /// Events to the scheduler queue without bound: the download's loop must never wait to send
+    /// one, because the scheduler may be waiting for that loop to take its commands, and the two
+    /// would wait on each other for ever.
+    async fn open(&self, task: &Task) -> Option<(Events, tonic::Streaming<pb::PeerCommand>)> {
         let register = self.register(task);
         for r in self.replicas_for(&task.id) {
-            let (tx, rx) = mpsc::channel(1024);
-            let _ = tx.send(pb::PeerEvent { event: Some(Event::Register(register.clone())) }).await;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _ = tx.send(pb::PeerEvent { event: Some(Event::Register(register.clone())) });
             let opened = match self.schedulers.client(r).await {
-                Ok(mut c) => c.announce_peer(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string()),
+                Ok(mut c) => c.announce_peer(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
             match opened {
@@ -298,7 +304,7 @@ impl P2p {
                     Ok(()) => Event::Done(pb::Done {}),
                     Err(e) => Event::Failed(pb::Failed { reason: e.to_string() }),
                 };
-                let _ = events.send(pb::PeerEvent { event: Some(event) }).await;
+                let _ = events.send(pb::PeerEvent { event: Some(event) });
                 // Let the scheduler read the end before the call goes: dropping the call at once
                 // can reset it before the last message is delivered.
                 drop(events);
@@ -341,7 +347,7 @@ impl P2p {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
                         d.drop_parent(&parent);
-                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
+                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
                     }
                 },
                 Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
@@ -359,7 +365,7 @@ impl P2p {
                 },
                 _ = changes.changed() => {}
                 _ = reschedule.tick(), if scheduler_alive && d.mode == Mode::Parents => {
-                    let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) }).await;
+                    let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
                 }
                 _ = stall.tick() => {
                     if d.mode == Mode::Parents {
@@ -460,7 +466,7 @@ impl Download {
         }
     }
 
-    async fn on_command(&mut self, c: Command, events: &mpsc::Sender<pb::PeerEvent>) {
+    async fn on_command(&mut self, c: Command, events: &Events) {
         match c {
             Command::Digests(d) => {
                 for p in d.digests {
@@ -516,7 +522,7 @@ impl Download {
             }
             Command::Wait(w) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
-                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.register())) }).await;
+                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.register())) });
             }
         }
     }
@@ -722,12 +728,12 @@ impl Download {
 
     /// Drops `parent` and tells the scheduler, which picks others; `unreachable` says the parent
     /// could not be reached rather than answered wrongly.
-    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &mpsc::Sender<pb::PeerEvent>) {
+    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &Events) {
         self.forget_fetch(n, parent);
         warn!(task = %self.task.id, piece = n, %parent, %reason, unreachable, "piece from parent failed; reporting it");
         self.drop_parent(parent);
         let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason, unreachable };
-        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) }).await;
+        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
     }
 
     /// Fetches every missing piece from the origin (after the fetches in flight end).
@@ -767,9 +773,9 @@ async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), Str
 }
 
 /// Tells the scheduler that piece `n` of `task` is here, with its digest.
-async fn report_piece(task: &Task, n: u32, events: &mpsc::Sender<pb::PeerEvent>) {
+async fn report_piece(task: &Task, n: u32, events: &Events) {
     if let Some(blake3) = task.file.piece_blake3(n) {
-        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) }).await;
+        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) });
     }
 }
 

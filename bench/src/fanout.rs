@@ -176,6 +176,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// An outcome read back from an earlier run's JSON: what the scaling report needs.
+    pub fn read_back(system: System, seconds: Vec<f64>) -> Outcome {
+        Outcome::baseline(system, seconds, f64::NAN)
+    }
+
     /// A baseline's outcome (no Shoal processes to account for); machine use is filled in after.
     fn baseline(system: System, seconds: Vec<f64>, origin_egress: f64) -> Outcome {
         Outcome { system, seconds, origin_egress, machine_busy: 0.0, agent_cpu_seconds: None, agent_peak_rss: None }

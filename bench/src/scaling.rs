@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::fanout::{self, percentile, System};
+use crate::fanout::{self, percentile, FanoutResult, Outcome, System};
 use crate::plot;
 use crate::report::{machine, write};
 
@@ -12,8 +12,36 @@ pub struct Args {
     /// Cluster sizes to run.
     #[arg(long = "sizes", value_delimiter = ',', default_values_t = [4usize, 8, 16, 32, 64])]
     sizes: Vec<usize>,
+    /// Finish an interrupted run: a size whose `scaling-<N>.json` is already in the output
+    /// directory, measured with the same blob size, rates and systems, is read back instead of
+    /// measured again.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     fanout: fanout::Args,
+}
+
+/// The result of a size measured before with the same settings, from its JSON.
+fn measured(out: &Path, a: &fanout::Args) -> anyhow::Result<Option<FanoutResult>> {
+    let path = out.join(format!("{}.json", a.name.as_deref().unwrap_or_default()));
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let same = json["nodes"] == a.nodes
+        && json["blob_bytes"] == (a.size_mib << 20) as u64
+        && json["rate_mbit"] == a.rate_mbit
+        && json["origin_mbit"] == a.origin_mbit.unwrap_or(a.rate_mbit);
+    if !same {
+        return Ok(None);
+    }
+    let mut outcomes = Vec::new();
+    for &system in &a.systems {
+        let Some(seconds) = json["systems"][system.key()]["seconds"].as_array() else { return Ok(None) };
+        let mut seconds: Vec<f64> = seconds.iter().filter_map(|v| v.as_f64()).collect();
+        seconds.sort_by(f64::total_cmp);
+        outcomes.push(Outcome::read_back(system, seconds));
+    }
+    let bound = json["bound_seconds"].as_f64().unwrap_or(f64::NAN);
+    Ok(Some(FanoutResult { nodes: a.nodes, bound, outcomes }))
 }
 
 pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
@@ -23,6 +51,13 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         a.nodes = n;
         // Its own names, so a scaling run leaves the single fan-out results alone.
         a.name = Some(format!("scaling-{n}"));
+        if args.resume {
+            if let Some(r) = measured(out, &a)? {
+                eprintln!("N={n}: read back from scaling-{n}.json");
+                results.push(r);
+                continue;
+            }
+        }
         results.push(fanout::run(a, out).await?);
     }
     let systems: Vec<System> = args.fanout.systems.clone();
