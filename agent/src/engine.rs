@@ -347,7 +347,7 @@ impl Engine {
             // Stored under another piece size: cut anew (open_task does), not fetched again.
             _ => {
                 let f = store.open_task(&open_id, layout)?;
-                if f.bitmap().count() > 0 {
+                if f.bitmap().count() > 0 && !f.is_complete() {
                     // Resuming: pieces written before a crash may be torn.
                     let dropped = f.verify_pieces()?;
                     info!(task = %open_id, pieces = f.bitmap().count(), dropped, "resuming download from the store");

@@ -298,7 +298,7 @@ impl P2p {
                 // Pieces finished just before the end are still queued: the scheduler needs their
                 // digests to let anyone fetch them from here.
                 while let Ok(n) = reports.try_recv() {
-                    report_piece(&task, n, &events).await;
+                    report_piece(&task, n, &events);
                 }
                 let event = match outcome {
                     Ok(()) => Event::Done(pb::Done {}),
@@ -325,7 +325,7 @@ impl P2p {
                         d.go_to_origin().await;
                     }
                 },
-                Some(n) = reports.recv() => report_piece(&task, n, &events).await,
+                Some(n) = reports.recv() => report_piece(&task, n, &events),
                 Some((parent, news)) = d.updates.recv() => {
                     let ended = !matches!(news, ParentNews::Update(_)) && d.parents.contains_key(&parent);
                     let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
@@ -335,14 +335,14 @@ impl P2p {
                         // this one again.
                         if d.parents.contains_key(&parent) {
                             let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
-                            d.on_failure(first_missing, &parent, reason, true, &events).await;
+                            d.on_failure(first_missing, &parent, reason, true, &events);
                         }
                     } else if let ParentNews::Update(update) = news {
                         d.on_update(&parent, update);
                     } else if ended && !complete && had_pieces {
                         // The parent went away mid-download: say so, get others.
                         let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
-                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), true, &events).await;
+                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), true, &events);
                     } else if ended && !complete {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
@@ -358,8 +358,8 @@ impl P2p {
                         d.forget_fetch(n, &parent);
                         d.busy_until.insert(parent, Instant::now() + BUSY_BACKOFF);
                     }
-                    Ok((n, parent, _, Err(FetchError::Unreachable(reason)))) => d.on_failure(n, &parent, reason, true, &events).await,
-                    Ok((n, parent, _, Err(FetchError::Bad(reason)))) => d.on_failure(n, &parent, reason, false, &events).await,
+                    Ok((n, parent, _, Err(FetchError::Unreachable(reason)))) => d.on_failure(n, &parent, reason, true, &events),
+                    Ok((n, parent, _, Err(FetchError::Bad(reason)))) => d.on_failure(n, &parent, reason, false, &events),
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => warn!(task = %task.id, error = %e, "piece fetch panicked"),
                 },
@@ -728,7 +728,7 @@ impl Download {
 
     /// Drops `parent` and tells the scheduler, which picks others; `unreachable` says the parent
     /// could not be reached rather than answered wrongly.
-    async fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &Events) {
+    fn on_failure(&mut self, n: u32, parent: &str, reason: String, unreachable: bool, events: &Events) {
         self.forget_fetch(n, parent);
         warn!(task = %self.task.id, piece = n, %parent, %reason, unreachable, "piece from parent failed; reporting it");
         self.drop_parent(parent);
@@ -773,7 +773,7 @@ async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), Str
 }
 
 /// Tells the scheduler that piece `n` of `task` is here, with its digest.
-async fn report_piece(task: &Task, n: u32, events: &Events) {
+fn report_piece(task: &Task, n: u32, events: &Events) {
     if let Some(blake3) = task.file.piece_blake3(n) {
         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFinished(pb::PieceFinished { number: n, blake3 })) });
     }
