@@ -444,10 +444,7 @@ impl TaskFile {
         let mut bad = Vec::new();
         let mut buf = vec![0u8; layout.piece_size as usize];
         for (n, expected) in present {
-            let r = layout.range(n);
-            let len = (r.end - r.start) as usize;
-            let got = self.read_at(r.start, &mut buf[..len])?;
-            if got != len || blake3::hash(&buf[..len]).to_hex().as_str() != expected {
+            if self.hash_piece(layout, n, &mut buf)?.as_deref() != Some(expected.as_str()) {
                 bad.push(n);
             }
         }
@@ -465,33 +462,43 @@ impl TaskFile {
     /// Cuts a complete task into pieces of another size: each new piece's blake3 is computed from
     /// the stored bytes (read once), so the task can be served to peers that use `layout`.
     pub fn relayout(&self, layout: PieceLayout) -> Result<(), StoreError> {
-        let mut m = self.meta();
-        if m.meta.layout == layout {
+        let (current, complete) = {
+            let m = self.meta();
+            (m.meta.layout, m.meta.complete)
+        };
+        if current == layout {
             return Ok(());
         }
-        if !m.meta.complete || m.meta.layout.len != layout.len {
+        if !complete || current.len != layout.len {
             return Err(StoreError::io(&self.dir, io::Error::other("only a complete task of the same length can be cut anew")));
         }
+        // A complete task's bytes no longer change: they are hashed without holding the metadata
+        // lock, so readers of this handle are not held up by a whole-blob read.
         let mut buf = vec![0u8; layout.piece_size as usize];
+        let mut bitmap = Bitmap::new(layout.count());
         let mut digests = Vec::with_capacity(layout.count() as usize);
         for n in 0..layout.count() {
-            let r = layout.range(n);
-            let len = (r.end - r.start) as usize;
-            if self.read_at(r.start, &mut buf[..len])? != len {
-                return Err(StoreError::io(&self.dir.join("data"), io::ErrorKind::UnexpectedEof.into()));
-            }
-            digests.push(blake3::hash(&buf[..len]).to_hex().to_string());
-        }
-        let mut bitmap = Bitmap::new(layout.count());
-        for n in 0..layout.count() {
+            let digest = self.hash_piece(layout, n, &mut buf)?;
+            digests.push(digest.ok_or_else(|| StoreError::io(&self.dir.join("data"), io::ErrorKind::UnexpectedEof.into()))?);
             bitmap.set(n);
         }
+        let mut m = self.meta();
         m.meta.layout = layout;
         m.meta.bitmap = bitmap;
         m.meta.piece_blake3 = digests;
         write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
         m.dirty = 0;
         Ok(())
+    }
+
+    /// blake3 (hex) of piece `n` under `layout` as stored; `None` when the file is shorter.
+    fn hash_piece(&self, layout: PieceLayout, n: u32, buf: &mut [u8]) -> Result<Option<String>, StoreError> {
+        let r = layout.range(n);
+        let len = (r.end - r.start) as usize;
+        if self.read_at(r.start, &mut buf[..len])? != len {
+            return Ok(None);
+        }
+        Ok(Some(blake3::hash(&buf[..len]).to_hex().to_string()))
     }
 
     /// Reads up to `len` bytes at `offset` into a new buffer, without zeroing it first (the hot
