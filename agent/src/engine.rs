@@ -128,8 +128,8 @@ pub struct Task {
     pub(crate) file: Arc<TaskFile>,
     state: Mutex<TaskState>,
     pub(crate) changed: watch::Sender<()>,
-    /// Some of its pieces are being fetched from the origin by this host.
-    pub(crate) sourcing: std::sync::atomic::AtomicBool,
+    /// The pieces this host fetched from the origin.
+    sourced: Mutex<Bitmap>,
     /// Where finished piece numbers are reported (to the scheduler) while a P2P download runs.
     pub(crate) reporter: Mutex<Option<tokio::sync::mpsc::UnboundedSender<u32>>>,
     /// sha256 of the blob's first `.0` bytes, fed while bytes arrive in order, so the final check
@@ -224,9 +224,12 @@ impl Shared {
         }
     }
 
-    /// Whether this host is fetching (some of) the task from the origin.
-    pub fn is_sourcing(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| t.sourcing.load(std::sync::atomic::Ordering::Relaxed))
+    /// The pieces this host fetched from the origin while the task downloads (none once it is
+    /// stored, or when it was fetched from peers).
+    pub fn sourced(&self) -> Option<Bitmap> {
+        let t = self.task.as_ref()?;
+        let sourced = t.sourced.lock().unwrap_or_else(|p| p.into_inner());
+        (sourced.count() > 0).then(|| sourced.clone())
     }
 
     /// Why the download failed, if it did.
@@ -382,7 +385,7 @@ impl Engine {
             file,
             changed: watch::channel(()).0,
             reporter: Mutex::new(None),
-            sourcing: std::sync::atomic::AtomicBool::new(false),
+            sourced: Mutex::new(Bitmap::new(layout.count())),
             sha: Mutex::new((0, sha2::Sha256::new())),
         });
         if !complete {
@@ -476,7 +479,6 @@ impl Engine {
     /// Fetches a run of consecutive pieces from the origin with one ranged request, resuming after
     /// the last finished piece when the connection breaks, up to the configured retries.
     pub(crate) async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
-        task.sourcing.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut next = run.start;
         let mut failures = 0u32;
         let retries = self.registry.retries();
@@ -598,6 +600,7 @@ impl Engine {
         let Some(job) = job else { return Ok(()) };
         match job.await {
             Ok(Ok(Some(piece))) => {
+                task.sourced.lock().unwrap_or_else(|p| p.into_inner()).set(piece);
                 self.piece_finished(task, piece);
                 *confirmed = piece + 1;
                 Ok(())

@@ -1,11 +1,13 @@
 //! Peer-to-peer downloads. A whole-blob download registers with the task's scheduler replica and
 //! follows its decisions: fetch pieces from the parents it names (each piece checked against the
-//! blake3 the scheduler relays from the host that fetched it from the origin), or fetch from the
-//! origin and report every piece's digest for the others. When the scheduler cannot be reached,
-//! or the parents stall, the rest comes from the origin: P2P only ever makes a pull faster.
+//! blake3 the scheduler relays from the host that fetched it from the origin), and fetch the
+//! stripes of a cold task it is given from the origin, reporting every piece's digest for the
+//! others. When the scheduler cannot be reached, or the parents stall, the rest comes from the
+//! origin: P2P only ever makes a pull faster.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +29,11 @@ use crate::schedulers::{Replica, Schedulers};
 const MAX_FETCHES: usize = 16;
 /// Pieces fetched from one parent at once, per download.
 const MAX_PER_PARENT: usize = 4;
-/// With parents, when for this long no piece arrived here and no parent got a new one, the rest
-/// comes from the origin. A parent getting pieces means the swarm is moving and this download's
-/// turn comes: in a large cluster on slow links a node can wait longer than this for its first
-/// piece, and sending every such node to the origin at once would swamp the registry.
+/// With parents, when for this long no piece arrived here, no parent got a new one and no new
+/// piece left the origin (its digest reached us), the rest comes from the origin. Any of those
+/// means the swarm is moving and this download's turn comes: in a large cluster on slow links a
+/// node can wait longer than this for its first piece, and sending every such node to the origin
+/// at once would swamp the registry.
 const STALL: Duration = Duration::from_secs(15);
 /// While fetching from parents, a download asks for a fresh set this often, so peers that joined
 /// later (and have pieces to trade) become parents too.
@@ -325,7 +328,25 @@ impl P2p {
                         d.go_to_origin().await;
                     }
                 },
-                Some(n) = reports.recv() => report_piece(&task, n, &events),
+                Some(n) = reports.recv() => {
+                    report_piece(&task, n, &events);
+                    d.last_progress = Instant::now();
+                }
+                Some(_) = d.stripe_fetch.join_next(), if !d.stripe_fetch.is_empty() => {
+                    // The stripe is here: its digests go out first, then the scheduler is asked
+                    // for another stripe or parents for the rest.
+                    if let Some(pieces) = d.stripe.take() {
+                        info!(task = %task.id, ?pieces, "stripe fetched from the origin");
+                    }
+                    while let Ok(n) = reports.try_recv() {
+                        report_piece(&task, n, &events);
+                    }
+                    if let Some(next) = d.next_stripe.take() {
+                        d.fetch_stripe(next);
+                    } else if scheduler_alive && !task.file.bitmap().is_full() {
+                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
+                    }
+                }
                 Some((parent, news)) = d.updates.recv() => {
                     let ended = !matches!(news, ParentNews::Update(_)) && d.parents.contains_key(&parent);
                     let complete = d.have.get(&parent).is_some_and(|b| b.is_full());
@@ -436,6 +457,12 @@ struct Download {
     rates: HashMap<String, f64>,
     /// Parents that answered "busy", left alone until then.
     busy_until: HashMap<String, Instant>,
+    /// The stripe of the task this host is fetching from the origin for the cluster, if any.
+    stripe: Option<Range<u32>>,
+    /// A stripe given while the last was finishing (its last digests reached the scheduler
+    /// first): fetched next.
+    next_stripe: Option<Range<u32>>,
+    stripe_fetch: JoinSet<()>,
     fetches: JoinSet<(u32, String, Duration, Result<bool, FetchError>)>,
     subscriptions: JoinSet<()>,
     updates_tx: mpsc::Sender<(String, ParentNews)>,
@@ -458,6 +485,9 @@ impl Download {
             fetching: HashMap::new(),
             rates: HashMap::new(),
             busy_until: HashMap::new(),
+            stripe: None,
+            next_stripe: None,
+            stripe_fetch: JoinSet::new(),
             fetches: JoinSet::new(),
             subscriptions: JoinSet::new(),
             updates_tx,
@@ -469,15 +499,19 @@ impl Download {
     async fn on_command(&mut self, c: Command, events: &Events) {
         match c {
             Command::Digests(d) => {
+                // A new digest is a piece that just left the origin: the swarm is moving, and this
+                // download's turn comes even if none of its parents holds anything yet.
                 for p in d.digests {
-                    self.digests.insert(p.number, p.blake3);
+                    if self.digests.insert(p.number, p.blake3).is_none() {
+                        self.last_progress = Instant::now();
+                    }
                 }
             }
             Command::Parents(p) => {
                 if self.mode == Mode::Origin {
                     return;
                 }
-                if self.mode != Mode::Parents {
+                if self.parents.is_empty() && !p.parents.is_empty() {
                     info!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "fetching from parents");
                 } else {
                     debug!(task = %self.task.id, parents = ?p.parents.iter().map(|p| &p.host_id).collect::<Vec<_>>(), "parents refreshed");
@@ -516,9 +550,15 @@ impl Download {
                     }
                 }
             }
-            Command::BackToSource(_) => {
-                info!(task = %self.task.id, "fetching from the origin for the cluster");
-                self.go_to_origin().await;
+            Command::BackToSource(b) => {
+                let count = self.task.layout.count();
+                let end = if b.end_piece == 0 { count } else { b.end_piece.min(count) };
+                if b.first_piece == 0 && end == count {
+                    info!(task = %self.task.id, "fetching from the origin for the cluster");
+                    self.go_to_origin().await;
+                } else {
+                    self.fetch_stripe(b.first_piece..end);
+                }
             }
             Command::Wait(w) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
@@ -623,6 +663,7 @@ impl Download {
             u32::from_le_bytes(blake3::hash(self.p2p.config.host_id.as_bytes()).as_bytes()[..4].try_into().unwrap_or_default()) % count;
         let mut wanted: Vec<(usize, u32, u32)> = (0..count)
             .filter(|&n| !local.has(n) && !self.fetching.contains_key(&n) && self.digests.contains_key(&n))
+            .filter(|n| !self.stripe.as_ref().is_some_and(|s| s.contains(n)))
             .filter_map(|n| {
                 let holders = self.have.values().filter(|bits| bits.has(n)).count();
                 (holders > 0).then_some((holders, (n + count - start) % count, n))
@@ -736,7 +777,41 @@ impl Download {
         let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
     }
 
-    /// Fetches every missing piece from the origin (after the fetches in flight end).
+    /// Fetches `pieces` from the origin for the cluster, while the rest comes from parents.
+    fn fetch_stripe(&mut self, pieces: Range<u32>) {
+        if self.mode == Mode::Origin || pieces.is_empty() {
+            return;
+        }
+        if self.stripe.is_some() {
+            self.next_stripe = Some(pieces);
+            return;
+        }
+        info!(task = %self.task.id, ?pieces, "fetching a stripe from the origin for the cluster");
+        if self.mode == Mode::Starting {
+            self.last_progress = Instant::now();
+        }
+        self.mode = Mode::Parents;
+        // A stripe taken over from a source that left: what is on its way from parents comes
+        // from the origin instead, so no piece is left to nobody.
+        for n in pieces.clone() {
+            if let Some(f) = self.fetching.remove(&n) {
+                for (_, handle) in f.from {
+                    handle.abort();
+                }
+            }
+        }
+        let runs = self.task.file.bitmap().missing_runs(pieces.clone());
+        self.stripe = Some(pieces);
+        let (engine, task) = (self.engine.clone(), self.task.clone());
+        self.stripe_fetch.spawn(async move {
+            for run in runs {
+                let _ = engine.spawn_fetch_run(&task, run).await;
+            }
+        });
+    }
+
+    /// Fetches every missing piece from the origin (after the fetches in flight end); a stripe
+    /// being fetched goes on as it is.
     async fn go_to_origin(&mut self) {
         if self.mode == Mode::Origin {
             // Already fetching from the origin: a second run would fetch every piece twice.
@@ -747,7 +822,9 @@ impl Download {
         self.fetching.clear();
         let engine = self.engine.clone();
         let task = self.task.clone();
-        tokio::spawn(async move { from_origin(&engine, &task, &HashSet::new()).await });
+        self.next_stripe = None;
+        let skip: HashSet<u32> = self.stripe.clone().into_iter().flatten().collect();
+        tokio::spawn(async move { from_origin(&engine, &task, &skip).await });
     }
 }
 

@@ -404,12 +404,9 @@ async fn shoal(
     let urls: Vec<(usize, String)> =
         agents.iter().enumerate().map(|(k, a)| (k + 1, a.blob_url(registry, "bench/fanout", digest))).collect();
     let before = registry.blob_bytes(digest);
-    let seconds = pull_all(lab, &urls, size, digest, Duration::from_millis(args.stagger_ms))?;
+    let pulled = pull_all(lab, &urls, size, digest, Duration::from_millis(args.stagger_ms));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let egress = (registry.blob_bytes(digest) - before) as f64 / size as f64;
-    let cpu: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>() - cpu_before;
-    let rss = agents.iter().filter_map(Agent::pid).map(peak_rss).max().unwrap_or(0);
-    // Keep every node's log next to the results: where the time went.
+    // Keep every node's log next to the results, also when a pull failed: where the time went.
     let logs = out.join(format!("{name}-logs"));
     std::fs::create_dir_all(&logs)?;
     std::fs::write(logs.join("scheduler.log"), scheduler.log())?;
@@ -418,6 +415,12 @@ async fn shoal(
     }
     for (k, a) in agents.iter().enumerate() {
         std::fs::write(logs.join(format!("node-{}.log", k + 1)), a.log())?;
+    }
+    let seconds = pulled.map_err(|e| e.context(format!("node logs in {}", logs.display())))?;
+    let egress = (registry.blob_bytes(digest) - before) as f64 / size as f64;
+    let cpu: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let rss = agents.iter().filter_map(Agent::pid).map(peak_rss).max().unwrap_or(0);
+    for (k, a) in agents.iter().enumerate() {
         if !a.stored_tasks().contains(&shoal_tests::task_dir(digest)) {
             bail!("node {} did not store a verified copy", k + 1);
         }

@@ -170,7 +170,10 @@ pub struct SchedulerConfig {
     pub max_parents: usize,
     /// Most hops between the origin and a peer, so a cold fan-out is a pipeline, not a chain.
     pub max_depth: u32,
-    /// Peers fetching one task from the origin at once when no seed is available.
+    /// Peers fetching one task from the origin at once when no seed is available. A cold task is
+    /// cut into twice this many stripes (of at least 16 pieces each); each source fetches one
+    /// stripe at a time and takes another when it is done, while the other peers get the pieces
+    /// from the sources: the registry still sends each byte once.
     pub max_back_to_source: usize,
     /// Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
     pub enough_peers: usize,
@@ -182,7 +185,7 @@ impl Default for SchedulerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8002)),
             max_parents: 8,
             max_depth: 6,
-            max_back_to_source: 1,
+            max_back_to_source: 4,
             enough_peers: 2,
         }
     }
@@ -472,8 +475,10 @@ listen = "0.0.0.0:8002"
 max_parents = 8
 # Most hops between the origin and a peer, so a cold fan-out is a pipeline, not a chain.
 max_depth = 6
-# Peers fetching one task from the origin at once when no seed is available.
-max_back_to_source = 1
+# Peers fetching one task from the origin at once when no seed is available. A cold task is
+# cut into twice this many stripes (of at least 16 pieces each); each source fetches one at a
+# time and takes another when it is done.
+max_back_to_source = 4
 # Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
 enough_peers = 2
 

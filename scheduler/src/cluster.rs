@@ -3,6 +3,7 @@
 //! needs no database. Time is passed in (milliseconds) so decisions are deterministic in tests.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 
 use shoal_core::piece::{Bitmap, PieceLayout};
 use shoal_core::TaskId;
@@ -27,8 +28,9 @@ pub enum PeerStatus {
 pub enum Decision {
     /// Fetch pieces from these hosts, best first.
     Parents(Vec<HostId>),
-    /// Fetch from the origin, and report each piece's digest.
-    BackToSource,
+    /// Fetch these pieces from the origin, and report each one's digest. A stripe of a cold task
+    /// (see [`Task::stripes`]), or every piece.
+    BackToSource(Range<u32>),
     /// Nobody can serve now and the origin is busy with others; ask again shortly.
     Wait,
 }
@@ -58,6 +60,8 @@ struct Peer {
     parents: Vec<HostId>,
     depth: u32,
     back_to_source: bool,
+    /// The stripe of the task this peer fetches from the origin, while it does.
+    stripe: Option<usize>,
     /// Parents this peer reported as failing, and until when (ms) they are not offered to it:
     /// for ever after a wrong answer, for [`UNREACHABLE_FOR_MS`] when it could not reach them.
     bad_parents: HashMap<HostId, u64>,
@@ -81,6 +85,55 @@ struct Task {
     /// blake3 (hex) of each piece, as the peer that fetched it from the origin reported it.
     digests: Vec<Option<String>>,
     peers: BTreeMap<HostId, Peer>,
+    /// With no seed, a cold task comes from the origin in stripes, each fetched by a different
+    /// peer: every source's uplink then carries only its share of first copies, so none is the
+    /// bottleneck, and the registry still sends each byte once.
+    stripes: Vec<Stripe>,
+}
+
+/// Consecutive pieces one peer fetches from the origin.
+#[derive(Clone, Debug)]
+struct Stripe {
+    pieces: Range<u32>,
+    owner: Option<HostId>,
+}
+
+/// A stripe holds at least this many pieces: below that, splitting buys less than the extra
+/// requests cost.
+pub const MIN_STRIPE_PIECES: u32 = 16;
+
+/// Stripes per source: a source that finishes its stripe early takes another, so a source with a
+/// slower path to the origin fetches less, and every source finishes at about the same time.
+pub const STRIPES_PER_SOURCE: u32 = 2;
+
+/// `count` pieces cut into at most `max` stripes of nearly equal length.
+fn stripes_for(count: u32, max: usize) -> Vec<Stripe> {
+    let n = (count / MIN_STRIPE_PIECES).clamp(1, STRIPES_PER_SOURCE * max.max(1) as u32);
+    (0..n).map(|i| Stripe { pieces: count * i / n..count * (i + 1) / n, owner: None }).collect()
+}
+
+impl Task {
+    /// Whether every piece of stripe `i` has a recorded digest.
+    fn stripe_done(&self, i: usize) -> bool {
+        self.stripes[i].pieces.clone().all(|n| self.digests[n as usize].is_some())
+    }
+
+    /// A stripe nobody fetches and whose pieces are not all known yet.
+    fn free_stripe(&self) -> Option<usize> {
+        (0..self.stripes.len()).find(|&i| self.stripes[i].owner.is_none() && !self.stripe_done(i))
+    }
+
+    /// Peers fetching from the origin now.
+    fn sources(&self) -> usize {
+        self.peers.values().filter(|p| p.back_to_source && p.status == PeerStatus::Running).count()
+    }
+
+    /// Gives up `host`'s stripe, if it has one, so another peer can take what is left of it.
+    fn release_stripe(&mut self, host: &HostId) {
+        if let Some(i) = self.peers.get_mut(host).and_then(|p| p.stripe.take()) {
+            self.stripes[i].owner = None;
+        }
+    }
 }
 
 /// A summary of one task.
@@ -151,9 +204,11 @@ impl Cluster {
         if len > MAX_TASK_LEN {
             return Err(ClusterError::TooLarge { task: task.clone(), len });
         }
+        let max_sources = self.limits.max_back_to_source;
         let t = self.tasks.entry(task.clone()).or_insert_with(|| {
             let layout = PieceLayout::for_len(len);
-            Task { layout, digests: vec![None; layout.count() as usize], peers: BTreeMap::new() }
+            let stripes = stripes_for(layout.count(), max_sources);
+            Task { layout, digests: vec![None; layout.count() as usize], peers: BTreeMap::new(), stripes }
         });
         if t.layout.len != len {
             return Err(ClusterError::LengthMismatch { task: task.clone(), known: t.layout.len, got: len });
@@ -165,6 +220,7 @@ impl Cluster {
             parents: Vec::new(),
             depth: 0,
             back_to_source: false,
+            stripe: None,
             bad_parents: HashMap::new(),
         });
         self.schedule(task, host, now)
@@ -177,11 +233,18 @@ impl Cluster {
         let (zone, idc) = (child_host.info.zone.clone(), child_host.info.idc.clone());
         let t = self.tasks.get(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         let child = t.peers.get(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
-        if child.back_to_source || child_host.info.seed {
+        if (child.back_to_source && child.stripe.is_none()) || child_host.info.seed {
             // Seeds always fetch from the origin themselves: that is what they are for, and it
             // keeps a seed from ever waiting on the children waiting on it.
             return self.send_to_source(task, host);
         }
+        let seeded = self.hosts.seeds(now).iter().any(|s| &s.info.id != host && !child.avoids(&s.info.id, now));
+        if let Some(d) = self.take_stripe(task, host, seeded) {
+            return Ok(d);
+        }
+        let t = self.tasks.get(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let child = t.peers.get(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let striping = child.stripe.is_some();
         let candidates: Vec<Candidate> = t
             .peers
             .iter()
@@ -207,20 +270,17 @@ impl Cluster {
             })
             .collect();
         let mut parents = choose(&candidates, &self.limits);
-        let mut back_to_source = false;
-        if parents.is_empty() {
+        let mut back_to_source = striping;
+        if parents.is_empty() && !striping {
             // No peer can help: a seed fetches the task for everyone, else one peer goes to the origin.
-            let seed = self
-                .hosts
-                .seeds(now)
-                .into_iter()
-                .find(|s| &s.info.id != host && !child.avoids(&s.info.id, now))
-                .map(|s| s.info.id.clone());
+            let seed =
+                self.hosts.seeds(now).into_iter().find(|s| &s.info.id != host && !child.avoids(&s.info.id, now)).map(|s| s.info.id.clone());
             match seed {
                 Some(s) => parents.push(s),
                 None => {
-                    let fetching = t.peers.values().filter(|p| p.back_to_source && p.status == PeerStatus::Running).count();
-                    if fetching >= self.limits.max_back_to_source && t.peers.len() > 1 {
+                    // Every stripe is taken or fetched: while a source still fetches, the
+                    // pieces are coming; fetching the whole task once more would not be faster.
+                    if t.sources() > 0 && t.peers.len() > 1 {
                         return Ok(Decision::Wait);
                     }
                     // Peers that have (or are getting) the data and are only out of upload slots,
@@ -254,11 +314,49 @@ impl Cluster {
         peer.back_to_source = back_to_source;
         peer.depth = if back_to_source { 0 } else { depth };
         peer.parents = parents.clone();
-        Ok(if back_to_source { Decision::BackToSource } else { Decision::Parents(parents) })
+        // A stripe's source fetches the rest of the task from parents like any peer.
+        Ok(if back_to_source && !striping { Decision::BackToSource(0..t.layout.count()) } else { Decision::Parents(parents) })
+    }
+
+    /// With no seed to fetch for everyone: a peer whose stripe is fetched gives it up, and a peer
+    /// without one takes a free stripe while fewer than `max_back_to_source` peers fetch from the
+    /// origin. A taken stripe that its last owner left half done starts at its first piece
+    /// nobody reported.
+    fn take_stripe(&mut self, task: &TaskId, host: &HostId, seeded: bool) -> Option<Decision> {
+        let max = self.limits.max_back_to_source;
+        let t = self.tasks.get_mut(task)?;
+        if let Some(i) = t.peers.get(host)?.stripe {
+            if !t.stripe_done(i) {
+                return None;
+            }
+            t.release_stripe(host);
+            t.peers.get_mut(host)?.back_to_source = false;
+        }
+        if seeded || t.sources() >= max {
+            return None;
+        }
+        let i = t.free_stripe()?;
+        let pieces = t.stripes[i].pieces.clone();
+        let first = pieces.clone().find(|&n| t.digests[n as usize].is_none()).unwrap_or(pieces.start);
+        t.stripes[i].owner = Some(host.clone());
+        let old = {
+            let peer = t.peers.get_mut(host)?;
+            peer.stripe = Some(i);
+            peer.back_to_source = true;
+            peer.depth = 0;
+            std::mem::take(&mut peer.parents)
+        };
+        for p in old {
+            if let Some(h) = self.hosts.get_mut(&p) {
+                h.uploads = h.uploads.saturating_sub(1);
+            }
+        }
+        Some(Decision::BackToSource(first..pieces.end))
     }
 
     fn send_to_source(&mut self, task: &TaskId, host: &HostId) -> Result<Decision, ClusterError> {
         let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        let count = t.layout.count();
         let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         let old = std::mem::take(&mut peer.parents);
         peer.back_to_source = true;
@@ -268,7 +366,7 @@ impl Cluster {
                 h.uploads = h.uploads.saturating_sub(1);
             }
         }
-        Ok(Decision::BackToSource)
+        Ok(Decision::BackToSource(0..count))
     }
 
     /// `host` finished piece `n` of `task`. The digest is recorded when the host fetched from the
@@ -335,6 +433,7 @@ impl Cluster {
 
     fn finish(&mut self, task: &TaskId, host: &HostId, status: PeerStatus) -> Result<(), ClusterError> {
         let t = self.tasks.get_mut(task).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
+        t.release_stripe(host);
         let peer = t.peers.get_mut(host).ok_or_else(|| ClusterError::UnknownPeer(task.clone()))?;
         peer.status = status;
         peer.back_to_source = false;
@@ -355,6 +454,7 @@ impl Cluster {
 
     fn remove_peer(&mut self, task: &TaskId, host: &HostId) {
         let Some(t) = self.tasks.get_mut(task) else { return };
+        t.release_stripe(host);
         if let Some(peer) = t.peers.remove(host) {
             for p in peer.parents {
                 if let Some(h) = self.hosts.get_mut(&p) {
@@ -422,14 +522,75 @@ mod tests {
     fn the_first_peer_of_a_cold_task_goes_to_the_origin_and_the_rest_form_a_pipeline() {
         let mut c = cluster(&["a", "b", "c"]);
         let t = task();
-        assert_eq!(c.register(&t, 8 * MIB, &id("a"), 0).unwrap(), Decision::BackToSource);
+        // One stripe: too few pieces to split.
+        assert_eq!(c.register(&t, MIB, &id("a"), 0).unwrap(), Decision::BackToSource(0..16));
         // b attaches to a before a has any piece: a is feeding from the origin.
-        assert_eq!(c.register(&t, 8 * MIB, &id("b"), 0).unwrap(), Decision::Parents(vec![id("a")]));
+        assert_eq!(c.register(&t, MIB, &id("b"), 0).unwrap(), Decision::Parents(vec![id("a")]));
         c.piece_finished(&t, &id("a"), 0, "d0").unwrap();
         c.piece_finished(&t, &id("b"), 0, "d0").unwrap();
         // c takes both: a and b hold a piece it lacks (the less loaded one first).
-        assert_eq!(c.register(&t, 8 * MIB, &id("c"), 0).unwrap(), Decision::Parents(vec![id("b"), id("a")]));
+        assert_eq!(c.register(&t, MIB, &id("c"), 0).unwrap(), Decision::Parents(vec![id("b"), id("a")]));
         assert_eq!(c.piece_digest(&t, 0), Some("d0"));
+    }
+
+    #[test]
+    fn a_cold_task_is_fetched_in_stripes_by_the_first_peers() {
+        let mut c = cluster(&["a", "b", "c", "d", "e"]);
+        let t = task();
+        // 8 MiB is 128 pieces: eight stripes of 16, one per source at a time.
+        for (h, stripe) in [("a", 0..16), ("b", 16..32), ("c", 32..48), ("d", 48..64)] {
+            assert_eq!(c.register(&t, 8 * MIB, &id(h), 0).unwrap(), Decision::BackToSource(stripe));
+        }
+        // Four sources is the limit: e fetches from them.
+        let Decision::Parents(p) = c.register(&t, 8 * MIB, &id("e"), 0).unwrap() else { panic!() };
+        assert_eq!(p.len(), 4, "{p:?}");
+        // A source gets the rest from the others.
+        let Decision::Parents(p) = c.schedule(&t, &id("a"), 0).unwrap() else { panic!() };
+        assert!(!p.contains(&id("a")) && p.contains(&id("b")), "{p:?}");
+        // Each source's digests are recorded for its own stripe only.
+        c.piece_finished(&t, &id("a"), 0, "a0").unwrap();
+        c.piece_finished(&t, &id("b"), 16, "b16").unwrap();
+        assert_eq!(c.piece_digest(&t, 0), Some("a0"));
+        assert_eq!(c.piece_digest(&t, 16), Some("b16"));
+        // The first source done takes the next free stripe, not one another source fetches.
+        for n in 17..32 {
+            c.piece_finished(&t, &id("b"), n, "d").unwrap();
+        }
+        assert_eq!(c.schedule(&t, &id("b"), 0).unwrap(), Decision::BackToSource(64..80));
+    }
+
+    #[test]
+    fn a_lone_peer_fetches_every_stripe_in_turn() {
+        let mut c = cluster(&["a"]);
+        let t = task();
+        assert_eq!(c.register(&t, 8 * MIB, &id("a"), 0).unwrap(), Decision::BackToSource(0..16));
+        // Half done: asking again changes nothing.
+        for n in 0..8 {
+            c.piece_finished(&t, &id("a"), n, "d").unwrap();
+        }
+        assert_eq!(c.schedule(&t, &id("a"), 0).unwrap(), Decision::Parents(vec![]));
+        for n in 8..16 {
+            c.piece_finished(&t, &id("a"), n, "d").unwrap();
+        }
+        assert_eq!(c.schedule(&t, &id("a"), 0).unwrap(), Decision::BackToSource(16..32));
+    }
+
+    #[test]
+    fn a_stripe_its_source_left_half_done_goes_to_another_peer_from_where_it_stopped() {
+        let mut c = cluster(&["a", "b", "c", "d", "e"]);
+        let t = task();
+        for h in ["a", "b", "c", "d", "e"] {
+            c.register(&t, 8 * MIB, &id(h), 0).unwrap();
+        }
+        for n in 0..10 {
+            c.piece_finished(&t, &id("a"), n, "d").unwrap();
+        }
+        c.leave_host(&id("a"));
+        assert_eq!(c.schedule(&t, &id("e"), 0).unwrap(), Decision::BackToSource(10..16));
+        // A source that gives up frees its stripe too.
+        c.peer_failed(&t, &id("b")).unwrap();
+        c.announce_host(host("f", false), 0);
+        assert_eq!(c.register(&t, 8 * MIB, &id("f"), 0).unwrap(), Decision::BackToSource(16..32));
     }
 
     #[test]
@@ -437,7 +598,7 @@ mod tests {
         let mut c = cluster(&["seed1", "a", "b"]);
         let t = task();
         assert_eq!(c.register(&t, 4 * MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("seed1")]));
-        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource);
+        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource(0..64));
         c.piece_finished(&t, &id("seed1"), 0, "s0").unwrap();
         let d = c.register(&t, 4 * MIB, &id("b"), 0).unwrap();
         assert_eq!(d, Decision::Parents(vec![id("seed1"), id("a")]));
@@ -452,7 +613,7 @@ mod tests {
         let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("b"), 0).unwrap() else { panic!() };
         assert!(p.contains(&id("a")) || p.contains(&id("seed1")));
         // The seed registers when a asks it for pieces: it goes to the origin, never to b.
-        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource);
+        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource(0..64));
     }
 
     #[test]
@@ -463,15 +624,15 @@ mod tests {
         assert_eq!(c.register(&t, MIB, &id("b"), 0).unwrap(), Decision::Parents(vec![id("a")]));
         // a gives up: b, fed only by a, is no longer a useful parent for c.
         c.peer_failed(&t, &id("a")).unwrap();
-        assert_eq!(c.register(&t, MIB, &id("c"), 0).unwrap(), Decision::BackToSource);
+        assert_eq!(c.register(&t, MIB, &id("c"), 0).unwrap(), Decision::BackToSource(0..16));
     }
 
     #[test]
     fn only_sources_record_digests_and_a_conflicting_digest_is_refused() {
         let mut c = cluster(&["a", "b"]);
         let t = task();
-        c.register(&t, 2 * MIB, &id("a"), 0).unwrap();
-        c.register(&t, 2 * MIB, &id("b"), 0).unwrap();
+        c.register(&t, MIB, &id("a"), 0).unwrap();
+        c.register(&t, MIB, &id("b"), 0).unwrap();
         // b is not a source: its report adds no digest.
         c.piece_finished(&t, &id("b"), 1, "x").unwrap();
         assert_eq!(c.piece_digest(&t, 1), None);
@@ -479,7 +640,7 @@ mod tests {
         assert_eq!(c.piece_digest(&t, 1), Some("good"));
         let err = c.piece_finished(&t, &id("b"), 1, "evil").unwrap_err();
         assert!(matches!(err, ClusterError::DigestMismatch { .. }));
-        let pieces = shoal_core::piece::PieceLayout::for_len(2 * MIB).count();
+        let pieces = shoal_core::piece::PieceLayout::for_len(MIB).count();
         assert!(c.piece_finished(&t, &id("a"), pieces - 1, "x").is_ok());
         assert!(matches!(c.piece_finished(&t, &id("a"), pieces, "x"), Err(ClusterError::PieceOutOfRange { .. })));
         assert!(matches!(c.register(&t, 3 * MIB, &id("b"), 0), Err(ClusterError::LengthMismatch { .. })));
@@ -491,28 +652,28 @@ mod tests {
     fn a_failing_parent_is_replaced_and_then_avoided_by_everyone() {
         let mut c = cluster(&["src", "liar", "good", "x", "y", "z"]);
         let t = task();
-        c.register(&t, 4 * MIB, &id("src"), 0).unwrap();
+        c.register(&t, MIB, &id("src"), 0).unwrap();
         for h in ["liar", "good"] {
-            c.register(&t, 4 * MIB, &id(h), 0).unwrap();
+            c.register(&t, MIB, &id(h), 0).unwrap();
             c.piece_finished(&t, &id("src"), 0, "d").unwrap();
             c.piece_finished(&t, &id(h), 0, "d").unwrap();
         }
-        c.register(&t, 4 * MIB, &id("x"), 0).unwrap();
+        c.register(&t, MIB, &id("x"), 0).unwrap();
         assert!(c.parents_of(&t, &id("x")).contains(&id("liar")));
         let d = c.parent_failed(&t, &id("x"), &id("liar"), false, 1000).unwrap();
         let Decision::Parents(p) = d else { panic!("{d:?}") };
         assert!(!p.contains(&id("liar")) && !p.is_empty());
         // Two more children see it fail: the host is now failing for everyone.
         for h in ["y", "z"] {
-            c.register(&t, 4 * MIB, &id(h), 1000).unwrap();
+            c.register(&t, MIB, &id(h), 1000).unwrap();
             c.parent_failed(&t, &id(h), &id("liar"), false, 2000).unwrap();
         }
         c.announce_host(host("w", false), 2000);
-        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 3000).unwrap() else { panic!() };
+        let Decision::Parents(p) = c.register(&t, MIB, &id("w"), 3000).unwrap() else { panic!() };
         assert!(!p.contains(&id("liar")), "{p:?}");
         // After the failure window, it may be chosen again.
         c.announce_host(host("v", false), 70_000);
-        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("v"), 70_000).unwrap() else { panic!() };
+        let Decision::Parents(p) = c.register(&t, MIB, &id("v"), 70_000).unwrap() else { panic!() };
         assert!(p.contains(&id("liar")), "{p:?}");
     }
 
@@ -520,18 +681,18 @@ mod tests {
     fn an_unreachable_parent_is_avoided_by_that_child_only() {
         let mut c = cluster(&["src", "far", "x", "y", "z", "w"]);
         let t = task();
-        c.register(&t, 4 * MIB, &id("src"), 0).unwrap();
-        c.register(&t, 4 * MIB, &id("far"), 0).unwrap();
+        c.register(&t, MIB, &id("src"), 0).unwrap();
+        c.register(&t, MIB, &id("far"), 0).unwrap();
         c.piece_finished(&t, &id("src"), 0, "d").unwrap();
         c.piece_finished(&t, &id("far"), 0, "d").unwrap();
         for h in ["x", "y", "z"] {
-            c.register(&t, 4 * MIB, &id(h), 1000).unwrap();
+            c.register(&t, MIB, &id(h), 1000).unwrap();
             let Decision::Parents(p) = c.parent_failed(&t, &id(h), &id("far"), true, 1000).unwrap() else { panic!() };
             assert!(!p.contains(&id("far")), "{p:?}");
         }
         // Three children could not reach it: a congested link, not a liar. Others still get it.
         assert_eq!(c.hosts().get(&id("far")).unwrap().recent_failures(2000), 0);
-        let Decision::Parents(p) = c.register(&t, 4 * MIB, &id("w"), 2000).unwrap() else { panic!() };
+        let Decision::Parents(p) = c.register(&t, MIB, &id("w"), 2000).unwrap() else { panic!() };
         assert!(p.contains(&id("far")), "{p:?}");
         // Congestion passes: once the window is over, the children that could not reach it are
         // offered it again.
@@ -551,8 +712,10 @@ mod tests {
             c.announce_host(h, 0);
         }
         let t = task();
-        assert_eq!(c.register(&t, MIB, &id("src"), 0).unwrap(), Decision::BackToSource);
-        c.piece_finished(&t, &id("src"), 0, "d").unwrap();
+        assert_eq!(c.register(&t, MIB, &id("src"), 0).unwrap(), Decision::BackToSource(0..16));
+        for n in 0..16 {
+            c.piece_finished(&t, &id("src"), n, "d").unwrap();
+        }
         c.peer_done(&t, &id("src")).unwrap();
         assert_eq!(c.register(&t, MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("src")]));
         // Nobody fetches from the origin any more and every holder is full: b waits for a slot.
@@ -596,7 +759,7 @@ mod tests {
             c.announce_host(h, 0);
             let d = c.register(&t, MIB, &id(n), 0).unwrap();
             match i {
-                0 => assert_eq!(d, Decision::BackToSource),
+                0 => assert_eq!(d, Decision::BackToSource(0..16)),
                 1 => assert_eq!(d, Decision::Parents(vec![id("h0")])),
                 2 => assert_eq!(d, Decision::Parents(vec![id("h1")])),
                 // h2 is at depth 2 = max_depth and h0, h1 are full: wait rather than chain deeper.

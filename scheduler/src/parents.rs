@@ -17,7 +17,8 @@ pub struct Limits {
     pub max_parents: usize,
     /// Most hops from the origin; a parent at this depth is not given children.
     pub max_depth: u32,
-    /// Peers that may fetch a task from the origin at once when no seed is available.
+    /// Peers that may fetch a task from the origin at once when no seed is available, each a
+    /// different stripe of it.
     pub max_back_to_source: usize,
     /// When this many ordinary peers hold useful pieces, seeds are not chosen.
     pub enough_peers: usize,
@@ -25,7 +26,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_parents: 8, max_depth: 6, max_back_to_source: 1, enough_peers: 2 }
+        Limits { max_parents: 8, max_depth: 6, max_back_to_source: 4, enough_peers: 2 }
     }
 }
 

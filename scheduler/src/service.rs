@@ -111,7 +111,7 @@ impl Service {
     fn command(&self, decision: Decision) -> pb::PeerCommand {
         use pb::peer_command::Command;
         let command = match decision {
-            Decision::BackToSource => Command::BackToSource(pb::BackToSource {}),
+            Decision::BackToSource(pieces) => Command::BackToSource(pb::BackToSource { first_piece: pieces.start, end_piece: pieces.end }),
             Decision::Wait => Command::Wait(pb::Wait { retry_after_ms: WAIT_MS }),
             Decision::Parents(ids) => {
                 let c = self.cluster();

@@ -35,8 +35,8 @@ async fn later_pulls_come_from_the_first_node_not_the_registry() {
     for b in bodies {
         assert_eq!(digest_of(&b), digest);
     }
-    assert_eq!(registry.blob_fetches(&digest).len(), 1, "only the first node may fetch from the registry");
-    assert_eq!(registry.blob_bytes(&digest), blob.len() as u64);
+    // The first node fetched the blob once (in stripes, a request each); the others got it from it.
+    assert_eq!(registry.blob_bytes(&digest), blob.len() as u64, "{:?}", registry.blob_fetches(&digest));
     for a in &agents[1..] {
         assert!(a.log().contains("fetching from parents"), "{}", a.log());
     }
@@ -101,7 +101,7 @@ async fn with_one_of_two_scheduler_replicas_dead_pulls_still_go_peer_to_peer() {
     first.kill();
     assert_eq!(digest_of(&get(&a, &registry, "team/ha", &digest).await), digest);
     assert_eq!(digest_of(&get(&b, &registry, "team/ha", &digest).await), digest);
-    assert_eq!(registry.blob_fetches(&digest).len(), 1, "the second pull must come from the first node");
+    assert_eq!(registry.blob_bytes(&digest), blob.len() as u64, "the second pull must come from the first node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

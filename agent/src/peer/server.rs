@@ -216,17 +216,20 @@ async fn serve_stream(
                     }
                     let have = file.bitmap();
                     let (complete, failed) = (shared.is_complete(), shared.failure());
-                    // While this host is the one fetching from the origin, its upload is the
-                    // cluster's scarcest resource: each new piece goes to one subscriber only (in
-                    // turn), so every piece leaves here about once and the children trade the rest
-                    // among themselves; after HOLD, to everyone.
+                    // While this host fetches from the origin, its upload is the cluster's
+                    // scarcest resource: each piece it fetched from there goes to one subscriber
+                    // only (in turn), so it leaves here about once and the children trade it
+                    // among themselves; after HOLD, to everyone. Pieces it got from peers (the
+                    // other stripes) go to everyone at once.
                     let others = subscribers.count(&task);
-                    holding |= shared.is_sourcing() && !complete && others > 1;
+                    let sourced = shared.sourced();
+                    holding |= sourced.is_some() && !complete && others > 1;
                     let now = std::time::Instant::now();
                     let numbers: Vec<u32> = (0..have.len())
                         .filter(|&n| have.has(n) && !sent.has(n))
                         .filter(|&n| {
                             !holding
+                                || sourced.as_ref().is_some_and(|s| !s.has(n))
                                 || (n as u64 + me).is_multiple_of(others.max(1) as u64)
                                 || now.duration_since(*first_seen.entry(n).or_insert(now)) >= HOLD
                         })
