@@ -28,6 +28,24 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel's ARP table is one table for every network namespace, and by default it holds at
+/// most 1,024 entries (`gc_thresh3`). Hosts that all talk to each other need about `(n + 1)²` of
+/// them: past 30 or so hosts, new entries fail and so does every packet to a host not yet in the
+/// table (`ENOBUFS`, "neighbor table overflow" in the kernel log): UDP sends fail outright and
+/// TCP connects time out. The limits are raised (never lowered) so that a lab's hosts can reach
+/// each other as machines on one LAN would.
+fn make_room_for_neighbours(n: usize) -> anyhow::Result<()> {
+    let needed = 2 * (n as u64 + 1).pow(2) + 1024;
+    for (name, want) in [("gc_thresh2", needed), ("gc_thresh3", 2 * needed)] {
+        let path = format!("/proc/sys/net/ipv4/neigh/default/{name}");
+        let now: u64 = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?.trim().parse().unwrap_or(0);
+        if now < want {
+            std::fs::write(&path, want.to_string()).with_context(|| format!("raising {path} to {want}"))?;
+        }
+    }
+    Ok(())
+}
+
 impl Lab {
     /// A lab of `n` hosts (at most 200).
     pub fn new(n: usize) -> anyhow::Result<Lab> {
@@ -39,6 +57,7 @@ impl Lab {
         let subnet = ((pid * 7 + k * 13) % 200 + 20) as u8;
         let mut lab = Lab { tag, subnet, hosts: Vec::new() };
         lab.cleanup();
+        make_room_for_neighbours(n)?;
         let bridge = lab.bridge();
         sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
         sh(&["ip", "addr", "add", &format!("{}/24", lab.gateway()), "dev", &bridge])?;
