@@ -106,7 +106,7 @@ pub const MIN_STRIPE_PIECES: u32 = 16;
 /// slower path to the origin fetches less, and every source finishes at about the same time.
 pub const STRIPES_PER_SOURCE: u32 = 2;
 
-/// `count` pieces cut into at most `max` stripes of nearly equal length.
+/// `count` pieces cut into at most `STRIPES_PER_SOURCE × max` stripes of nearly equal length.
 fn stripes_for(count: u32, max: usize) -> Vec<Stripe> {
     let n = (count / MIN_STRIPE_PIECES).clamp(1, STRIPES_PER_SOURCE * max.max(1) as u32);
     (0..n).map(|i| Stripe { pieces: count * i / n..count * (i + 1) / n, owner: None }).collect()
