@@ -344,7 +344,7 @@ impl P2p {
                     if let Some(next) = d.next_stripe.take() {
                         d.fetch_stripe(next);
                     } else if scheduler_alive && !task.file.bitmap().is_full() {
-                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
+                        d.ask_again(&events);
                     }
                 }
                 Some((parent, news)) = d.updates.recv() => {
@@ -368,7 +368,7 @@ impl P2p {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
                         d.drop_parent(&parent);
-                        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
+                        d.ask_again(&events);
                     }
                 },
                 Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
@@ -386,7 +386,7 @@ impl P2p {
                 },
                 _ = changes.changed() => {}
                 _ = reschedule.tick(), if scheduler_alive && d.mode == Mode::Parents => {
-                    let _ = events.send(pb::PeerEvent { event: Some(Event::Register(d.register())) });
+                    d.ask_again(&events);
                 }
                 _ = stall.tick() => {
                     if d.mode == Mode::Parents {
@@ -467,7 +467,8 @@ struct Download {
     subscriptions: JoinSet<()>,
     updates_tx: mpsc::Sender<(String, ParentNews)>,
     updates: mpsc::Receiver<(String, ParentNews)>,
-    /// When a piece last arrived here or a parent last got a new one (see [`STALL`]).
+    /// When a piece last arrived here, a parent last got a new one, or a new digest came (see
+    /// [`STALL`]).
     last_progress: Instant,
 }
 
@@ -562,7 +563,7 @@ impl Download {
             }
             Command::Wait(w) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.max(50) as u64)).await;
-                let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.register())) });
+                self.ask_again(events);
             }
         }
     }
@@ -573,9 +574,9 @@ impl Download {
         self.have.remove(parent);
     }
 
-    /// A registration, sent again to ask for a new decision.
-    fn register(&self) -> pb::Register {
-        self.p2p.register(&self.task)
+    /// Registers again: the scheduler answers with a new decision.
+    fn ask_again(&self, events: &Events) {
+        let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.p2p.register(&self.task))) });
     }
 
     fn subscribe(&mut self, id: String, addr: SocketAddr, seed: bool) {

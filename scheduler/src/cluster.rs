@@ -299,11 +299,7 @@ impl Cluster {
             .min()
             .map_or(1, |d| d + 1);
         let old_parents = t.peers.get(host).map(|p| p.parents.clone()).unwrap_or_default();
-        for p in &old_parents {
-            if let Some(h) = self.hosts.get_mut(p) {
-                h.uploads = h.uploads.saturating_sub(1);
-            }
-        }
+        self.hosts.release_uploads(&old_parents);
         for p in &parents {
             if let Some(h) = self.hosts.get_mut(p) {
                 h.uploads += 1;
@@ -346,11 +342,7 @@ impl Cluster {
             peer.depth = 0;
             std::mem::take(&mut peer.parents)
         };
-        for p in old {
-            if let Some(h) = self.hosts.get_mut(&p) {
-                h.uploads = h.uploads.saturating_sub(1);
-            }
-        }
+        self.hosts.release_uploads(&old);
         Some(Decision::BackToSource(first..pieces.end))
     }
 
@@ -361,11 +353,7 @@ impl Cluster {
         let old = std::mem::take(&mut peer.parents);
         peer.back_to_source = true;
         peer.depth = 0;
-        for p in old {
-            if let Some(h) = self.hosts.get_mut(&p) {
-                h.uploads = h.uploads.saturating_sub(1);
-            }
-        }
+        self.hosts.release_uploads(&old);
         Ok(Decision::BackToSource(0..count))
     }
 
@@ -444,11 +432,7 @@ impl Cluster {
             }
         }
         let parents = std::mem::take(&mut peer.parents);
-        for p in parents {
-            if let Some(h) = self.hosts.get_mut(&p) {
-                h.uploads = h.uploads.saturating_sub(1);
-            }
-        }
+        self.hosts.release_uploads(&parents);
         Ok(())
     }
 
@@ -456,11 +440,7 @@ impl Cluster {
         let Some(t) = self.tasks.get_mut(task) else { return };
         t.release_stripe(host);
         if let Some(peer) = t.peers.remove(host) {
-            for p in peer.parents {
-                if let Some(h) = self.hosts.get_mut(&p) {
-                    h.uploads = h.uploads.saturating_sub(1);
-                }
-            }
+            self.hosts.release_uploads(&peer.parents);
         }
         if t.peers.is_empty() {
             self.tasks.remove(task);

@@ -97,6 +97,15 @@ impl Hosts {
         self.hosts.get_mut(id)
     }
 
+    /// A child stopped fetching from `parents`: each gets an upload slot back.
+    pub fn release_uploads<'a>(&mut self, parents: impl IntoIterator<Item = &'a HostId>) {
+        for p in parents {
+            if let Some(h) = self.get_mut(p) {
+                h.uploads = h.uploads.saturating_sub(1);
+            }
+        }
+    }
+
     /// Records a failure of `id` at `now`, keeping only what the window needs.
     pub fn record_failure(&mut self, id: &HostId, now: u64) {
         if let Some(h) = self.hosts.get_mut(id) {
