@@ -48,6 +48,10 @@ pub struct Args {
     /// Leave Nydus out (when `nydus-image` and `nydusd` are not installed).
     #[arg(long)]
     no_nydus: bool,
+    /// Keep the scratch directory (tree, built images, caches) for a look afterwards; its path
+    /// is printed.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// Seconds per run of the three states of one read.
@@ -732,7 +736,11 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         let _ = nydus.stop().await;
         results.push((nydus.name().into(), measured?));
     }
-    report(&args, &tree, &built, nydus_built.as_ref(), &results, out)
+    report(&args, &tree, &built, nydus_built.as_ref(), &results, out)?;
+    if args.keep {
+        eprintln!("scratch directory kept: {}", work.keep().display());
+    }
+    Ok(())
 }
 
 fn report(

@@ -9,7 +9,8 @@
 //! Once every chunk of a file of several chunks is local, the file is materialised uncompressed
 //! in the cache, and later opens hand that file to the kernel (FUSE passthrough): reads then go
 //! straight to it and never reach this process. Without passthrough, the first open is answered
-//! with ENOSYS, so the kernel opens (and closes) files without asking from then on. The kernel refuses to mix passthrough and cached opens of one
+//! with ENOSYS, so the kernel opens (and closes) files without asking from then on; directories
+//! are opened that way in every mode. The kernel refuses to mix passthrough and cached opens of one
 //! inode (the second open fails with ETXTBSY), so an inode stays in the mode of the handles open
 //! on it, and all its passthrough handles share one backing id, kept until the last is released.
 
@@ -23,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request, SessionACL,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use tokio::runtime::Handle;
 
@@ -158,6 +159,8 @@ pub struct ShoalFs {
     stats: Arc<FsStats>,
     /// The kernel opens files without asking (no passthrough wanted, and the kernel supports it).
     zero_message_opens: bool,
+    /// The kernel opens directories without asking (it supports it).
+    zero_message_opendirs: bool,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -203,6 +206,7 @@ impl ShoalFs {
             opens: Mutex::new(HashMap::new()),
             stats: Arc::new(FsStats::new(Passthrough::On)),
             zero_message_opens: false,
+            zero_message_opendirs: false,
         }
     }
 
@@ -344,6 +348,11 @@ impl fuser::Filesystem for ShoalFs {
         // two round trips fewer per file.
         if self.stats.passthrough() == Passthrough::Off && config.add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT).is_ok() {
             self.zero_message_opens = true;
+        }
+        // Directories need no handle of ours either: answering the first opendir with ENOSYS
+        // has the kernel open and close them without asking, keeping their listing cached.
+        if config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok() {
+            self.zero_message_opendirs = true;
         }
         // Optional speedups: fine if the kernel lacks them.
         for flag in [InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_DO_READDIRPLUS] {
@@ -488,8 +497,26 @@ impl fuser::Filesystem for ShoalFs {
         reply.error(Errno::ENOSYS);
     }
 
+    /// No ioctl applies to an image's files: ENOTTY, what `isatty` and friends expect of a
+    /// regular file (the default answer logs a warning for every one).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.bootstrap.getattr(ino.0) {
+            // The kernel then keeps the listing cached, as it does with these flags.
+            Some(attr) if attr.kind == FileKind::Directory && self.zero_message_opendirs => reply.error(Errno::ENOSYS),
             Some(attr) if attr.kind == FileKind::Directory => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
             }

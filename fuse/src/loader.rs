@@ -26,6 +26,16 @@ const TRACKED_FILES: usize = 4096;
 /// How many times a read retries a chunk that was evicted between loading and reading it.
 const READ_ATTEMPTS: usize = 3;
 
+/// Chunks of at most this many uncompressed bytes (small files, and the tails of larger ones)
+/// are fetched together with the small chunks that follow them in their blob.
+const SMALL_CHUNK: u32 = 128 << 10;
+
+/// Compressed bytes one fetch of small chunks covers at most. The builder writes a layer's
+/// files in tar order, so the chunks after a small file's are mostly its neighbours in the
+/// directory, which a starting program tends to read next: one request (one `Range`, one
+/// `pread`) brings in dozens of them instead of a round trip each.
+const BATCH_BYTES: u64 = 256 << 10;
+
 /// Why a chunk or a read could not be served. Cloned to every read waiting for one fetch.
 #[derive(Debug, Clone, Error)]
 pub enum LoadError {
@@ -62,6 +72,9 @@ pub struct LoadStats {
 /// A fetch in progress that several reads may wait for.
 type InFlight = Shared<BoxFuture<'static, Result<(), LoadError>>>;
 
+/// Tells the reads waiting for one chunk of a batch how its fetch ended.
+type Done = tokio::sync::oneshot::Sender<Result<(), LoadError>>;
+
 /// One chunk of a file, owned so it can cross tasks.
 #[derive(Debug, Clone, Copy)]
 struct Placed {
@@ -97,6 +110,9 @@ pub struct ChunkLoader {
     read_ends: Mutex<lru::LruCache<u64, u64>>,
     /// How many chunks past a sequential read to fetch ahead.
     readahead: usize,
+    /// For each chunk (by index), the chunk that follows it in its blob, if it starts right
+    /// where this one ends.
+    next_in_blob: Vec<Option<u32>>,
     /// What was fetched.
     stats: LoadStats,
 }
@@ -111,7 +127,9 @@ impl ChunkLoader {
     /// A loader of `bootstrap`'s chunks from `source` into `cache`, fetching `readahead` chunks
     /// ahead of sequential reads, running its tasks on `runtime`.
     pub fn new(bootstrap: Arc<Bootstrap>, cache: Arc<ChunkCache>, source: Arc<dyn ChunkSource>, runtime: Handle, readahead: usize) -> Self {
+        let next_in_blob = next_in_blob(bootstrap.chunks());
         ChunkLoader {
+            next_in_blob,
             bootstrap,
             cache,
             source,
@@ -149,6 +167,13 @@ impl ChunkLoader {
         if self.cache.contains(&chunk.digest) {
             return Ok(());
         }
+        if chunk.uncompressed_len <= SMALL_CHUNK {
+            let mut batch = vec![index];
+            batch.extend(self.small_chunks_after(index));
+            if let Some(fetch) = self.start_batch(&batch).into_iter().next() {
+                return fetch.await;
+            }
+        }
         let fetch = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(fetch) = inflight.get(&index) {
@@ -167,6 +192,61 @@ impl ChunkLoader {
             }
         };
         fetch.await
+    }
+
+    /// The small chunks following chunk `index` in its blob, back to back, that are neither
+    /// local nor being fetched, as many as fit in [`BATCH_BYTES`] with it.
+    fn small_chunks_after(&self, index: u32) -> Vec<u32> {
+        let chunks = self.bootstrap.chunks();
+        let Some(first) = chunks.get(index as usize) else { return Vec::new() };
+        let mut bytes = u64::from(first.compressed_len);
+        let mut after = Vec::new();
+        let mut at = index;
+        while let Some(next) = self.next_in_blob.get(at as usize).copied().flatten() {
+            let chunk = &chunks[next as usize];
+            bytes += u64::from(chunk.compressed_len);
+            if chunk.uncompressed_len > SMALL_CHUNK || bytes > BATCH_BYTES || self.cache.contains(&chunk.digest) || self.is_inflight(next) {
+                break;
+            }
+            after.push(next);
+            at = next;
+        }
+        after
+    }
+
+    /// Starts fetching `batch`, chunks back to back in one blob, with one request, and storing
+    /// each as soon as its bytes are in; returns, for the leading chunks not already being
+    /// fetched, futures resolving once each is stored (or failed). The batch stops before
+    /// the first chunk already in flight, so one request never covers another's chunk.
+    fn start_batch(self: &Arc<Self>, batch: &[u32]) -> Vec<InFlight> {
+        let chunks = self.bootstrap.chunks();
+        let mut waiting = Vec::new();
+        let mut pending = Batch { loader: self.clone(), chunks: Vec::new() };
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for &index in batch {
+                let Some(&chunk) = chunks.get(index as usize) else { break };
+                if inflight.contains_key(&index) {
+                    break;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), LoadError>>();
+                let fetch = rx
+                    .map(|outcome| {
+                        outcome.unwrap_or_else(|_| {
+                            Err(LoadError::Cache { digest: String::new(), reason: "the fetching task ended early".into() })
+                        })
+                    })
+                    .boxed()
+                    .shared();
+                inflight.insert(index, fetch.clone());
+                waiting.push(fetch);
+                pending.chunks.push((chunk, index, tx));
+            }
+        }
+        if !pending.chunks.is_empty() {
+            self.runtime.spawn(pending.fetch_and_store());
+        }
+        waiting
     }
 
     /// Fetches a chunk's compressed bytes, verifies them and stores the data.
@@ -227,7 +307,7 @@ impl ChunkLoader {
     /// when its missing chunks can be had without waiting on a network (a local blob
     /// directory): a cold read of a local image then costs no hand-over between threads.
     /// `None` when the read has to wait (remote chunks, or a fetch already in flight).
-    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, LoadError>> {
+    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, LoadError>> {
         if !self.source.is_local() {
             return None;
         }
@@ -251,6 +331,10 @@ impl ChunkLoader {
                 Ok(data) => fresh.insert(p.index, data),
                 Err(e) => return Some(Err(e)),
             };
+            // The small chunks after it come in the background, likely read next.
+            if p.chunk.uncompressed_len <= SMALL_CHUNK {
+                self.start_batch(&self.small_chunks_after(p.index));
+            }
         }
         self.assemble(ino, offset, size, &placed, &fresh)
     }
@@ -351,6 +435,12 @@ impl ChunkLoader {
         }
     }
 
+    /// Chunk `index` is no longer in flight; tells its waiters `outcome`.
+    fn finish(&self, index: u32, tx: Done, outcome: Result<(), LoadError>) {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&index);
+        let _ = tx.send(outcome);
+    }
+
     fn is_inflight(&self, index: u32) -> bool {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&index)
     }
@@ -389,6 +479,90 @@ impl ChunkLoader {
             "prefetch done"
         );
     }
+}
+
+/// Chunks back to back in one blob, fetched with one request; each is registered as in
+/// flight, and is no longer once its outcome is sent (or the batch is dropped unfinished).
+struct Batch {
+    /// The loader fetching them.
+    loader: Arc<ChunkLoader>,
+    /// The chunks not finished yet, in blob order, with their index and whom to tell.
+    chunks: Vec<(Chunk, u32, Done)>,
+}
+
+impl Batch {
+    /// Fetches the batch's compressed bytes in one request, then verifies and stores each
+    /// chunk, telling its waiters as soon as it is stored.
+    async fn fetch_and_store(mut self) {
+        let (first, last) = match (self.chunks.first(), self.chunks.last()) {
+            (Some(first), Some(last)) => (first.0, last.0),
+            _ => return,
+        };
+        let loader = self.loader.clone();
+        let started = Instant::now();
+        let span = last.compressed_offset + u64::from(last.compressed_len) - first.compressed_offset;
+        let fetched = match (loader.blob_of(&first), u32::try_from(span)) {
+            (Ok(blob), Ok(len)) => {
+                let fetched = loader.source.fetch(blob, first.compressed_offset, len).await;
+                loader.fetched(&first, fetched)
+            }
+            (Err(e), _) => Err(e),
+            (_, Err(_)) => Err(LoadError::NotFound(format!("a batch of chunks of {span} bytes is too long to fetch at once"))),
+        };
+        let compressed = match fetched {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                for (_, index, tx) in self.chunks.drain(..) {
+                    loader.finish(index, tx, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let stored = tokio::task::spawn_blocking(move || {
+            for (chunk, index, tx) in self.chunks.drain(..) {
+                let from = (chunk.compressed_offset - first.compressed_offset) as usize;
+                let outcome = match compressed.get(from..from + chunk.compressed_len as usize) {
+                    Some(bytes) => store(&self.loader.cache, &chunk, bytes).map(drop),
+                    None => Err(LoadError::Cache {
+                        digest: hex::encode(chunk.digest),
+                        reason: format!("the source sent {} bytes for a range of {span}", compressed.len()),
+                    }),
+                };
+                let outcome = self.loader.stored(&chunk, started, outcome);
+                self.loader.finish(index, tx, outcome);
+            }
+        })
+        .await;
+        if let Err(e) = stored {
+            warn!(error = %e, "the task storing a batch of chunks failed; later reads fetch them again");
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Unfinished chunks (the task failed): their waiters see the channel close; later
+        // reads fetch them anew.
+        let mut inflight = self.loader.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, index, _) in &self.chunks {
+            inflight.remove(index);
+        }
+    }
+}
+
+/// For each chunk of `chunks` (by index), the chunk starting in the same blob right where it
+/// ends.
+fn next_in_blob(chunks: &[Chunk]) -> Vec<Option<u32>> {
+    let mut order: Vec<u32> = (0..chunks.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| (chunks[i as usize].blob, chunks[i as usize].compressed_offset));
+    let mut next = vec![None; chunks.len()];
+    for pair in order.windows(2) {
+        let (a, b) = (&chunks[pair[0] as usize], &chunks[pair[1] as usize]);
+        if a.blob == b.blob && a.compressed_offset + u64::from(a.compressed_len) == b.compressed_offset {
+            next[pair[0] as usize] = Some(pair[1]);
+        }
+    }
+    next
 }
 
 #[cfg(test)]

@@ -222,7 +222,7 @@ async fn local_bootstrap_and_blobs_mount_as_the_merged_layers_with_identical_fil
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_one_small_file_of_a_fresh_mount_fetches_only_its_chunk() {
+async fn reading_one_small_file_of_a_fresh_mount_fetches_a_few_chunks_not_the_image() {
     let setup = Setup::new().await;
     shoal_build(&[setup.source(), setup.image("lazy/app:v1-shoal")]).unwrap();
     let chunk_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
@@ -243,6 +243,7 @@ async fn reading_one_small_file_of_a_fresh_mount_fetches_only_its_chunk() {
 
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
     let sent = fetched();
+    // Its chunk, and the small chunks after it in the blob (at most 256 KiB in one request).
     assert!(sent > 0, "the file's chunk came from the registry");
     assert!(sent <= MIB as u64 && sent * 8 < total, "reading one 4 KiB file made the registry send {sent} of {total} bytes");
     let status = mount.stop().await.unwrap();

@@ -155,3 +155,80 @@ async fn prefetch_loads_the_listed_files_only() {
     assert_eq!(f.loader.read_cached(small, 0, 100).unwrap().unwrap(), b"small file");
     assert!(!f.loader.cache().contains(&f.chunk("big", 0).digest));
 }
+
+/// An image of `count` small files `f000`, `f001`, ... stored back to back in one blob, the
+/// file numbered `corrupt` damaged in it.
+fn small_files(count: usize, corrupt: Option<usize>) -> Fixture {
+    let files: Vec<(String, Vec<u8>)> = (0..count).map(|i| (format!("f{i:03}"), pattern(3000 + i * 100, i as u64))).collect();
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|(name, data)| (name.as_str(), data.as_slice())).collect();
+    let tar = tar_of(&entries);
+    let mut builder = TreeBuilder::default();
+    let mut blob = Vec::new();
+    builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
+    let bootstrap = Arc::new(builder.finish::<&str>(&[]).unwrap().bootstrap);
+    if let Some(n) = corrupt {
+        let ino = bootstrap.resolve(format!("f{n:03}").as_bytes()).unwrap();
+        let chunk = bootstrap.chunks_of(ino).unwrap().next().unwrap().chunk;
+        blob[(chunk.compressed_offset + u64::from(chunk.compressed_len) / 2) as usize] ^= 0x55;
+    }
+    let source = Arc::new(MemorySource {
+        blobs: HashMap::from([(bootstrap.blobs()[0].sha256, blob)]),
+        fetches: Mutex::new(HashMap::new()),
+        delay: Duration::from_millis(20),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap());
+    let loader = Arc::new(ChunkLoader::new(bootstrap, cache, source.clone(), Handle::current(), 0));
+    Fixture { loader, source, big: Vec::new(), _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_file_comes_with_the_small_files_after_it_in_one_request() {
+    let f = small_files(40, None);
+    let third = f.ino("f002");
+    assert_eq!(f.loader.read(third, 0, 4096).await.unwrap(), pattern(3200, 2)[..3200]);
+    let requests: usize = f.source.fetches.lock().unwrap().values().sum();
+    assert_eq!(requests, 1, "one request for the file and its neighbours");
+    for i in 2..40 {
+        let ino = f.ino(&format!("f{i:03}"));
+        let data = f.loader.read_cached(ino, 0, 8192).unwrap_or_else(|| panic!("f{i:03} is not local")).unwrap();
+        assert_eq!(data, pattern(3000 + i * 100, i as u64));
+    }
+    for i in 0..2 {
+        assert!(f.loader.read_cached(f.ino(&format!("f{i:03}")), 0, 10).is_none(), "files before the one read are not fetched");
+    }
+    assert_eq!(f.loader.stats().fetched_chunks.load(Ordering::Relaxed), 38);
+    // A later read of an earlier file makes a batch of its own that stops at what is local.
+    f.loader.read(f.ino("f000"), 0, 4096).await.unwrap();
+    assert!(f.source.fetches.lock().unwrap().keys().any(|&(offset, len)| offset == f.chunk("f000", 0).compressed_offset
+        && u64::from(len) == f.chunk("f001", 0).compressed_offset + u64::from(f.chunk("f001", 0).compressed_len) - offset));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_in_a_batch_fails_only_the_reads_needing_it() {
+    let f = small_files(10, Some(4));
+    assert_eq!(f.loader.read(f.ino("f000"), 0, 4096).await.unwrap(), pattern(3000, 0));
+    let err = f.loader.read(f.ino("f004"), 0, 4096).await.unwrap_err();
+    assert!(matches!(err, LoadError::Verify(_)), "{err}");
+    for i in [1, 2, 3, 5, 9] {
+        let ino = f.ino(&format!("f{i:03}"));
+        assert_eq!(f.loader.read(ino, 0, 8192).await.unwrap(), pattern(3000 + i * 100, i as u64));
+    }
+    assert!(!f.loader.cache().contains(&f.chunk("f004", 0).digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_neighbouring_small_files_share_one_request() {
+    let f = small_files(20, None);
+    let reads = (0..20).map(|i| {
+        let (loader, ino) = (f.loader.clone(), f.ino(&format!("f{i:03}")));
+        tokio::spawn(async move { loader.read(ino, 0, 8192).await })
+    });
+    for (i, read) in futures_util::future::join_all(reads).await.into_iter().enumerate() {
+        assert_eq!(read.unwrap().unwrap(), pattern(3000 + i * 100, i as u64));
+    }
+    let fetched: u64 = f.source.fetches.lock().unwrap().keys().map(|&(_, len)| u64::from(len)).sum();
+    let blob_len =
+        f.chunk("f019", 0).compressed_offset + u64::from(f.chunk("f019", 0).compressed_len) - f.chunk("f000", 0).compressed_offset;
+    assert_eq!(fetched, blob_len, "every byte fetched once");
+}
