@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_core::piece::Bitmap;
+use shoal_core::piece::{Bitmap, STRIPE_REQUEST_PIECES};
 use shoal_core::TaskId;
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::peer_command::Command;
@@ -450,6 +450,9 @@ struct Download {
     have: HashMap<String, Bitmap>,
     /// Digests the scheduler relayed.
     digests: HashMap<u32, String>,
+    /// The pieces those digests are of, shared with the stripe fetch: it stops before a piece
+    /// another source fetched (the scheduler gave it the end of this host's stripe).
+    relayed: Arc<std::sync::Mutex<HashSet<u32>>>,
     /// Pieces being fetched, and from whom.
     fetching: HashMap<u32, InFlight>,
     /// Per parent, the rate (bytes/s) its recent pieces arrived at: pieces go to whichever holder
@@ -483,6 +486,7 @@ impl Download {
             parents: HashMap::new(),
             have: HashMap::new(),
             digests: HashMap::new(),
+            relayed: Arc::default(),
             fetching: HashMap::new(),
             rates: HashMap::new(),
             busy_until: HashMap::new(),
@@ -502,7 +506,9 @@ impl Download {
             Command::Digests(d) => {
                 // A new digest is a piece that just left the origin: the swarm is moving, and this
                 // download's turn comes even if none of its parents holds anything yet.
+                let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
                 for p in d.digests {
+                    relayed.insert(p.number);
                     if self.digests.insert(p.number, p.blake3).is_none() {
                         self.last_progress = Instant::now();
                     }
@@ -801,12 +807,22 @@ impl Download {
                 }
             }
         }
-        let runs = self.task.file.bitmap().missing_runs(pieces.clone());
-        self.stripe = Some(pieces);
-        let (engine, task) = (self.engine.clone(), self.task.clone());
+        self.stripe = Some(pieces.clone());
+        let (engine, task, relayed) = (self.engine.clone(), self.task.clone(), self.relayed.clone());
         self.stripe_fetch.spawn(async move {
-            for run in runs {
-                let _ = engine.spawn_fetch_run(&task, run).await;
+            // A few pieces per request, each request up to the next piece this host has or
+            // another source reported: past such a piece, the rest of the stripe is another's.
+            let mut next = pieces.start;
+            while let Some(start) = (next..pieces.end).find(|&n| !task.file.has_piece(n)) {
+                let taken = |n: u32| relayed.lock().unwrap_or_else(|p| p.into_inner()).contains(&n);
+                if taken(start) {
+                    debug!(task = %task.id, piece = start, "the rest of the stripe is fetched by another source");
+                    break;
+                }
+                let limit = pieces.end.min(start + STRIPE_REQUEST_PIECES);
+                let end = (start + 1..limit).find(|&n| task.file.has_piece(n) || taken(n)).unwrap_or(limit);
+                let _ = engine.spawn_fetch_run(&task, start..end).await;
+                next = end;
             }
         });
     }

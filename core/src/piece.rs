@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 pub const MIN_PIECE_SIZE: u64 = 64 << 10;
 /// Largest piece: above this, a verified piece takes too long to arrive before it can be shared.
 pub const MAX_PIECE_SIZE: u64 = 16 << 20;
+
+/// A peer fetching a stripe of a task from the origin for the cluster does so in requests of
+/// this many pieces, and stops before a piece whose digest another peer reported: the
+/// scheduler may hand the end of a slow stripe to another peer while it is fetched.
+pub const STRIPE_REQUEST_PIECES: u32 = 4;
 /// A task aims for about this many pieces.
 const TARGET_PIECES: u64 = 512;
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
-use shoal_core::piece::{Bitmap, PieceLayout};
+use shoal_core::piece::{Bitmap, PieceLayout, STRIPE_REQUEST_PIECES};
 use shoal_core::TaskId;
 
 use crate::hosts::{HostId, HostInfo, Hosts, FAILURE_LIMIT};
@@ -121,6 +121,37 @@ impl Task {
     /// A stripe nobody fetches and whose pieces are not all known yet.
     fn free_stripe(&self) -> Option<usize> {
         (0..self.stripes.len()).find(|&i| self.stripes[i].owner.is_none() && !self.stripe_done(i))
+    }
+
+    /// When no stripe is free: splits the stripe with the most pieces still to come from the
+    /// origin (fetched by another source, which has a slower path or a busier downlink) and
+    /// returns the second half as a new stripe, so a source done early works on what would
+    /// otherwise come last. The split leaves the owner at least two requests
+    /// ([`STRIPE_REQUEST_PIECES`] each) after its first unreported piece; the owner stops where
+    /// the new stripe's first digest appears. `None` when no stripe has enough left to share.
+    fn split_stripe(&mut self, host: &HostId) -> Option<usize> {
+        // A task too small to stripe is not split either: one source is enough.
+        if self.layout.count() < 2 * MIN_STRIPE_PIECES {
+            return None;
+        }
+        let (i, first) = (0..self.stripes.len())
+            .filter(|&i| self.stripes[i].owner.as_ref().is_some_and(|o| o != host))
+            .filter_map(|i| {
+                let pieces = self.stripes[i].pieces.clone();
+                pieces.clone().find(|&n| self.digests[n as usize].is_none()).map(|first| (i, first))
+            })
+            .max_by_key(|&(i, first)| self.stripes[i].pieces.end - first)?;
+        let end = self.stripes[i].pieces.end;
+        let left = end - first;
+        if left < 3 * STRIPE_REQUEST_PIECES {
+            return None;
+        }
+        // Two requests' worth ahead of the owner: the one it is likely fetching, and the next,
+        // which it may start before the new stripe's first digest reaches it.
+        let mid = first + (left / 2).max(2 * STRIPE_REQUEST_PIECES);
+        self.stripes[i].pieces.end = mid;
+        self.stripes.push(Stripe { pieces: mid..end, owner: None });
+        Some(self.stripes.len() - 1)
     }
 
     /// Peers fetching from the origin now.
@@ -331,7 +362,7 @@ impl Cluster {
         if seeded || t.sources() >= max {
             return None;
         }
-        let i = t.free_stripe()?;
+        let i = t.free_stripe().or_else(|| t.split_stripe(host))?;
         let pieces = t.stripes[i].pieces.clone();
         let first = pieces.clone().find(|&n| t.digests[n as usize].is_none()).unwrap_or(pieces.start);
         t.stripes[i].owner = Some(host.clone());
@@ -537,6 +568,47 @@ mod tests {
             c.piece_finished(&t, &id("b"), n, "d").unwrap();
         }
         assert_eq!(c.schedule(&t, &id("b"), 0).unwrap(), Decision::BackToSource(64..80));
+    }
+
+    #[test]
+    fn a_source_done_early_takes_the_second_half_of_the_slowest_stripe_once_none_is_free() {
+        let mut c = cluster(&["a", "b", "c", "d"]);
+        let t = task();
+        for h in ["a", "b", "c", "d"] {
+            c.register(&t, 8 * MIB, &id(h), 0).unwrap();
+        }
+        // a, b and c get their stripes and the four free ones; d has fetched 2 of 48..64.
+        for (h, pieces) in [("a", 0..16), ("b", 16..32), ("c", 32..48)] {
+            for n in pieces {
+                c.piece_finished(&t, &id(h), n, "d").unwrap();
+            }
+        }
+        c.piece_finished(&t, &id("d"), 48, "d").unwrap();
+        c.piece_finished(&t, &id("d"), 49, "d").unwrap();
+        for (h, pieces) in [("a", 64..80), ("b", 80..96), ("c", 96..112)] {
+            assert_eq!(c.schedule(&t, &id(h), 0).unwrap(), Decision::BackToSource(pieces.clone()));
+            for n in pieces {
+                c.piece_finished(&t, &id(h), n, "d").unwrap();
+            }
+        }
+        assert_eq!(c.schedule(&t, &id("a"), 0).unwrap(), Decision::BackToSource(112..128));
+        for n in 112..116 {
+            c.piece_finished(&t, &id("a"), n, "d").unwrap();
+        }
+        // Nothing free: b takes the second half of the most left to fetch (d's 50..64), then c
+        // what a's 116..128 has past two requests.
+        assert_eq!(c.schedule(&t, &id("b"), 0).unwrap(), Decision::BackToSource(58..64));
+        assert_eq!(c.schedule(&t, &id("c"), 0).unwrap(), Decision::BackToSource(124..128));
+        // d's stripe now ends at the split: once 50..58 are in it is done, and as no stripe
+        // has 12 pieces left to share, d fetches the rest from parents.
+        for n in 50..58 {
+            c.piece_finished(&t, &id("d"), n, "d").unwrap();
+        }
+        assert!(matches!(c.schedule(&t, &id("d"), 0).unwrap(), Decision::Parents(_)));
+        // The origin still sends every piece once: the stripes cover the task without overlap.
+        let mut covered: Vec<u32> = c.tasks[&t].stripes.iter().flat_map(|s| s.pieces.clone()).collect();
+        covered.sort_unstable();
+        assert_eq!(covered, (0..128).collect::<Vec<_>>());
     }
 
     #[test]
