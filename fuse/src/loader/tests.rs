@@ -189,9 +189,17 @@ async fn a_small_file_comes_with_the_small_files_after_it_in_one_request() {
     assert_eq!(f.loader.read(third, 0, 4096).await.unwrap(), pattern(3200, 2)[..3200]);
     let requests: usize = f.source.fetches.lock().unwrap().values().sum();
     assert_eq!(requests, 1, "one request for the file and its neighbours");
+    // The read returns once its own chunk is stored; the others follow in the same task.
     for i in 2..40 {
         let ino = f.ino(&format!("f{i:03}"));
-        let data = f.loader.read_cached(ino, 0, 8192).unwrap_or_else(|| panic!("f{i:03} is not local")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let data = loop {
+            if let Some(data) = f.loader.read_cached(ino, 0, 8192) {
+                break data.unwrap();
+            }
+            assert!(Instant::now() < deadline, "f{i:03} did not become local");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert_eq!(data, pattern(3000 + i * 100, i as u64));
     }
     for i in 0..2 {
