@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_core::piece::{Bitmap, STRIPE_REQUEST_PIECES};
+use shoal_core::piece::{stripe_request_pieces, Bitmap};
 use shoal_core::TaskId;
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::peer_command::Command;
@@ -812,6 +812,7 @@ impl Download {
         self.stripe_fetch.spawn(async move {
             // A few pieces per request, each request up to the next piece this host has or
             // another source reported: past such a piece, the rest of the stripe is another's.
+            let per_request = stripe_request_pieces(pieces.len() as u32);
             let mut next = pieces.start;
             while let Some(start) = (next..pieces.end).find(|&n| !task.file.has_piece(n)) {
                 let taken = |n: u32| relayed.lock().unwrap_or_else(|p| p.into_inner()).contains(&n);
@@ -819,7 +820,7 @@ impl Download {
                     debug!(task = %task.id, piece = start, "the rest of the stripe is fetched by another source");
                     break;
                 }
-                let limit = pieces.end.min(start + STRIPE_REQUEST_PIECES);
+                let limit = pieces.end.min(start + per_request);
                 let end = (start + 1..limit).find(|&n| task.file.has_piece(n) || taken(n)).unwrap_or(limit);
                 let _ = engine.spawn_fetch_run(&task, start..end).await;
                 next = end;

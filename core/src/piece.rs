@@ -14,10 +14,17 @@ pub const MIN_PIECE_SIZE: u64 = 64 << 10;
 /// Largest piece: above this, a verified piece takes too long to arrive before it can be shared.
 pub const MAX_PIECE_SIZE: u64 = 16 << 20;
 
-/// A peer fetching a stripe of a task from the origin for the cluster does so in requests of
-/// this many pieces, and stops before a piece whose digest another peer reported: the
-/// scheduler may hand the end of a slow stripe to another peer while it is fetched.
-pub const STRIPE_REQUEST_PIECES: u32 = 4;
+/// A peer fetching a stripe of a task from the origin for the cluster does so in requests of a
+/// quarter of the stripe, at least this many pieces, and stops before a piece whose digest
+/// another peer reported: the scheduler may hand the end of a slow stripe to another peer while
+/// it is fetched.
+pub const MIN_STRIPE_REQUEST_PIECES: u32 = 4;
+
+/// Pieces per origin request when fetching a stripe of `len` pieces (see
+/// [`MIN_STRIPE_REQUEST_PIECES`]): four requests a stripe, so a far registry costs few round trips.
+pub fn stripe_request_pieces(len: u32) -> u32 {
+    (len / 4).max(MIN_STRIPE_REQUEST_PIECES)
+}
 /// A task aims for about this many pieces.
 const TARGET_PIECES: u64 = 512;
 
@@ -220,6 +227,14 @@ mod tests {
             b.set(n);
         }
         assert!(b.is_full());
+    }
+
+    #[test]
+    fn a_stripe_is_fetched_in_four_requests_of_at_least_four_pieces() {
+        assert_eq!(stripe_request_pieces(16), 4);
+        assert_eq!(stripe_request_pieces(64), 16);
+        assert_eq!(stripe_request_pieces(6), 4, "a short stripe is one or two requests");
+        assert_eq!(stripe_request_pieces(0), MIN_STRIPE_REQUEST_PIECES);
     }
 
     #[test]

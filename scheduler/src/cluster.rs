@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
-use shoal_core::piece::{Bitmap, PieceLayout, STRIPE_REQUEST_PIECES};
+use shoal_core::piece::{stripe_request_pieces, Bitmap, PieceLayout};
 use shoal_core::TaskId;
 
 use crate::hosts::{HostId, HostInfo, Hosts, FAILURE_LIMIT};
@@ -96,6 +96,9 @@ struct Task {
 struct Stripe {
     pieces: Range<u32>,
     owner: Option<HostId>,
+    /// Pieces per origin request of its owner (see [`stripe_request_pieces`]), from the range
+    /// it was given.
+    request: u32,
 }
 
 /// A stripe holds at least this many pieces: below that, splitting buys less than the extra
@@ -109,7 +112,7 @@ pub const STRIPES_PER_SOURCE: u32 = 2;
 /// `count` pieces cut into at most `STRIPES_PER_SOURCE × max` stripes of nearly equal length.
 fn stripes_for(count: u32, max: usize) -> Vec<Stripe> {
     let n = (count / MIN_STRIPE_PIECES).clamp(1, STRIPES_PER_SOURCE * max.max(1) as u32);
-    (0..n).map(|i| Stripe { pieces: count * i / n..count * (i + 1) / n, owner: None }).collect()
+    (0..n).map(|i| Stripe { pieces: count * i / n..count * (i + 1) / n, owner: None, request: 0 }).collect()
 }
 
 impl Task {
@@ -126,8 +129,8 @@ impl Task {
     /// When no stripe is free: splits the stripe with the most pieces still to come from the
     /// origin (fetched by another source, which has a slower path or a busier downlink) and
     /// returns the second half as a new stripe, so a source done early works on what would
-    /// otherwise come last. The split leaves the owner at least two requests
-    /// ([`STRIPE_REQUEST_PIECES`] each) after its first unreported piece; the owner stops where
+    /// otherwise come last. The split leaves the owner at least two of its requests
+    /// ([`Stripe::request`]) after its first unreported piece; the owner stops where
     /// the new stripe's first digest appears. `None` when no stripe has enough left to share.
     fn split_stripe(&mut self, host: &HostId) -> Option<usize> {
         // A task too small to stripe is not split either: one source is enough.
@@ -141,16 +144,16 @@ impl Task {
                 pieces.clone().find(|&n| self.digests[n as usize].is_none()).map(|first| (i, first))
             })
             .max_by_key(|&(i, first)| self.stripes[i].pieces.end - first)?;
-        let end = self.stripes[i].pieces.end;
+        let (end, request) = (self.stripes[i].pieces.end, self.stripes[i].request);
         let left = end - first;
-        if left < 3 * STRIPE_REQUEST_PIECES {
+        if left < 3 * request {
             return None;
         }
         // Two requests' worth ahead of the owner: the one it is likely fetching, and the next,
         // which it may start before the new stripe's first digest reaches it.
-        let mid = first + (left / 2).max(2 * STRIPE_REQUEST_PIECES);
+        let mid = first + (left / 2).max(2 * request);
         self.stripes[i].pieces.end = mid;
-        self.stripes.push(Stripe { pieces: mid..end, owner: None });
+        self.stripes.push(Stripe { pieces: mid..end, owner: None, request: 0 });
         Some(self.stripes.len() - 1)
     }
 
@@ -366,6 +369,7 @@ impl Cluster {
         let pieces = t.stripes[i].pieces.clone();
         let first = pieces.clone().find(|&n| t.digests[n as usize].is_none()).unwrap_or(pieces.start);
         t.stripes[i].owner = Some(host.clone());
+        t.stripes[i].request = stripe_request_pieces(pieces.end - first);
         let old = {
             let peer = t.peers.get_mut(host)?;
             peer.stripe = Some(i);
