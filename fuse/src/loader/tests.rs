@@ -54,30 +54,41 @@ impl Fixture {
     }
 }
 
+/// A loader of the image of `files` (one layer, `prefetch` listed), its blob in memory
+/// answering after `delay`, the chunks `damaged(bootstrap)` names flipped in the blob.
+fn loaded(
+    files: &[(&str, &[u8])],
+    prefetch: &[&str],
+    readahead: usize,
+    delay: Duration,
+    damaged: impl Fn(&Bootstrap) -> Vec<Chunk>,
+) -> (Arc<ChunkLoader>, Arc<MemorySource>, tempfile::TempDir) {
+    let tar = tar_of(files);
+    let mut builder = TreeBuilder::default();
+    let mut blob = Vec::new();
+    builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
+    let bootstrap = Arc::new(builder.finish(prefetch).unwrap().bootstrap);
+    for chunk in damaged(&bootstrap) {
+        blob[(chunk.compressed_offset + u64::from(chunk.compressed_len) / 2) as usize] ^= 0x55;
+    }
+    let source =
+        Arc::new(MemorySource { blobs: HashMap::from([(bootstrap.blobs()[0].sha256, blob)]), fetches: Mutex::new(HashMap::new()), delay });
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap());
+    let loader = Arc::new(ChunkLoader::new(bootstrap, cache, source.clone(), Handle::current(), readahead));
+    (loader, source, dir)
+}
+
 /// An image with `big` (2.5 chunks) and `small`, its blob in memory, `corrupt` chunks of `big`
 /// damaged in the blob.
 fn fixture(readahead: usize, corrupt: &[usize]) -> Fixture {
     let big = pattern(MIB * 5 / 2, 7);
-    let tar = tar_of(&[("big", big.as_slice()), ("small", b"small file".as_slice())]);
-    let mut builder = TreeBuilder::default();
-    let mut blob = Vec::new();
-    builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
-    let built = builder.finish(&["small"]).unwrap();
-    let bootstrap = Arc::new(built.bootstrap);
-    let ino = bootstrap.resolve(b"big").unwrap();
-    for &n in corrupt {
-        let chunk = bootstrap.chunks_of(ino).unwrap().nth(n).unwrap().chunk;
-        let at = (chunk.compressed_offset + u64::from(chunk.compressed_len) / 2) as usize;
-        blob[at] ^= 0x55;
-    }
-    let source = Arc::new(MemorySource {
-        blobs: HashMap::from([(bootstrap.blobs()[0].sha256, blob)]),
-        fetches: Mutex::new(HashMap::new()),
-        delay: Duration::from_millis(50),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap());
-    let loader = Arc::new(ChunkLoader::new(bootstrap, cache, source.clone(), Handle::current(), readahead));
+    let files = [("big", big.as_slice()), ("small", b"small file".as_slice())];
+    let damaged = |b: &Bootstrap| {
+        let ino = b.resolve(b"big").unwrap();
+        corrupt.iter().map(|&n| *b.chunks_of(ino).unwrap().nth(n).unwrap().chunk).collect()
+    };
+    let (loader, source, dir) = loaded(&files, &["small"], readahead, Duration::from_millis(50), damaged);
     Fixture { loader, source, big, _dir: dir }
 }
 
@@ -161,24 +172,13 @@ async fn prefetch_loads_the_listed_files_only() {
 fn small_files(count: usize, corrupt: Option<usize>) -> Fixture {
     let files: Vec<(String, Vec<u8>)> = (0..count).map(|i| (format!("f{i:03}"), pattern(3000 + i * 100, i as u64))).collect();
     let entries: Vec<(&str, &[u8])> = files.iter().map(|(name, data)| (name.as_str(), data.as_slice())).collect();
-    let tar = tar_of(&entries);
-    let mut builder = TreeBuilder::default();
-    let mut blob = Vec::new();
-    builder.add_layer(&mut tar::Archive::new(tar.as_slice()), &mut blob).unwrap();
-    let bootstrap = Arc::new(builder.finish::<&str>(&[]).unwrap().bootstrap);
-    if let Some(n) = corrupt {
-        let ino = bootstrap.resolve(format!("f{n:03}").as_bytes()).unwrap();
-        let chunk = bootstrap.chunks_of(ino).unwrap().next().unwrap().chunk;
-        blob[(chunk.compressed_offset + u64::from(chunk.compressed_len) / 2) as usize] ^= 0x55;
-    }
-    let source = Arc::new(MemorySource {
-        blobs: HashMap::from([(bootstrap.blobs()[0].sha256, blob)]),
-        fetches: Mutex::new(HashMap::new()),
-        delay: Duration::from_millis(20),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(ChunkCache::open(dir.path(), MIN_CACHE_SIZE).unwrap());
-    let loader = Arc::new(ChunkLoader::new(bootstrap, cache, source.clone(), Handle::current(), 0));
+    let damaged = |b: &Bootstrap| {
+        corrupt
+            .map(|n| *b.chunks_of(b.resolve(format!("f{n:03}").as_bytes()).unwrap()).unwrap().next().unwrap().chunk)
+            .into_iter()
+            .collect()
+    };
+    let (loader, source, dir) = loaded(&entries, &[], 0, Duration::from_millis(20), damaged);
     Fixture { loader, source, big: Vec::new(), _dir: dir }
 }
 
