@@ -167,31 +167,15 @@ impl ChunkLoader {
         if self.cache.contains(&chunk.digest) {
             return Ok(());
         }
+        // A small chunk brings the small chunks after it along; a larger one comes alone.
+        let mut batch = vec![index];
         if chunk.uncompressed_len <= SMALL_CHUNK {
-            let mut batch = vec![index];
             batch.extend(self.small_chunks_after(index));
-            if let Some(fetch) = self.start_batch(&batch).into_iter().next() {
-                return fetch.await;
-            }
         }
-        let fetch = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(fetch) = inflight.get(&index) {
-                fetch.clone()
-            } else {
-                let this = self.clone();
-                let fetch = async move {
-                    let outcome = this.fetch_and_store(chunk).await;
-                    this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&index);
-                    outcome
-                }
-                .boxed()
-                .shared();
-                inflight.insert(index, fetch.clone());
-                fetch
-            }
-        };
-        fetch.await
+        match self.start_batch(&batch) {
+            Some(fetch) => fetch.await,
+            None => Err(LoadError::NotFound(format!("chunk {index} is not in the bootstrap"))),
+        }
     }
 
     /// The small chunks following chunk `index` in its blob, back to back, that are neither
@@ -215,18 +199,22 @@ impl ChunkLoader {
     }
 
     /// Starts fetching `batch`, chunks back to back in one blob, with one request, and storing
-    /// each as soon as its bytes are in; returns, for the leading chunks not already being
-    /// fetched, futures resolving once each is stored (or failed). The batch stops before
-    /// the first chunk already in flight, so one request never covers another's chunk.
-    fn start_batch(self: &Arc<Self>, batch: &[u32]) -> Vec<InFlight> {
+    /// each as soon as its bytes are in. The batch stops before the first chunk already in
+    /// flight, so one request never covers another's chunk. Returns what to wait on for the
+    /// batch's first chunk: its new fetch, or the one already in flight (`None` if it is not
+    /// in the bootstrap).
+    fn start_batch(self: &Arc<Self>, batch: &[u32]) -> Option<InFlight> {
         let chunks = self.bootstrap.chunks();
-        let mut waiting = Vec::new();
+        let mut first = None;
         let mut pending = Batch { loader: self.clone(), chunks: Vec::new() };
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             for &index in batch {
                 let Some(&chunk) = chunks.get(index as usize) else { break };
-                if inflight.contains_key(&index) {
+                if let Some(fetch) = inflight.get(&index) {
+                    if pending.chunks.is_empty() {
+                        first = Some(fetch.clone());
+                    }
                     break;
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), LoadError>>();
@@ -239,27 +227,14 @@ impl ChunkLoader {
                     .boxed()
                     .shared();
                 inflight.insert(index, fetch.clone());
-                waiting.push(fetch);
+                first.get_or_insert(fetch);
                 pending.chunks.push((chunk, index, tx));
             }
         }
         if !pending.chunks.is_empty() {
             self.runtime.spawn(pending.fetch_and_store());
         }
-        waiting
-    }
-
-    /// Fetches a chunk's compressed bytes, verifies them and stores the data.
-    async fn fetch_and_store(&self, chunk: Chunk) -> Result<(), LoadError> {
-        let blob = self.blob_of(&chunk)?;
-        let started = Instant::now();
-        let compressed = self.source.fetch(blob, chunk.compressed_offset, chunk.compressed_len).await;
-        let compressed = self.fetched(&chunk, compressed)?;
-        let cache = self.cache.clone();
-        let stored = tokio::task::spawn_blocking(move || store(&cache, &chunk, &compressed)).await.unwrap_or_else(|e| {
-            Err(LoadError::Cache { digest: hex::encode(chunk.digest), reason: format!("the storing task failed: {e}") })
-        });
-        self.stored(&chunk, started, stored).map(drop)
+        first
     }
 
     /// The blob chunk `chunk` is in.
