@@ -88,13 +88,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         let peer_config = PeerServerConfig {
             listen: p.listen,
             upload_slots: p.upload_slots,
+            upload_rate: p.upload_rate_limit.0,
             cluster_tls,
             corrupt_pieces: std::env::var_os("SHOAL_FAULT_CORRUPT_PIECES").is_some(),
             seed: p.seed,
         };
         let server = PeerServer::bind(&peer_config)?;
         let bound = server.local_addr().map_err(|e| crate::peer::tls::TlsError::Quic(e.to_string()))?;
-        info!(addr = %bound, mutual_tls = peer_config.cluster_tls.is_some(), "peer server listening (QUIC)");
+        info!(addr = %bound, mutual_tls = peer_config.cluster_tls.is_some(), upload_slots = p.upload_slots, upload_rate_limit = %p.upload_rate_limit, "peer server listening (QUIC)");
         if !p.schedulers.is_empty() {
             let ip = match p.advertise_ip {
                 Some(ip) => ip,

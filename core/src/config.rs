@@ -119,6 +119,8 @@ pub struct PeerConfig {
     pub listen: SocketAddr,
     /// Pieces uploaded at once; more requests are turned away to other parents.
     pub upload_slots: usize,
+    /// Cap on the bytes per second this node uploads to peers, over all children; 0 = no cap.
+    pub upload_rate_limit: ByteSize,
     /// PEM file of the cluster CA. With `cert_file` and `key_file`, peers use mutual TLS and
     /// refuse hosts without a certificate from this CA; without them, self-signed certificates.
     pub ca_file: Option<PathBuf>,
@@ -147,6 +149,7 @@ impl Default for PeerConfig {
             enabled: false,
             listen: SocketAddr::from(([0, 0, 0, 0], 65003)),
             upload_slots: 4,
+            upload_rate_limit: ByteSize(0),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -451,6 +454,9 @@ enabled = false
 listen = "0.0.0.0:65003"
 # Pieces uploaded at once; more requests are turned away to other parents.
 upload_slots = 4
+# Cap on bytes per second uploaded to peers, over all children ("50MiB"); 0 = no cap. Leaves
+# the rest of the node's uplink to its workloads. Pieces are sent paced, in 16 KiB writes.
+upload_rate_limit = 0
 # Mutual TLS: the cluster CA, and this host's certificate and key signed by it (PEM). Peers then
 # refuse hosts without a certificate from this CA. Without them, certificates are self-signed.
 # ca_file = "/etc/shoal/peer-ca.pem"

@@ -43,6 +43,26 @@ async fn later_pulls_come_from_the_first_node_not_the_registry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_with_an_upload_rate_limit_serves_its_pieces_no_faster() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(6 * MIB, 43);
+    let digest = registry.push_blob("team/paced", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let parent = Agent::start_with_env(&p2p_config(&[&scheduler]), &[("SHOAL_PEER__UPLOAD_RATE_LIMIT", "1MiB")]).await.unwrap();
+    let child = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    assert_eq!(digest_of(&get(&parent, &registry, "team/paced", &digest).await), digest);
+    let started = std::time::Instant::now();
+    assert_eq!(digest_of(&get(&child, &registry, "team/paced", &digest).await), digest);
+    let took = started.elapsed();
+    // Every byte came from the parent, at 1 MiB/s: at least 5 s for 6 MiB (the cap allows a
+    // tenth of a second's burst). On loopback, uncapped, it takes a fraction of a second.
+    assert_eq!(registry.blob_bytes(&digest), blob.len() as u64, "{:?}", registry.blob_fetches(&digest));
+    assert!(child.log().contains("fetching from parents"), "{}", child.log());
+    assert!(took >= Duration::from_secs(5), "6 MiB through a 1 MiB/s cap took {took:?}\n{}", parent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_pulls_form_a_pipeline_and_the_registry_sends_the_blob_about_once() {
     let registry = Registry::start(None).await.unwrap();
     let blob = random_bytes(48 * MIB, 42);

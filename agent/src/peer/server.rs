@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
 use crate::engine::Engine;
+use crate::ratelimit::RateLimiter;
 
 /// How long a source holds a new piece back from all but the one subscriber it was handed to.
 /// The others get it from that child; this is only the fallback for children that do not have
@@ -51,13 +52,13 @@ impl Subscribers {
     }
 }
 
-/// How long a piece request waits for a free upload slot before it is turned away as "busy".
-const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 /// Longest a piece's upload slot stays taken waiting for the child to acknowledge the bytes.
 const DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes read from the store and written to the stream at a time.
 const SEND_CHUNK: usize = 256 << 10;
+/// Bytes written at a time under an upload rate cap.
+const PACED_WRITE: usize = 16 << 10;
 
 /// How the peer server runs.
 #[derive(Clone, Debug)]
@@ -66,6 +67,8 @@ pub struct PeerServerConfig {
     pub listen: SocketAddr,
     /// Pieces sent at once; further requests are answered "busy" and go elsewhere.
     pub upload_slots: usize,
+    /// Cap on piece bytes sent per second, over all children; 0 = none.
+    pub upload_rate: u64,
     /// Mutual TLS with a cluster CA; self-signed when absent.
     pub cluster_tls: Option<ClusterTls>,
     /// Testing only: flip a byte in every piece sent, to exercise other peers' checks.
@@ -98,14 +101,17 @@ impl PeerServer {
         if config.corrupt_pieces {
             warn!("FAULT INJECTION: this host corrupts every piece it serves (testing only)");
         }
-        let slots = Arc::new(Semaphore::new(config.upload_slots.max(1)));
+        let uploads = Arc::new(Uploads {
+            slots: Semaphore::new(config.upload_slots.max(1)),
+            rate: (config.upload_rate > 0).then(|| RateLimiter::new(config.upload_rate)),
+        });
         let subscribers = Arc::new(Subscribers::default());
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
-            let (engine, slots, corrupt, seed) = (engine.clone(), slots.clone(), config.corrupt_pieces, config.seed);
+            let (engine, uploads, corrupt, seed) = (engine.clone(), uploads.clone(), config.corrupt_pieces, config.seed);
             let subscribers = subscribers.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
@@ -117,9 +123,9 @@ impl PeerServer {
                 };
                 let remote = conn.remote_address();
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    let (engine, slots, subscribers) = (engine.clone(), slots.clone(), subscribers.clone());
+                    let (engine, uploads, subscribers) = (engine.clone(), uploads.clone(), subscribers.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(&engine, &slots, &subscribers, corrupt, seed, send, recv).await {
+                        if let Err(e) = serve_stream(&engine, &uploads, &subscribers, corrupt, seed, send, recv).await {
                             debug!(%remote, error = %e, "peer request ended with an error");
                         }
                     });
@@ -130,9 +136,15 @@ impl PeerServer {
     }
 }
 
+/// What the uploads of this host share: its slots and its rate cap.
+struct Uploads {
+    slots: Semaphore,
+    rate: Option<RateLimiter>,
+}
+
 async fn serve_stream(
     engine: &Arc<Engine>,
-    slots: &Semaphore,
+    uploads: &Uploads,
     subscribers: &Subscribers,
     corrupt: bool,
     seed: bool,
@@ -154,9 +166,10 @@ async fn serve_stream(
                 finish(send);
                 return Ok(());
             };
-            // A request that finds every slot taken waits briefly for one, so the upload never
-            // idles between pieces; only a parent that stays full turns it away.
-            let Ok(Ok(_permit)) = tokio::time::timeout(SLOT_WAIT, slots.acquire()).await else {
+            // A request that finds every slot taken is turned away at once, so the child asks
+            // another holder now instead of queueing here. (Waiting up to 300 ms for a slot, as
+            // before, made a 32-node fan-out finish about 3 % later, and waiting 1.5 s 8 %.)
+            let Ok(_permit) = uploads.slots.try_acquire() else {
                 wire::write(&mut send, &refuse("busy")).await?;
                 finish(send);
                 return Ok(());
@@ -180,7 +193,17 @@ async fn serve_stream(
                 if corrupt && pos == range.start {
                     chunk[0] ^= 0xff;
                 }
-                send.write_all(&chunk).await?;
+                match &uploads.rate {
+                    // Paced in small writes, so the bytes leave at the cap instead of queueing
+                    // in the link's buffer.
+                    Some(rate) => {
+                        for part in chunk.chunks(PACED_WRITE) {
+                            rate.acquire(part.len() as u64).await;
+                            send.write_all(part).await?;
+                        }
+                    }
+                    None => send.write_all(&chunk).await?,
+                }
                 pos += len as u64;
             }
             // The slot is held until the child has the bytes, not just until they are queued:
