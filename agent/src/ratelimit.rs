@@ -1,4 +1,5 @@
-//! A token bucket capping the bytes per second this node takes from origins.
+//! A token bucket capping bytes per second: what this node takes from origins, and what it
+//! uploads to peers.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

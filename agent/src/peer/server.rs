@@ -1,5 +1,5 @@
 //! The peer server: answers `GetPiece` and `SubscribePieces` from the local store, bounded by a
-//! number of upload slots.
+//! number of upload slots and, when configured, an upload rate cap.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
