@@ -167,8 +167,8 @@ async fn serve_stream(
                 return Ok(());
             };
             // A request that finds every slot taken is turned away at once, so the child asks
-            // another holder now instead of queueing here. (Waiting up to 300 ms for a slot, as
-            // before, made a 32-node fan-out finish about 3 % later, and waiting 1.5 s 8 %.)
+            // another holder now instead of queueing here. (Waiting up to 300 ms for a slot made
+            // a 32-node fan-out finish about 3 % later, and waiting 1.5 s about 8 %.)
             let Ok(_permit) = uploads.slots.try_acquire() else {
                 wire::write(&mut send, &refuse("busy")).await?;
                 finish(send);
