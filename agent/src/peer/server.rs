@@ -57,7 +57,7 @@ const DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes read from the store and written to the stream at a time.
 const SEND_CHUNK: usize = 256 << 10;
-/// Bytes written at a time under an upload rate cap.
+/// Bytes read and written at a time under an upload rate cap.
 const PACED_WRITE: usize = 16 << 10;
 
 /// How the peer server runs.
@@ -178,9 +178,12 @@ async fn serve_stream(
             let header =
                 PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };
             wire::write(&mut send, &header).await?;
+            // Under a rate cap, pieces go out paced in small writes, so the bytes leave at the
+            // cap instead of queueing in the link's buffer.
+            let step = if uploads.rate.is_some() { PACED_WRITE } else { SEND_CHUNK };
             let mut pos = range.start;
             while pos < range.end {
-                let len = ((range.end - pos) as usize).min(SEND_CHUNK);
+                let len = ((range.end - pos) as usize).min(step);
                 let f = file.clone();
                 let chunk = tokio::task::spawn_blocking(move || f.read_vec(pos, len)).await;
                 let mut chunk = match chunk {
@@ -193,17 +196,10 @@ async fn serve_stream(
                 if corrupt && pos == range.start {
                     chunk[0] ^= 0xff;
                 }
-                match &uploads.rate {
-                    // Paced in small writes, so the bytes leave at the cap instead of queueing
-                    // in the link's buffer.
-                    Some(rate) => {
-                        for part in chunk.chunks(PACED_WRITE) {
-                            rate.acquire(part.len() as u64).await;
-                            send.write_all(part).await?;
-                        }
-                    }
-                    None => send.write_all(&chunk).await?,
+                if let Some(rate) = &uploads.rate {
+                    rate.acquire(len as u64).await;
                 }
+                send.write_all(&chunk).await?;
                 pos += len as u64;
             }
             // The slot is held until the child has the bytes, not just until they are queued:
