@@ -120,6 +120,31 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// One of host `i`'s `eth0` byte counters (`rx_bytes` or `tx_bytes`): every byte its link
+/// carried that way, payload and protocol overhead alike.
+pub fn link_bytes(lab: &Lab, i: usize, counter: &str) -> anyhow::Result<u64> {
+    let out = lab.command(i, "cat").arg(format!("/sys/class/net/eth0/statistics/{counter}")).output()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().with_context(|| format!("reading host {i}'s {counter}"))
+}
+
+/// Bytes host `i`'s shaped downlink has let through so far, as its `tc` qdisc counts them (the
+/// `ifb0` device its ingress is shaped on): every packet at its full size on the wire, which the
+/// interface counters understate for coalesced (GRO) packets.
+fn downlink_bytes(lab: &Lab, i: usize) -> anyhow::Result<u64> {
+    let out = lab.command(i, "tc").args(["-s", "qdisc", "show", "dev", "ifb0"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "Sent")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no byte count in host {i}'s ifb0 qdisc statistics: {text}"))
+}
+
+/// Bytes the nodes' downlinks let through so far, in all.
+fn nodes_rx(lab: &Lab, nodes: &[usize]) -> anyhow::Result<u64> {
+    nodes.iter().map(|&i| downlink_bytes(lab, i)).sum()
+}
+
 /// Runs `curl` in each node's namespace (node k after `k * stagger`); returns each node's seconds.
 fn pull_all(lab: &Lab, urls: &[(usize, String)], size: usize, digest: &str, stagger: Duration) -> anyhow::Result<Vec<f64>> {
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(urls.len()));
@@ -170,6 +195,9 @@ pub struct Outcome {
     pub origin_egress: f64,
     /// Whole-machine CPU busy fraction during the run.
     pub machine_busy: f64,
+    /// Bytes a node's shaped downlink carried per blob byte, on average (the blob, duplicates
+    /// and every protocol's overhead, as `tc` counts them).
+    pub node_bytes_in: f64,
     /// Shoal only: CPU seconds of all agents (and the scheduler), and the largest agent peak RSS.
     pub agent_cpu_seconds: Option<f64>,
     pub agent_peak_rss: Option<u64>,
@@ -183,7 +211,15 @@ impl Outcome {
 
     /// A baseline's outcome (no Shoal processes to account for); machine use is filled in after.
     fn baseline(system: System, seconds: Vec<f64>, origin_egress: f64) -> Outcome {
-        Outcome { system, seconds, origin_egress, machine_busy: 0.0, agent_cpu_seconds: None, agent_peak_rss: None }
+        Outcome {
+            system,
+            seconds,
+            origin_egress,
+            machine_busy: 0.0,
+            node_bytes_in: f64::NAN,
+            agent_cpu_seconds: None,
+            agent_peak_rss: None,
+        }
     }
 }
 
@@ -247,6 +283,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     for system in &args.systems {
         eprintln!("  {}...", system.label());
         let (cpu0, idle0) = cpu_times();
+        let rx0 = nodes_rx(&lab, &nodes)?;
         let mut outcome = match system {
             System::Direct => {
                 let before = registry.blob_bytes(&digest);
@@ -273,6 +310,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         };
         let (cpu1, idle1) = cpu_times();
         outcome.machine_busy = 1.0 - (idle1 - idle0) as f64 / (cpu1 - cpu0).max(1) as f64;
+        outcome.node_bytes_in = nodes_rx(&lab, &nodes)?.saturating_sub(rx0) as f64 / (n * size) as f64;
         outcome.seconds.sort_by(|a, b| a.total_cmp(b));
         if outcome.machine_busy > 0.9 {
             eprintln!(
@@ -287,7 +325,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     let row = |o: &Outcome| {
         let v = &o.seconds;
         format!(
-            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.2}× | {:.2}× | {:.3}× | {:.0}% |\n",
+            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.2}× | {:.2}× | {:.3}× | {:.3}× | {:.0}% |\n",
             o.system.label(),
             percentile(v, 50.0),
             percentile(v, 90.0),
@@ -295,6 +333,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
             percentile(v, 50.0) / bound,
             percentile(v, 100.0) / bound,
             o.origin_egress,
+            o.node_bytes_in,
             o.machine_busy * 100.0
         )
     };
@@ -310,6 +349,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     if outcomes.iter().any(|o| o.system == System::Bittorrent) {
         notes.push_str("BitTorrent's origin egress is the origin host's interface counter (payload plus protocol overhead); the others count blob bytes in the registry's access log.\n");
     }
+    notes.push_str("Node bytes in: what each node's shaped downlink carried (as its `tc` qdisc counts it: the blob, duplicates, headers, acknowledgements and control messages), per blob byte, averaged over the nodes.\n");
     let staggered = if args.stagger_ms > 0 {
         format!(" Arrivals staggered by {} ms; times are from each node's own start.", args.stagger_ms)
     } else {
@@ -325,7 +365,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
     let md = format!(
         "### Fan-out: {n} nodes pull one {} MiB blob ({} Mbit/s links, origin {origin_mbit} Mbit/s, tc tbf in network namespaces)\n\n\
          Kumar–Ross lower bound: {bound:.2} s.{staggered}{seeded}\n\n\
-         | system | p50 | p90 | p100 | p50 / bound | p100 / bound | origin egress / blob | machine busy |\n|---|---|---|---|---|---|---|---|\n{}\n{notes}\n![completion CDF]({name}.png)\n",
+         | system | p50 | p90 | p100 | p50 / bound | p100 / bound | origin egress / blob | node bytes in / blob | machine busy |\n|---|---|---|---|---|---|---|---|---|\n{}\n{notes}\n![completion CDF]({name}.png)\n",
         args.size_mib,
         args.rate_mbit,
         outcomes.iter().map(row).collect::<String>(),
@@ -344,6 +384,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                     "p50_over_bound": percentile(&o.seconds, 50.0) / bound,
                     "origin_egress_per_blob": o.origin_egress,
                     "machine_busy": o.machine_busy,
+                    "node_bytes_in_per_blob": o.node_bytes_in,
                     "agent_cpu_seconds": o.agent_cpu_seconds,
                     "agent_peak_rss_bytes": o.agent_peak_rss,
                 }),
@@ -430,6 +471,7 @@ async fn shoal(
         seconds,
         origin_egress: egress,
         machine_busy: 0.0,
+        node_bytes_in: f64::NAN,
         agent_cpu_seconds: Some(cpu),
         agent_peak_rss: Some(rss),
     })

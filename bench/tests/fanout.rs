@@ -39,6 +39,9 @@ fn a_tiny_fanout_reports_every_system_and_every_node() {
         assert!((s["p100_over_bound"].as_f64().unwrap() - seconds[2] / bound).abs() < 1e-9);
         let egress = s["origin_egress_per_blob"].as_f64().unwrap();
         assert!(egress >= 0.99, "{system}: the origin sent only {egress} of the blob");
+        // Each node's link carried the blob in at least once.
+        let bytes_in = s["node_bytes_in_per_blob"].as_f64().unwrap_or_else(|| panic!("{system} has no node_bytes_in_per_blob"));
+        assert!((0.99..10.0).contains(&bytes_in), "{system}: a node's link carried {bytes_in} of the blob in");
         let busy = s["machine_busy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&busy), "{system}: busy {busy}");
     }
