@@ -28,6 +28,11 @@ pub struct SwarmRun {
     pub origin_bytes: u64,
 }
 
+fn tx_bytes(lab: &Lab, i: usize) -> anyhow::Result<u64> {
+    let out = lab.command(i, "cat").arg("/sys/class/net/eth0/statistics/tx_bytes").output()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the origin host's tx_bytes")
+}
+
 fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -143,7 +148,7 @@ pub fn run(lab: &Lab, origin: usize, nodes: &[usize], file: &Path, stagger: Dura
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let before = crate::fanout::link_bytes(lab, origin, "tx_bytes")?;
+    let before = tx_bytes(lab, origin)?;
 
     let mut leechers = Vec::new();
     let mut done_files: Vec<(PathBuf, PathBuf, f64)> = Vec::new();
@@ -181,7 +186,7 @@ pub fn run(lab: &Lab, origin: usize, nodes: &[usize], file: &Path, stagger: Dura
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let origin_bytes = crate::fanout::link_bytes(lab, origin, "tx_bytes")?.saturating_sub(before);
+    let origin_bytes = tx_bytes(lab, origin)?.saturating_sub(before);
     drop(leechers);
     let want = std::fs::read(file)?;
     for (_, copy, _) in &done_files {

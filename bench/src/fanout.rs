@@ -120,13 +120,6 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// One of host `i`'s `eth0` byte counters (`rx_bytes` or `tx_bytes`): every byte its link
-/// carried that way, payload and protocol overhead alike.
-pub fn link_bytes(lab: &Lab, i: usize, counter: &str) -> anyhow::Result<u64> {
-    let out = lab.command(i, "cat").arg(format!("/sys/class/net/eth0/statistics/{counter}")).output()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().with_context(|| format!("reading host {i}'s {counter}"))
-}
-
 /// Bytes host `i`'s shaped downlink has let through so far, as its `tc` qdisc counts them (the
 /// `ifb0` device its ingress is shaped on): every packet at its full size on the wire, which the
 /// interface counters understate for coalesced (GRO) packets.
