@@ -112,8 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 seed: p.seed,
             };
             info!(host = %p2p_config.host_id, %advertise, schedulers = ?p.schedulers, "peer-to-peer downloads on");
-            let client = crate::peer::PeerClient::new(peer_config.cluster_tls.as_ref())?;
-            let p2p = crate::p2p::P2p::new(p2p_config, client);
+            let p2p = crate::p2p::P2p::new(p2p_config, server.client());
             engine.enable_p2p(p2p.clone());
             servers.spawn(p2p.clone().announce_loop(shutdown.clone()));
             servers.spawn(p2p.job_loop(engine.clone(), shutdown.clone()));

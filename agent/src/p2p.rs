@@ -79,8 +79,11 @@ const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// than it has slots without slowing any piece down.
 pub const CHILDREN_PER_UPLOAD_SLOT: usize = 4;
 /// Most parents a download keeps: the scheduler's picks accumulate (a piece source is worth
-/// keeping even when the scheduler now ranks others higher) up to this many.
-const MAX_PARENTS: usize = 16;
+/// keeping even when the scheduler now ranks others higher) up to this many. Each parent tells
+/// the child of every piece it gets (a small packet and its acknowledgement per piece and
+/// parent), so more parents than the choice needs cost downlink: with 16, such updates were
+/// about 4 % of what crossed a node's downlink in a 32-node fan-out.
+const MAX_PARENTS: usize = 10;
 /// Where a download's events go to its scheduler replica.
 type Events = mpsc::UnboundedSender<pb::PeerEvent>;
 /// Hosts announce themselves this often.
@@ -477,6 +480,9 @@ struct Download {
     stripe_fetch: JoinSet<()>,
     fetches: JoinSet<(u32, String, Duration, Result<bool, FetchError>)>,
     subscriptions: JoinSet<()>,
+    /// Each parent's subscription, ended when the parent is dropped: a parent no longer asked for
+    /// pieces would otherwise go on telling this host of every piece it gets.
+    subscribed: HashMap<String, tokio::task::AbortHandle>,
     updates_tx: mpsc::Sender<(String, ParentNews)>,
     updates: mpsc::Receiver<(String, ParentNews)>,
     /// When a piece last arrived here, a parent last got a new one, or a new digest came (see
@@ -505,6 +511,7 @@ impl Download {
             stripe_fetch: JoinSet::new(),
             fetches: JoinSet::new(),
             subscriptions: JoinSet::new(),
+            subscribed: HashMap::new(),
             updates_tx,
             updates,
             last_progress: Instant::now(),
@@ -588,6 +595,9 @@ impl Download {
     fn drop_parent(&mut self, parent: &str) {
         self.parents.remove(parent);
         self.have.remove(parent);
+        if let Some(s) = self.subscribed.remove(parent) {
+            s.abort();
+        }
     }
 
     /// Registers again: the scheduler answers with a new decision.
@@ -610,7 +620,8 @@ impl Download {
                 authorization: o.authorization.and_then(|a| a.to_str().ok().map(String::from)).unwrap_or_default(),
             }
         });
-        self.subscriptions.spawn(async move {
+        let key = id.clone();
+        let handle = self.subscriptions.spawn(async move {
             match p2p.peers.subscribe(addr, &task, origin).await {
                 Ok(mut sub) => {
                     while let Some(Ok(update)) = sub.next().await {
@@ -627,6 +638,9 @@ impl Download {
             }
             let _ = tx.send((id, ParentNews::Ended)).await;
         });
+        if let Some(old) = self.subscribed.insert(key, handle) {
+            old.abort();
+        }
     }
 
     fn on_update(&mut self, parent: &str, u: shoal_proto::peer::PieceUpdate) {

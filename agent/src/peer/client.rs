@@ -1,4 +1,8 @@
-//! The peer client: one QUIC connection per remote host, one stream per request.
+//! The peer client: one QUIC connection per remote host, one stream per request. On a host that
+//! also serves, client and server share one endpoint and one connection per pair of hosts, in
+//! whichever direction it was opened: each host both fetches and serves over it, so the pair pays
+//! for one handshake, one keep-alive and one set of acknowledgements (which ride on the other
+//! direction's pieces), not two.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,9 +48,12 @@ enum Link {
 }
 
 /// Connections to other hosts' peer servers.
+#[derive(Clone)]
 pub struct PeerClient {
     endpoint: quinn::Endpoint,
-    links: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Link>>>>,
+    links: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Link>>>>>,
+    /// Where connections this client opens go to be served too (the host's peer server).
+    serve: Option<tokio::sync::mpsc::UnboundedSender<quinn::Connection>>,
 }
 
 impl PeerClient {
@@ -55,7 +62,30 @@ impl PeerClient {
         let mut endpoint = super::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None)
             .map_err(|e| TlsError::Quic(format!("cannot open a UDP socket for the peer client: {e}")))?;
         endpoint.set_default_client_config(tls::client_config(cluster)?);
-        Ok(PeerClient { endpoint, links: Mutex::new(HashMap::new()) })
+        Ok(PeerClient { endpoint, links: Arc::default(), serve: None })
+    }
+
+    /// A client on the peer server's own endpoint: the connections it opens are handed to `serve`
+    /// (so the other host can fetch over them too), and those the server accepts are used for
+    /// requests to their host (see [`PeerClient::adopt`]).
+    pub(super) fn sharing(
+        mut endpoint: quinn::Endpoint,
+        cluster: Option<&ClusterTls>,
+        serve: tokio::sync::mpsc::UnboundedSender<quinn::Connection>,
+    ) -> Result<PeerClient, TlsError> {
+        endpoint.set_default_client_config(tls::client_config(cluster)?);
+        Ok(PeerClient { endpoint, links: Arc::default(), serve: Some(serve) })
+    }
+
+    /// A connection another host opened to this one: requests to that host use it, unless one is
+    /// open or being opened already. Hosts send from their listening port, so the connection's
+    /// remote address is the one their peers know them by.
+    pub(super) fn adopt(&self, conn: &quinn::Connection) {
+        let link = self.links.lock().unwrap_or_else(|p| p.into_inner()).entry(conn.remote_address()).or_default().clone();
+        let Ok(mut link) = link.try_lock() else { return };
+        if !matches!(&*link, Link::Up(c) if c.close_reason().is_none()) {
+            *link = Link::Up(conn.clone());
+        }
     }
 
     /// The connection to `addr`: the open one, or a new one. Requests arriving while a handshake
@@ -82,6 +112,9 @@ impl PeerClient {
         match result {
             Ok(c) => {
                 *link = Link::Up(c.clone());
+                if let Some(serve) = &self.serve {
+                    let _ = serve.send(c.clone());
+                }
                 Ok(c)
             }
             Err(reason) => {

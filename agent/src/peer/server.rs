@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
+use super::PeerClient;
 use crate::engine::Engine;
 use crate::ratelimit::RateLimiter;
 
@@ -80,6 +81,9 @@ pub struct PeerServerConfig {
 /// A running peer server.
 pub struct PeerServer {
     endpoint: quinn::Endpoint,
+    client: PeerClient,
+    /// Connections this host's client opened, served like accepted ones.
+    opened: tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
 }
 
 impl PeerServer {
@@ -88,7 +92,14 @@ impl PeerServer {
         let server = tls::server_config(config.cluster_tls.as_ref())?;
         let endpoint = super::endpoint(config.listen, Some(server))
             .map_err(|e| TlsError::Quic(format!("cannot listen on udp {}: {e}", config.listen)))?;
-        Ok(PeerServer { endpoint })
+        let (serve, opened) = tokio::sync::mpsc::unbounded_channel();
+        let client = PeerClient::sharing(endpoint.clone(), config.cluster_tls.as_ref(), serve)?;
+        Ok(PeerServer { endpoint, client, opened })
+    }
+
+    /// The client for this host's own fetches, sharing the server's endpoint and connections.
+    pub fn client(&self) -> PeerClient {
+        self.client.clone()
     }
 
     /// The bound address.
@@ -97,7 +108,7 @@ impl PeerServer {
     }
 
     /// Serves until `shutdown`.
-    pub async fn run(self, engine: Arc<Engine>, config: PeerServerConfig, shutdown: CancellationToken) {
+    pub async fn run(mut self, engine: Arc<Engine>, config: PeerServerConfig, shutdown: CancellationToken) {
         if config.corrupt_pieces {
             warn!("FAULT INJECTION: this host corrupts every piece it serves (testing only)");
         }
@@ -106,33 +117,56 @@ impl PeerServer {
             rate: (config.upload_rate > 0).then(|| RateLimiter::new(config.upload_rate)),
         });
         let subscribers = Arc::new(Subscribers::default());
+        let serving = Serving { engine, uploads, subscribers, corrupt: config.corrupt_pieces, seed: config.seed };
         loop {
-            let incoming = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => break,
-                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
-            };
-            let (engine, uploads, corrupt, seed) = (engine.clone(), uploads.clone(), config.corrupt_pieces, config.seed);
-            let subscribers = subscribers.clone();
-            tokio::spawn(async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        info!(error = %e, "peer connection refused");
-                        return;
+                i = self.endpoint.accept() => match i {
+                    Some(incoming) => {
+                        let (serving, client) = (serving.clone(), self.client.clone());
+                        tokio::spawn(async move {
+                            match incoming.await {
+                                Ok(conn) => {
+                                    client.adopt(&conn);
+                                    serving.connection(conn).await;
+                                }
+                                Err(e) => info!(error = %e, "peer connection refused"),
+                            }
+                        });
                     }
-                };
-                let remote = conn.remote_address();
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    let (engine, uploads, subscribers) = (engine.clone(), uploads.clone(), subscribers.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = serve_stream(&engine, &uploads, &subscribers, corrupt, seed, send, recv).await {
-                            debug!(%remote, error = %e, "peer request ended with an error");
-                        }
-                    });
+                    None => break,
+                },
+                Some(conn) = self.opened.recv() => {
+                    tokio::spawn(serving.clone().connection(conn));
+                }
+            }
+        }
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// What serving a connection needs.
+#[derive(Clone)]
+struct Serving {
+    engine: Arc<Engine>,
+    uploads: Arc<Uploads>,
+    subscribers: Arc<Subscribers>,
+    corrupt: bool,
+    seed: bool,
+}
+
+impl Serving {
+    /// Answers the requests arriving on `conn` until it closes.
+    async fn connection(self, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let s = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_stream(&s.engine, &s.uploads, &s.subscribers, s.corrupt, s.seed, send, recv).await {
+                    debug!(%remote, error = %e, "peer request ended with an error");
                 }
             });
         }
-        self.endpoint.close(0u32.into(), b"shutting down");
     }
 }
 
