@@ -117,7 +117,8 @@ pub struct PeerConfig {
     pub enabled: bool,
     /// UDP address of the peer server.
     pub listen: SocketAddr,
-    /// Pieces uploaded at once; more requests are turned away to other parents.
+    /// Pieces uploaded at once; more requests are turned away to other parents. Few slots send
+    /// each piece sooner (it shares the uplink with fewer others), so it can be passed on sooner.
     pub upload_slots: usize,
     /// Cap on the bytes per second this node uploads to peers, over all children; 0 = no cap.
     pub upload_rate_limit: ByteSize,
@@ -148,7 +149,7 @@ impl Default for PeerConfig {
         PeerConfig {
             enabled: false,
             listen: SocketAddr::from(([0, 0, 0, 0], 65003)),
-            upload_slots: 4,
+            upload_slots: 2,
             upload_rate_limit: ByteSize(0),
             ca_file: None,
             cert_file: None,
@@ -452,8 +453,9 @@ rate_limit = 0
 enabled = false
 # UDP address of the peer server.
 listen = "0.0.0.0:65003"
-# Pieces uploaded at once; more requests are turned away to other parents.
-upload_slots = 4
+# Pieces uploaded at once; more requests are turned away to other parents. Few slots send each
+# piece sooner (it shares the uplink with fewer others), so it can be passed on sooner.
+upload_slots = 2
 # Cap on bytes per second uploaded to peers, over all children ("50MiB"); 0 = no cap. Leaves
 # the rest of the node's uplink to its workloads. Pieces are sent paced, in 16 KiB writes.
 upload_rate_limit = 0
