@@ -259,8 +259,9 @@ async fn serve_stream(
             let task = file.id().clone();
             let me = subscribers.join(&task);
             let mut first_seen: std::collections::HashMap<u32, std::time::Instant> = std::collections::HashMap::new();
-            // Whether this host fetched the task from the origin while the child watched: then
-            // pieces are held back from it (below) even after the download here completes.
+            // Whether this host fetched the task from the origin while the child watched, or is a
+            // seed that holds the whole task while several children fetch it: then pieces are
+            // held back from the child (below), even after the download here completes.
             let mut holding = false;
             let result = async {
                 loop {
@@ -273,10 +274,12 @@ async fn serve_stream(
                     // scarcest resource: each piece it fetched from there goes to one subscriber
                     // only (in turn), so it leaves here about once and the children trade it
                     // among themselves; after HOLD, to everyone. Pieces it got from peers (the
-                    // other stripes) go to everyone at once.
+                    // other stripes) go to everyone at once. A seed holding a preheated task is
+                    // the same scarce source (16 nodes: 1.24× the bound this way, 1.32× when it
+                    // offered every piece to every child).
                     let others = subscribers.count(&task);
                     let sourced = shared.sourced();
-                    holding |= sourced.is_some() && !complete && others > 1;
+                    holding |= (sourced.is_some() && !complete || seed && complete) && others > 1;
                     let now = std::time::Instant::now();
                     let numbers: Vec<u32> = (0..have.len())
                         .filter(|&n| have.has(n) && !sent.has(n))
