@@ -434,8 +434,9 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Writes an OCI image layout at `layout` holding the tree as one uncompressed layer, tagged `v1`.
-fn write_layout(tree: &Path, layout: &Path) -> anyhow::Result<()> {
+/// Writes an OCI image layout at `layout` holding the tree as one layer (uncompressed, or with
+/// `gzip` compressed as registries usually hold layers), tagged `v1`.
+pub fn write_layout(tree: &Path, layout: &Path, gzip: bool) -> anyhow::Result<()> {
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let tar = layout.join("layer.tar");
@@ -450,6 +451,16 @@ fn write_layout(tree: &Path, layout: &Path) -> anyhow::Result<()> {
     if !status.success() {
         bail!("tar of {} failed: {status}", tree.display());
     }
+    let diff_hex = sha256_file(&tar)?;
+    let (tar, media_type) = if gzip {
+        let status = Command::new("gzip").arg("-f").arg(&tar).status().context("running gzip")?;
+        if !status.success() {
+            bail!("gzip of {} failed: {status}", tar.display());
+        }
+        (tar.with_extension("tar.gz"), "application/vnd.oci.image.layer.v1.tar+gzip")
+    } else {
+        (tar, "application/vnd.oci.image.layer.v1.tar")
+    };
     let layer_hex = sha256_file(&tar)?;
     let layer_size = std::fs::metadata(&tar)?.len();
     std::fs::rename(&tar, blobs.join(&layer_hex))?;
@@ -461,14 +472,14 @@ fn write_layout(tree: &Path, layout: &Path) -> anyhow::Result<()> {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_hex}")] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_hex}")] },
     });
     let (config_digest, config_size) = put(serde_json::to_vec(&config)?)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_hex}"), "size": layer_size }],
+        "layers": [{ "mediaType": media_type, "digest": format!("sha256:{layer_hex}"), "size": layer_size }],
     });
     let (manifest_digest, manifest_size) = put(serde_json::to_vec(&manifest)?)?;
     let index = serde_json::json!({
@@ -706,7 +717,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     eprintln!("writing the tree ({} MiB file, {} small files) under {}", args.big_mib, args.small_files, work.path().display());
     let tree = write_tree(&work.path().join("tree"), &args)?;
     let layout = work.path().join("layout");
-    write_layout(&tree.root, &layout)?;
+    write_layout(&tree.root, &layout, false)?;
     let image = work.path().join("image");
     let tmp = work.path().join("tmp");
     std::fs::create_dir_all(&tmp)?;

@@ -8,6 +8,7 @@
 //! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
 mod bittorrent;
+mod coldstart;
 mod fanout;
 mod fuse;
 mod mirror;
@@ -44,6 +45,9 @@ enum Scenario {
     /// through `shoal mount` with passthrough, without it, and from the native directory; plus
     /// `shoal build` time and output size.
     Fuse(fuse::Args),
+    /// Cold start: a container's first reads from an image not on the node, over a shaped link:
+    /// a full pull (fetch and unpack, then read) against `shoal mount` of the converted image.
+    Coldstart(coldstart::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Fanout(args) => fanout::run(args, &out).await.map(|_| ()),
             Scenario::Scaling(args) => scaling::run(args, &out).await,
             Scenario::Fuse(args) => fuse::run(args, &out).await,
+            Scenario::Coldstart(args) => coldstart::run_scenario(args, &out).await,
         }
     };
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every
