@@ -87,6 +87,9 @@ struct EngineMetrics {
     tasks_failed: Counter,
     direct_reads: Counter,
     active_tasks: Gauge,
+    peer_bytes_received: Counter,
+    peer_bytes_sent: Counter,
+    peer_connections: Gauge,
 }
 
 /// The engine; one per process, shared.
@@ -260,6 +263,13 @@ impl Engine {
         metrics.register("tasks_failed", "Blob downloads that failed", m.tasks_failed.clone());
         metrics.register("direct_reads", "Reads served straight from the origin, bypassing the store", m.direct_reads.clone());
         metrics.register("active_tasks", "Blob downloads in progress", m.active_tasks.clone());
+        metrics.register("peer_bytes_received", "Piece bytes fetched from other hosts and verified", m.peer_bytes_received.clone());
+        metrics.register("peer_bytes_sent", "Piece bytes sent to other hosts", m.peer_bytes_sent.clone());
+        metrics.register(
+            "peer_connections",
+            "Open QUIC connections to other hosts (one per pair, either direction)",
+            m.peer_connections.clone(),
+        );
         Engine {
             store,
             registry,
@@ -669,6 +679,25 @@ impl Engine {
         if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, task)) {
             tasks.remove(&task.id);
             self.metrics.active_tasks.dec();
+        }
+    }
+
+    /// Counts `bytes` of verified piece data fetched from a peer.
+    pub fn peer_received(&self, bytes: u64) {
+        self.metrics.peer_bytes_received.inc_by(bytes);
+    }
+
+    /// Counts `bytes` of piece data sent to a peer.
+    pub fn peer_sent(&self, bytes: u64) {
+        self.metrics.peer_bytes_sent.inc_by(bytes);
+    }
+
+    /// A peer connection opened (`true`) or closed.
+    pub fn peer_connection(&self, open: bool) {
+        if open {
+            self.metrics.peer_connections.inc();
+        } else {
+            self.metrics.peer_connections.dec();
         }
     }
 

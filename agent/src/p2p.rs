@@ -951,6 +951,7 @@ async fn fetch_piece(
         engine.fail(task, crate::engine::EngineError::Store(e.to_string().into()), true);
         FetchError::Unreachable(e.to_string())
     })?;
+    engine.peer_received(range.end - range.start);
     if first {
         engine.piece_finished(task, n);
     }

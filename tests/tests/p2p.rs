@@ -39,7 +39,18 @@ async fn later_pulls_come_from_the_first_node_not_the_registry() {
     assert_eq!(registry.blob_bytes(&digest), blob.len() as u64, "{:?}", registry.blob_fetches(&digest));
     for a in &agents[1..] {
         assert!(a.log().contains("fetching from parents"), "{}", a.log());
+        // Its metrics say so too: every byte came from peers, checked.
+        let received = metric(a, "shoal_peer_bytes_received_total").await;
+        assert!(received >= blob.len() as u64, "{received} piece bytes from peers for a {}-byte blob", blob.len());
     }
+    assert!(metric(&agents[0], "shoal_peer_bytes_sent_total").await > 0, "the first node served nothing");
+}
+
+/// A counter or gauge from the agent's Prometheus metrics.
+async fn metric(agent: &Agent, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.admin_port)).await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    line.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{line}")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,9 +34,10 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     let registry = Registry::start(None).await.unwrap();
     let blob = random_bytes(5 * PIECE + 123, 31);
     let digest = registry.push_blob("team/p2p", &blob).await.unwrap();
-    let (_agent, addr) = agent_with_blob(&registry, "team/p2p", &digest, "", &[]).await;
+    let (agent, addr) = agent_with_blob(&registry, "team/p2p", &digest, "", &[]).await;
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
 
     let mut sub = client.subscribe(addr, &task, None).await.unwrap();
     let first = sub.next().await.unwrap().unwrap();
@@ -60,6 +61,20 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     assert!(matches!(&err, PeerError::Refused { reason, .. } if reason.contains("not present")), "{err}");
     let err = client.get_piece(addr, &task, 1, 10).await.unwrap_err();
     assert!(matches!(err, PeerError::Length { .. }), "a wrong length is caught before reading");
+
+    // The agent counts the piece bytes it sent and the one connection (the slot of a piece is
+    // freed, and its bytes counted, once the client has them all: poll briefly).
+    // Pieces 0, 2 and 5, and piece 1, which was sent before the client saw its length was wrong.
+    let sent = (3 * PIECE + 123) as u64;
+    let metrics = loop {
+        let m = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.admin_port)).await.unwrap().text().await.unwrap();
+        if m.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(metrics.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")), "{metrics}");
+    assert!(metrics.contains("shoal_peer_connections 1\n"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

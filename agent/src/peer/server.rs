@@ -159,6 +159,7 @@ impl Serving {
     /// Answers the requests arriving on `conn` until it closes.
     async fn connection(self, conn: quinn::Connection) {
         let remote = conn.remote_address();
+        self.engine.peer_connection(true);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let s = self.clone();
             tokio::spawn(async move {
@@ -167,6 +168,7 @@ impl Serving {
                 }
             });
         }
+        self.engine.peer_connection(false);
     }
 }
 
@@ -241,6 +243,7 @@ async fn serve_stream(
             // piece takes as long as all of them together.
             let _ = send.finish();
             let _ = tokio::time::timeout(DELIVERY_WAIT, send.stopped()).await;
+            engine.peer_sent(range.end - range.start);
             Ok(())
         }
         Some(Request::Subscribe(s)) => {
