@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use shoal_tests::lazy::{drop_page_cache, is_mounted};
 use shoal_tests::netns::Lab;
-use shoal_tests::{random_bytes, require, shoal_bin, Registry};
+use shoal_tests::registry::run;
+use shoal_tests::{require, shoal_bin, Registry};
 
 use crate::report::{machine, median, write};
 
@@ -40,8 +41,7 @@ struct Tree {
 /// File data with about 4 bits of entropy per byte (as the FUSE scenario's), so gzip and zstd
 /// shrink it roughly as they do binaries.
 fn data(len: usize, seed: u64) -> Vec<u8> {
-    const ALPHABET: &[u8; 16] = b"\0\x01\x48\x89etaoinsrhd \xff";
-    random_bytes(len, seed).into_iter().map(|b| ALPHABET[usize::from(b & 15)]).collect()
+    crate::fuse::file_data(len, seed, false)
 }
 
 /// An application image: a 24 MiB executable, 40 libraries of 512 KiB, 1,000 small config and
@@ -82,14 +82,6 @@ fn write_tree(root: &Path, unread_mib: usize) -> anyhow::Result<Tree> {
         total_bytes += (unread_mib as u64) << 20;
     }
     Ok(Tree { root: root.to_path_buf(), start, start_bytes, total_bytes })
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 /// Pushes the tree as `repo:v1`, one gzip layer (skopeo), then converts it with `shoal build`

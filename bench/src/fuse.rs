@@ -380,7 +380,7 @@ struct Tree {
 }
 
 /// `len` bytes of file data: random, or (unless `incompressible`) random over 16 byte values.
-fn file_data(len: usize, seed: u64, incompressible: bool) -> Vec<u8> {
+pub fn file_data(len: usize, seed: u64, incompressible: bool) -> Vec<u8> {
     let mut data = random_bytes(len, seed);
     if !incompressible {
         const ALPHABET: &[u8; 16] = b"\0\x01\x48\x89etaoinsrhd \xff";

@@ -260,6 +260,11 @@ impl Agent {
         self.spawn().await
     }
 
+    /// `/metrics`, Prometheus text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("http://{}:{}/metrics", self.ip(), self.admin_port)).await?.text().await?)
+    }
+
     /// `/status` as JSON.
     pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
         Ok(reqwest::get(format!("http://{}:{}/status", self.ip(), self.admin_port)).await?.json().await?)

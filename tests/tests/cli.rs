@@ -96,7 +96,7 @@ async fn sigterm_stops_the_agent_cleanly() {
     let mut agent = Agent::start("").await.unwrap();
     let body = reqwest::get(agent.blob_url(&registry, "team/t", &digest)).await.unwrap().bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.admin_port)).await.unwrap().text().await.unwrap();
+    let metrics = agent.metrics().await.unwrap();
     assert!(metrics.contains("shoal_origin_bytes_total"), "{metrics}");
     let status = agent.terminate().unwrap();
     assert!(status.success(), "agent exited with {status}");

@@ -48,7 +48,7 @@ async fn later_pulls_come_from_the_first_node_not_the_registry() {
 
 /// A counter or gauge from the agent's Prometheus metrics.
 async fn metric(agent: &Agent, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.admin_port)).await.unwrap().text().await.unwrap();
+    let text = agent.metrics().await.unwrap();
     let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
     line.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{line}")) as u64
 }

@@ -37,7 +37,6 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     let (agent, addr) = agent_with_blob(&registry, "team/p2p", &digest, "", &[]).await;
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
 
     let mut sub = client.subscribe(addr, &task, None).await.unwrap();
     let first = sub.next().await.unwrap().unwrap();
@@ -66,8 +65,9 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     // freed, and its bytes counted, once the client has them all: poll briefly).
     // Pieces 0, 2 and 5, and piece 1, which was sent before the client saw its length was wrong.
     let sent = (3 * PIECE + 123) as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
-        let m = reqwest::get(format!("http://127.0.0.1:{}/metrics", agent.admin_port)).await.unwrap().text().await.unwrap();
+        let m = agent.metrics().await.unwrap();
         if m.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")) || std::time::Instant::now() > deadline {
             break m;
         }
