@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -482,6 +483,9 @@ struct Download {
     /// A stripe given while the last was finishing (its last digests reached the scheduler
     /// first): fetched next.
     next_stripe: Option<Range<u32>>,
+    /// Where the stripe being fetched ends now, shared with its fetch: the scheduler moves it
+    /// back when it gives the rest to another source.
+    stripe_end: Arc<AtomicU32>,
     stripe_fetch: JoinSet<()>,
     fetches: JoinSet<(u32, String, Duration, Result<bool, FetchError>)>,
     subscriptions: JoinSet<()>,
@@ -513,6 +517,7 @@ impl Download {
             busy_until: HashMap::new(),
             stripe: None,
             next_stripe: None,
+            stripe_end: Arc::new(AtomicU32::new(0)),
             stripe_fetch: JoinSet::new(),
             fetches: JoinSet::new(),
             subscriptions: JoinSet::new(),
@@ -525,6 +530,7 @@ impl Download {
 
     async fn on_command(&mut self, c: Command, events: &Events) {
         match c {
+            Command::StripeEnd(e) => self.end_stripe(e.end_piece),
             Command::Digests(d) => {
                 // A new digest is a piece that just left the origin: the swarm is moving, and this
                 // download's turn comes even if none of its parents holds anything yet.
@@ -839,24 +845,44 @@ impl Download {
             }
         }
         self.stripe = Some(pieces.clone());
-        let (engine, task, relayed) = (self.engine.clone(), self.task.clone(), self.relayed.clone());
+        self.stripe_end = Arc::new(AtomicU32::new(pieces.end));
+        let (engine, task, relayed, stripe_end) = (self.engine.clone(), self.task.clone(), self.relayed.clone(), self.stripe_end.clone());
         self.stripe_fetch.spawn(async move {
-            // A few pieces per request, each request up to the next piece this host has or
-            // another source reported: past such a piece, the rest of the stripe is another's.
+            // A few pieces per request, each request up to the stripe's end as the scheduler
+            // last set it, and up to the next piece this host has or another source reported
+            // (from a scheduler that does not move stripe ends): past such a piece, the rest of
+            // the stripe is another's.
             let per_request = stripe_request_pieces(pieces.len() as u32);
             let mut next = pieces.start;
-            while let Some(start) = (next..pieces.end).find(|&n| !task.file.has_piece(n)) {
+            loop {
+                let end = stripe_end.load(Ordering::Relaxed);
+                let Some(start) = (next..end).find(|&n| !task.file.has_piece(n)) else { break };
                 let taken = |n: u32| relayed.lock().unwrap_or_else(|p| p.into_inner()).contains(&n);
                 if taken(start) {
                     debug!(task = %task.id, piece = start, "the rest of the stripe is fetched by another source");
                     break;
                 }
-                let limit = pieces.end.min(start + per_request);
+                let limit = end.min(start + per_request);
                 let end = (start + 1..limit).find(|&n| task.file.has_piece(n) || taken(n)).unwrap_or(limit);
                 let _ = engine.spawn_fetch_run(&task, start..end).await;
                 next = end;
             }
         });
+    }
+
+    /// The scheduler gave the pieces from `end` of this host's stripe to another source: no new
+    /// origin request goes past it, and those pieces come from parents like any other.
+    fn end_stripe(&mut self, end: u32) {
+        if let Some(next) = self.next_stripe.as_mut().filter(|s| s.start < end && end < s.end) {
+            // The stripe given while the last was finishing: its fetch has not started.
+            next.end = end;
+            return;
+        }
+        if let Some(stripe) = self.stripe.as_mut().filter(|s| s.start < end && end < s.end) {
+            info!(task = %self.task.id, from = end, "the rest of the stripe goes to another source");
+            stripe.end = end;
+            self.stripe_end.store(end, Ordering::Relaxed);
+        }
     }
 
     /// Fetches every missing piece from the origin (after the fetches in flight end); a stripe

@@ -89,6 +89,9 @@ struct Task {
     /// peer: every source's uplink then carries only its share of first copies, so none is the
     /// bottleneck, and the registry still sends each byte once.
     stripes: Vec<Stripe>,
+    /// Owners whose stripe a split shortened, and where it now ends, until the service tells
+    /// them (see [`Cluster::take_stripe_ends`]).
+    stripe_ends: Vec<(HostId, u32)>,
 }
 
 /// Consecutive pieces one peer fetches from the origin.
@@ -153,6 +156,9 @@ impl Task {
         // which it may start before the new stripe's first digest reaches it.
         let mid = first + (left / 2).max(2 * request);
         self.stripes[i].pieces.end = mid;
+        if let Some(owner) = self.stripes[i].owner.clone() {
+            self.stripe_ends.push((owner, mid));
+        }
         self.stripes.push(Stripe { pieces: mid..end, owner: None, request: 0 });
         Some(self.stripes.len() - 1)
     }
@@ -242,7 +248,7 @@ impl Cluster {
         let t = self.tasks.entry(task.clone()).or_insert_with(|| {
             let layout = PieceLayout::for_len(len);
             let stripes = stripes_for(layout.count(), max_sources);
-            Task { layout, digests: vec![None; layout.count() as usize], peers: BTreeMap::new(), stripes }
+            Task { layout, digests: vec![None; layout.count() as usize], peers: BTreeMap::new(), stripes, stripe_ends: Vec::new() }
         });
         if t.layout.len != len {
             return Err(ClusterError::LengthMismatch { task: task.clone(), known: t.layout.len, got: len });
@@ -258,6 +264,14 @@ impl Cluster {
             bad_parents: HashMap::new(),
         });
         self.schedule(task, host, now)
+    }
+
+    /// The sources of `task` whose stripe was shortened since the last call, and where each now
+    /// ends. A source learns only from digests that another took the rest of its stripe, and a
+    /// slow new source reports its first piece late: told at once, the old one stops in time and
+    /// the origin sends no piece twice.
+    pub fn take_stripe_ends(&mut self, task: &TaskId) -> Vec<(HostId, u32)> {
+        self.tasks.get_mut(task).map(|t| std::mem::take(&mut t.stripe_ends)).unwrap_or_default()
     }
 
     /// Chooses parents for `host`'s download of `task` (again, after a parent failed), or sends
@@ -601,8 +615,12 @@ mod tests {
         }
         // Nothing free: b takes the second half of the most left to fetch (d's 50..64), then c
         // what a's 116..128 has past two requests.
+        assert_eq!(c.take_stripe_ends(&t), vec![]);
         assert_eq!(c.schedule(&t, &id("b"), 0).unwrap(), Decision::BackToSource(58..64));
         assert_eq!(c.schedule(&t, &id("c"), 0).unwrap(), Decision::BackToSource(124..128));
+        // Each shortened source is to be told where its stripe now ends, once.
+        assert_eq!(c.take_stripe_ends(&t), vec![(id("d"), 58), (id("a"), 124)]);
+        assert_eq!(c.take_stripe_ends(&t), vec![]);
         // d's stripe now ends at the split: once 50..58 are in it is done, and as no stripe
         // has 12 pieces left to share, d fetches the rest from parents.
         for n in 50..58 {

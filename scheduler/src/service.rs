@@ -32,11 +32,13 @@ const TRACE_BUDGET: usize = 64 << 20;
 /// How long a peer told to wait should wait before registering again.
 const WAIT_MS: u32 = 200;
 
-/// A digest a source reported, for the other peers of a task.
+/// What the peer streams of a task are told besides their own decisions.
 #[derive(Clone, Debug)]
-struct DigestNote {
-    number: u32,
-    blake3: String,
+enum TaskNote {
+    /// A digest newly recorded, for every peer.
+    Digest { number: u32, blake3: String },
+    /// Where `owner`'s stripe now ends, for that peer only.
+    StripeEnd { owner: HostId, end: u32 },
 }
 
 /// State shared by every RPC.
@@ -46,8 +48,8 @@ pub struct Service {
     watchers: Mutex<HashMap<HostId, mpsc::Sender<Result<pb::HostJob, Status>>>>,
     /// Preheat jobs by id.
     jobs: Mutex<HashMap<String, Job>>,
-    /// Per task, where new digests are announced to its peers' streams.
-    digests: Mutex<HashMap<TaskId, broadcast::Sender<DigestNote>>>,
+    /// Per task, where new digests and shortened stripes are announced to its peers' streams.
+    notes: Mutex<HashMap<TaskId, broadcast::Sender<TaskNote>>>,
     /// Manifests of preheated images, for agents whose registry is down.
     manifests: Mutex<ManifestBook>,
     /// Access traces of mounted images, merged per image for cluster-learned prefetch.
@@ -62,7 +64,7 @@ impl Service {
             cluster: Mutex::new(Cluster::new(limits)),
             watchers: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
-            digests: Mutex::new(HashMap::new()),
+            notes: Mutex::new(HashMap::new()),
             manifests: Mutex::new(ManifestBook::new(MANIFEST_BUDGET)),
             traces: Mutex::new(TraceBook::new(TRACE_BUDGET)),
             started: Instant::now(),
@@ -81,20 +83,34 @@ impl Service {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Listens for digests newly recorded for `task`. Subscribing happens under the lock: a
+    /// Listens for digests newly recorded for `task`, and stripes shortened. Subscribing happens under the lock: a
     /// channel nobody listens to is dropped by the next subscriber of any task, so a sender
     /// handed out before its receiver existed could vanish and end a peer's stream at once.
-    fn digest_notes(&self, task: &TaskId) -> broadcast::Receiver<DigestNote> {
-        let mut d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+    fn task_notes(&self, task: &TaskId) -> broadcast::Receiver<TaskNote> {
+        let mut d = self.notes.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|_, tx| tx.receiver_count() > 0);
         d.entry(task.clone()).or_insert_with(|| broadcast::channel(4096).0).subscribe()
     }
 
-    /// Tells every peer stream of `task` about a newly recorded digest.
-    fn publish_digest(&self, task: &TaskId, note: DigestNote) {
-        if let Some(tx) = self.digests.lock().unwrap_or_else(|p| p.into_inner()).get(task) {
+    /// Tells every peer stream of `task` about a newly recorded digest or a shortened stripe.
+    fn publish(&self, task: &TaskId, note: TaskNote) {
+        if let Some(tx) = self.notes.lock().unwrap_or_else(|p| p.into_inner()).get(task) {
             let _ = tx.send(note);
         }
+    }
+
+    /// Runs `decide` on the cluster, then tells the sources of `task` whose stripe it shortened
+    /// (by splitting it for another source) where their stripe now ends.
+    fn deciding<T>(&self, task: &TaskId, decide: impl FnOnce(&mut Cluster) -> T) -> T {
+        let (out, ends) = {
+            let mut c = self.cluster();
+            let out = decide(&mut c);
+            (out, c.take_stripe_ends(task))
+        };
+        for (owner, end) in ends {
+            self.publish(task, TaskNote::StripeEnd { owner, end });
+        }
+        out
     }
 
     /// Drops hosts that stopped announcing.
@@ -194,7 +210,7 @@ impl Scheduler for Api {
         let host = HostId(reg.host_id.clone());
         let decision = {
             let now = self.now();
-            self.cluster().register(&task, reg.length, &host, now).map_err(|e| match e {
+            self.deciding(&task, |c| c.register(&task, reg.length, &host, now)).map_err(|e| match e {
                 ClusterError::UnknownHost(_) => Status::failed_precondition(e.to_string()),
                 e => bad(e),
             })?
@@ -202,7 +218,7 @@ impl Scheduler for Api {
         debug!(task = %task, host = %host, ?decision, "peer registered");
         let (tx, rx) = mpsc::channel::<Result<pb::PeerCommand, Status>>(64);
         // Listen before reading what is known, so a digest recorded in between is not missed.
-        let mut notes = self.digest_notes(&task);
+        let mut notes = self.task_notes(&task);
         let _ = tx.send(Ok(self.command(decision))).await;
         let _ = tx.send(Ok(self.known_digests(&task))).await;
         let svc = self.0.clone();
@@ -211,11 +227,16 @@ impl Scheduler for Api {
             loop {
                 tokio::select! {
                     note = notes.recv() => match note {
-                        Ok(n) => {
-                            let digests = vec![pb::PieceDigest { number: n.number, blake3: n.blake3 }];
+                        Ok(TaskNote::Digest { number, blake3 }) => {
+                            let digests = vec![pb::PieceDigest { number, blake3 }];
                             let cmd = pb::PeerCommand { command: Some(pb::peer_command::Command::Digests(pb::PieceDigests { digests })) };
                             if tx.send(Ok(cmd)).await.is_err() { break; }
                         }
+                        Ok(TaskNote::StripeEnd { owner, end }) if owner == host => {
+                            let cmd = pb::PeerCommand { command: Some(pb::peer_command::Command::StripeEnd(pb::StripeEnd { end_piece: end })) };
+                            if tx.send(Ok(cmd)).await.is_err() { break; }
+                        }
+                        Ok(TaskNote::StripeEnd { .. }) => {}
                         // Fell behind: resend everything known.
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             if tx.send(Ok(svc.known_digests(&task))).await.is_err() { break; }
@@ -397,7 +418,7 @@ impl Service {
         match event.event {
             Some(Event::Register(_)) => {
                 // Registering again (after Wait) asks for a new decision.
-                let decision = self.cluster().schedule(task, host, now);
+                let decision = self.deciding(task, |c| c.schedule(task, host, now));
                 Ok(decision.ok().map(|d| self.command(d)))
             }
             Some(Event::PieceFinished(p)) => {
@@ -408,7 +429,7 @@ impl Service {
                 };
                 match recorded {
                     Ok(true) => {
-                        self.publish_digest(task, DigestNote { number: p.number, blake3: p.blake3 });
+                        self.publish(task, TaskNote::Digest { number: p.number, blake3: p.blake3 });
                     }
                     Ok(false) => {}
                     Err(e) => warn!(task = %task, host = %host, error = %e, "piece report refused"),
@@ -418,7 +439,7 @@ impl Service {
             Some(Event::PieceFailed(f)) => {
                 let parent = HostId(f.parent_host_id);
                 info!(task = %task, child = %host, parent = %parent, piece = f.number, reason = %f.reason, unreachable = f.unreachable, "parent failed");
-                let decision = self.cluster().parent_failed(task, host, &parent, f.unreachable, now);
+                let decision = self.deciding(task, |c| c.parent_failed(task, host, &parent, f.unreachable, now));
                 Ok(decision.ok().map(|d| self.command(d)))
             }
             Some(Event::Done(_)) => {
@@ -485,14 +506,14 @@ mod tests {
     fn a_peer_listening_for_digests_keeps_listening_while_other_tasks_come_and_go() {
         let svc = Service::new(Limits::default());
         let (a, b) = (task("a"), task("b"));
-        let mut notes_a = svc.digest_notes(&a);
+        let mut notes_a = svc.task_notes(&a);
         // Another task's peer arrives and leaves: that prunes idle channels, never a listened one.
-        drop(svc.digest_notes(&b));
-        let _ = svc.digest_notes(&task("c"));
-        svc.publish_digest(&a, DigestNote { number: 3, blake3: "x".into() });
+        drop(svc.task_notes(&b));
+        let _ = svc.task_notes(&task("c"));
+        svc.publish(&a, TaskNote::Digest { number: 3, blake3: "x".into() });
         let note = notes_a.try_recv().expect("the listener of task a still gets its digests");
-        assert_eq!((note.number, note.blake3.as_str()), (3, "x"));
+        assert!(matches!(note, TaskNote::Digest { number: 3, blake3 } if blake3 == "x"));
         // Publishing for a task nobody listens to is a no-op.
-        svc.publish_digest(&b, DigestNote { number: 0, blake3: "y".into() });
+        svc.publish(&b, TaskNote::Digest { number: 0, blake3: "y".into() });
     }
 }

@@ -92,6 +92,51 @@ async fn peers_get_decisions_and_the_digests_sources_report() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_stripe_is_split_is_told_where_it_now_ends() {
+    let (mut c, shutdown) = start().await;
+    announce(&mut c, "a", 1001).await;
+    announce(&mut c, "b", 1002).await;
+    let task = TaskId::of_digest(&Digest::of(b"striped blob"));
+
+    // 2 MiB is 32 pieces: two stripes, one per source.
+    let mut a = PeerStream::open(&mut c, &task, "a", 2 << 20).await;
+    assert!(matches!(a.next().await, Command::BackToSource(s) if (s.first_piece, s.end_piece) == (0, 16)));
+    let mut b = PeerStream::open(&mut c, &task, "b", 2 << 20).await;
+    assert!(matches!(b.next().await, Command::BackToSource(s) if (s.first_piece, s.end_piece) == (16, 32)));
+
+    // b is done with its stripe before a reported anything, and asks again: it gets the second
+    // half of a's, and a hears at once that its stripe now ends there.
+    for n in 16..32 {
+        b.send(Event::PieceFinished(pb::PieceFinished { number: n, blake3: format!("d{n}") })).await;
+    }
+    b.send(Event::Register(pb::Register { task_id: task.to_string(), host_id: "b".into(), length: 2 << 20, origin: None })).await;
+    let given = loop {
+        match b.next().await {
+            Command::Digests(_) => continue,
+            Command::BackToSource(s) => break s.first_piece..s.end_piece,
+            other => panic!("{other:?}"),
+        }
+    };
+    let end = loop {
+        match a.next().await {
+            Command::Digests(_) => continue,
+            Command::StripeEnd(e) => break e.end_piece,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(given, 8..16);
+    assert_eq!(end, 8);
+    // Only the shortened source is told.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), b.rx.message()).await {
+            Err(_) => break,
+            Ok(msg) => assert!(!matches!(msg.unwrap().unwrap().command, Some(Command::StripeEnd(_)))),
+        }
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_announcements_are_refused_with_a_reason() {
     let (mut c, shutdown) = start().await;
     let err = c.announce_host(pb::AnnounceHostRequest { host: None }).await.unwrap_err();

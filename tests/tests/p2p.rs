@@ -90,6 +90,8 @@ async fn simultaneous_pulls_form_a_pipeline_and_the_registry_sends_the_blob_abou
         assert_eq!(digest_of(&b), digest);
     }
     let sent = registry.blob_bytes(&digest) as f64 / blob.len() as f64;
+    let splits: usize = agents.iter().map(|a| a.log().matches("the rest of the stripe goes to another source").count()).sum();
+    eprintln!("the registry sent {sent:.3}× the blob; {splits} stripes were split");
     let origin_lines = || {
         agents
             .iter()
@@ -98,11 +100,11 @@ async fn simultaneous_pulls_form_a_pipeline_and_the_registry_sends_the_blob_abou
             .collect::<Vec<_>>()
             .join("\n")
     };
-    // Each piece leaves the registry once, except where a source done early took the end of a
-    // slower source's stripe: the slower one may already be fetching into it, up to one request
-    // (a quarter of a stripe, 1.5 MiB here, 3 % of the blob) per such split. Under load, two such
-    // overlaps were seen (1.07×).
-    assert!(sent <= 1.10, "the registry sent {sent:.2}× the blob: {:?}\n{}", registry.blob_fetches(&digest), origin_lines());
+    // Each piece leaves the registry once, also where a source done early took the end of a
+    // slower source's stripe: the scheduler tells the slower one where its stripe now ends, so it
+    // does not fetch into the part it lost (before it did, by up to a request, 3 % of the blob,
+    // per split). The slack is for HTTP overhead counted in the registry's log, not pieces.
+    assert!(sent <= 1.05, "the registry sent {sent:.2}× the blob: {:?}\n{}", registry.blob_fetches(&digest), origin_lines());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
