@@ -163,8 +163,11 @@ impl Serving {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let s = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(&s.engine, &s.uploads, &s.subscribers, s.corrupt, s.seed, send, recv).await {
-                    debug!(%remote, error = %e, "peer request ended with an error");
+                match serve_stream(&s.engine, &s.uploads, &s.subscribers, s.corrupt, s.seed, send, recv).await {
+                    // The child stopped reading: it ended a subscription to a parent it dropped,
+                    // or gave up on a piece. Routine, not an error.
+                    Ok(()) | Err(wire::WireError::Write(quinn::WriteError::Stopped(_))) => {}
+                    Err(e) => debug!(%remote, error = %e, "peer request ended with an error"),
                 }
             });
         }
