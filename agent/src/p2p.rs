@@ -855,14 +855,14 @@ impl Download {
             let per_request = stripe_request_pieces(pieces.len() as u32);
             let mut next = pieces.start;
             loop {
-                let end = stripe_end.load(Ordering::Relaxed);
-                let Some(start) = (next..end).find(|&n| !task.file.has_piece(n)) else { break };
+                let stop = stripe_end.load(Ordering::Relaxed);
+                let Some(start) = (next..stop).find(|&n| !task.file.has_piece(n)) else { break };
                 let taken = |n: u32| relayed.lock().unwrap_or_else(|p| p.into_inner()).contains(&n);
                 if taken(start) {
                     debug!(task = %task.id, piece = start, "the rest of the stripe is fetched by another source");
                     break;
                 }
-                let limit = end.min(start + per_request);
+                let limit = stop.min(start + per_request);
                 let end = (start + 1..limit).find(|&n| task.file.has_piece(n) || taken(n)).unwrap_or(limit);
                 let _ = engine.spawn_fetch_run(&task, start..end).await;
                 next = end;

@@ -83,9 +83,10 @@ impl Service {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Listens for digests newly recorded for `task`, and stripes shortened. Subscribing happens under the lock: a
-    /// channel nobody listens to is dropped by the next subscriber of any task, so a sender
-    /// handed out before its receiver existed could vanish and end a peer's stream at once.
+    /// Listens for digests newly recorded for `task`, and for stripes shortened. Subscribing
+    /// happens under the lock: a channel nobody listens to is dropped by the next subscriber of
+    /// any task, so a sender handed out before its receiver existed could vanish and end a
+    /// peer's stream at once.
     fn task_notes(&self, task: &TaskId) -> broadcast::Receiver<TaskNote> {
         let mut d = self.notes.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|_, tx| tx.receiver_count() > 0);
