@@ -126,3 +126,26 @@ async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
     let anonymous = PeerClient::new(None).unwrap();
     assert!(anonymous.get_piece(addr, &task, 0, PIECE as u64).await.is_err(), "a host without a certificate must be refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_holding_a_whole_task_sends_a_piece_again_only_after_a_while() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(4 * PIECE, 33);
+    let digest = registry.push_blob("team/seeded", &blob).await.unwrap();
+    let (_seed, addr) = agent_with_blob(&registry, "team/seeded", &digest, "seed = true\n", &[]).await;
+    let task = task_of(&digest);
+    let client = PeerClient::new(None).unwrap();
+
+    let (_, bytes) = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap();
+    assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
+    // Another child asking for the piece just sent is turned away (it gets it from the first),
+    // while the seed's other pieces still go out.
+    let err = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason == "busy"), "{err}");
+    let (_, bytes) = client.get_piece(addr, &task, 3, PIECE as u64).await.unwrap();
+    assert_eq!(&bytes[..], &blob[3 * PIECE..]);
+    // Later it is sent again, for a child that cannot get it elsewhere.
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let (_, bytes) = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap();
+    assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
+}
