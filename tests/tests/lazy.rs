@@ -612,3 +612,63 @@ fn the_merged_tree_model_applies_whiteouts_opaque_dirs_and_links() {
     assert_eq!(tree["etc"].meta.mtime, (T + 30, 0));
     assert_eq!(content("etc/hostname"), b"shoal-lazy\n");
 }
+
+/// Turns the fuse module's FUSE-over-io_uring switch on while alive, then back to what it was.
+struct IoUringOn(String);
+
+impl IoUringOn {
+    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+    fn new() -> IoUringOn {
+        let before = std::fs::read_to_string(Self::PARAM)
+            .unwrap_or_else(|e| panic!("{}: {e}: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)", Self::PARAM));
+        std::fs::write(Self::PARAM, "Y").unwrap_or_else(|e| panic!("turning on {}: {e} (the tests run as root)", Self::PARAM));
+        IoUringOn(before.trim().to_string())
+    }
+}
+
+impl Drop for IoUringOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PARAM, &self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_by_passthrough() {
+    require("skopeo");
+    let _on = IoUringOn::new();
+    let setup = Setup::new().await;
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "-q", "--dest-tls-verify=false"]).arg(setup.source()).arg(format!("docker://{}", setup.image("ring/app:v1")));
+    run(&mut copy).unwrap();
+    shoal_build(&[setup.image("ring/app:v1")]).unwrap();
+
+    // From the registry: every first read waits for its chunks, and its reply comes from
+    // another thread than the one serving the ring.
+    let agent = Agent::start("").await.unwrap();
+    let cache = setup.path("cache");
+    let mut mount =
+        Mount::start(&[setup.image("ring/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    assert!(mount.log().contains("FUSE over io_uring on"), "{}", mount.log());
+    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    let big = content("data/big.bin");
+    let first = mount.wait_stats("the file materialised", |s| s["materialised_files"].as_u64() >= Some(1)).await.unwrap();
+    assert!(n(&first, "fetched_chunks") > 0, "{first}");
+    // Once local, an open over the ring hands the file to the kernel.
+    drop_page_cache().unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
+    let later = mount.wait_stats("a passthrough open", |s| s["passthrough_opens"].as_u64() >= Some(1)).await.unwrap();
+    assert!(n(&later, "io_uring_requests") > 100, "the requests came over io_uring: {later}");
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+
+    // --no-io-uring keeps to /dev/fuse even where the kernel offers io_uring.
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let mut plain = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &["--no-io-uring"])).await.unwrap();
+    let diffs = compare_tree(&plain.mountpoint, &merged_tree(&layers()));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert!(plain.stop().await.unwrap().success(), "{}", plain.log());
+    let stats = plain.stats();
+    assert!(n(&stats, "reads") > 0 && n(&stats, "io_uring_requests") == 0, "{stats}");
+}
