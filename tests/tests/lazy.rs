@@ -124,12 +124,31 @@ impl Setup {
         self.work.path().join(name)
     }
 
+    /// Copies the source image into the registry as `repo_tag`.
+    fn push_source(&self, repo_tag: &str) {
+        require("skopeo");
+        let mut copy = Command::new("skopeo");
+        copy.args(["copy", "-q", "--dest-tls-verify=false"]).arg(self.source()).arg(format!("docker://{}", self.image(repo_tag)));
+        run(&mut copy).unwrap();
+    }
+
+    /// `shoal mount` of `repo_tag` from the registry, through `agent`'s mirror.
+    async fn mount_through(&self, agent: &Agent, repo_tag: &str, cache: &Path) -> Mount {
+        Mount::start(&[self.image(repo_tag), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(cache)]).await.unwrap()
+    }
+
     /// Chunk blobs of a pushed Shoal image: every layer but the last (the bootstrap).
     async fn chunk_blobs(&self, repo: &str, tag: &str) -> Vec<(String, u64)> {
         let blobs = self.registry.image_blobs(repo, tag).await.unwrap();
         let layers = &blobs[1..];
         layers[..layers.len() - 1].to_vec()
     }
+}
+
+/// Fails unless the tree mounted at `root` is exactly the merged `layers`.
+fn assert_mounted_as(root: &Path, layers: &[LayerSpec]) {
+    let diffs = compare_tree(root, &merged_tree(layers));
+    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
 }
 
 fn s(text: impl AsRef<str>) -> String {
@@ -142,11 +161,8 @@ fn path_arg(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_from_a_registry_mounts_through_the_mirror_exactly_as_its_merged_layers() {
-    require("skopeo");
     let setup = Setup::new().await;
-    let mut copy = Command::new("skopeo");
-    copy.args(["copy", "-q", "--dest-tls-verify=false"]).arg(setup.source()).arg(format!("docker://{}", setup.image("lazy/app:v1")));
-    run(&mut copy).unwrap();
+    setup.push_source("lazy/app:v1");
 
     // No target: it goes to the source repository as <tag>-shoal.
     let pushed = shoal_build(&[setup.image("lazy/app:v1")]).unwrap();
@@ -159,11 +175,9 @@ async fn image_from_a_registry_mounts_through_the_mirror_exactly_as_its_merged_l
 
     let agent = Agent::start("").await.unwrap();
     let cache = setup.path("cache");
-    let mut mount =
-        Mount::start(&[setup.image("lazy/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    let mut mount = setup.mount_through(&agent, "lazy/app:v1-shoal", &cache).await;
     assert!(mount.log().contains("through the mirror"), "{}", mount.log());
-    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&mount.mountpoint, &layers());
     // The chunks came from the registry through the agent.
     let chunk_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
     for (digest, _) in &chunk_blobs {
@@ -215,8 +229,7 @@ async fn local_bootstrap_and_blobs_mount_as_the_merged_layers_with_identical_fil
     ])
     .await
     .unwrap();
-    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&mount.mountpoint, &layers());
     let status = mount.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
 }
@@ -231,10 +244,7 @@ async fn reading_one_small_file_of_a_fresh_mount_fetches_a_few_chunks_not_the_im
     let fetched = || chunk_blobs.iter().map(|(digest, _)| setup.registry.blob_bytes(digest)).sum::<u64>();
 
     let agent = Agent::start("").await.unwrap();
-    let mut mount =
-        Mount::start(&[setup.image("lazy/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&setup.path("cache"))])
-            .await
-            .unwrap();
+    let mut mount = setup.mount_through(&agent, "lazy/app:v1-shoal", &setup.path("cache")).await;
     assert_eq!(fetched(), 0, "mounting fetches the bootstrap, no chunk");
     // Metadata is served from the bootstrap: listing and stat fetch nothing either.
     assert_eq!(std::fs::read_dir(mount.path("data")).unwrap().count(), 4);
@@ -428,8 +438,7 @@ async fn a_chunk_dictionary_image_lends_its_chunks_to_a_new_build_in_another_rep
 
     let mut mount =
         Mount::start(&[setup.image("lazy/other:v2"), s("--direct"), s("--cache-dir"), path_arg(&setup.path("cache"))]).await.unwrap();
-    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&v2));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&mount.mountpoint, &v2);
     assert!(mount.stop().await.unwrap().success());
 }
 
@@ -552,8 +561,7 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
         .wait_stats("the second read served", |s| s["read_bytes"].as_u64() >= Some(n(&first, "read_bytes") + big.len() as u64))
         .await
         .unwrap();
-    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&mount.mountpoint, &layers());
     assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
     // Written at exit: the final counters. Only the first open reached shoal: its ENOSYS has
     // the kernel open every later file without asking (and never send a release).
@@ -635,23 +643,18 @@ impl Drop for IoUringOn {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_by_passthrough() {
-    require("skopeo");
     let _on = IoUringOn::new();
     let setup = Setup::new().await;
-    let mut copy = Command::new("skopeo");
-    copy.args(["copy", "-q", "--dest-tls-verify=false"]).arg(setup.source()).arg(format!("docker://{}", setup.image("ring/app:v1")));
-    run(&mut copy).unwrap();
+    setup.push_source("ring/app:v1");
     shoal_build(&[setup.image("ring/app:v1")]).unwrap();
 
     // From the registry: every first read waits for its chunks, and its reply comes from
     // another thread than the one serving the ring.
     let agent = Agent::start("").await.unwrap();
     let cache = setup.path("cache");
-    let mut mount =
-        Mount::start(&[setup.image("ring/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
+    let mut mount = setup.mount_through(&agent, "ring/app:v1-shoal", &cache).await;
     assert!(mount.log().contains("FUSE over io_uring on"), "{}", mount.log());
-    let diffs = compare_tree(&mount.mountpoint, &merged_tree(&layers()));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&mount.mountpoint, &layers());
     let big = content("data/big.bin");
     let first = mount.wait_stats("the file materialised", |s| s["materialised_files"].as_u64() >= Some(1)).await.unwrap();
     assert!(n(&first, "fetched_chunks") > 0, "{first}");
@@ -666,8 +669,7 @@ async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_b
     let out = setup.path("out");
     shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
     let mut plain = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &["--no-io-uring"])).await.unwrap();
-    let diffs = compare_tree(&plain.mountpoint, &merged_tree(&layers()));
-    assert!(diffs.is_empty(), "the mounted image differs from its layers:\n{}", diffs.join("\n"));
+    assert_mounted_as(&plain.mountpoint, &layers());
     assert!(plain.stop().await.unwrap().success(), "{}", plain.log());
     let stats = plain.stats();
     assert!(n(&stats, "reads") > 0 && n(&stats, "io_uring_requests") == 0, "{stats}");
