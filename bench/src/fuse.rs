@@ -146,6 +146,8 @@ impl System for Native {
 struct Shoal {
     /// Passthrough on or off.
     passthrough: bool,
+    /// Requests over FUSE-over-io_uring (the default where the kernel offers it), or /dev/fuse.
+    io_uring: bool,
     /// The built image: `bootstrap` and `blobs/`.
     image: PathBuf,
     /// The chunk cache of the current round.
@@ -155,9 +157,10 @@ struct Shoal {
 }
 
 impl Shoal {
-    fn new(image: &Path, work: &Path, passthrough: bool) -> Shoal {
-        let cache = work.join(if passthrough { "cache-passthrough" } else { "cache-plain" });
-        Shoal { passthrough, image: image.to_path_buf(), cache, mount: None }
+    fn new(image: &Path, work: &Path, passthrough: bool, io_uring: bool) -> Shoal {
+        let mut shoal = Shoal { passthrough, io_uring, image: image.to_path_buf(), cache: PathBuf::new(), mount: None };
+        shoal.cache = work.join(format!("cache-{}", shoal.name()));
+        shoal
     }
 
     async fn start(&mut self) -> anyhow::Result<PathBuf> {
@@ -173,6 +176,9 @@ impl Shoal {
         if !self.passthrough {
             args.push("--no-passthrough".into());
         }
+        if !self.io_uring {
+            args.push("--no-io-uring".into());
+        }
         let mount = Mount::start(&args).await?;
         let root = mount.mountpoint.clone();
         self.mount = Some(mount);
@@ -182,10 +188,11 @@ impl Shoal {
 
 impl System for Shoal {
     fn name(&self) -> &str {
-        if self.passthrough {
-            "shoal-passthrough"
-        } else {
-            "shoal-plain"
+        match (self.passthrough, self.io_uring) {
+            (true, true) => "shoal-passthrough",
+            (true, false) => "shoal-passthrough-devfuse",
+            (false, true) => "shoal-plain",
+            (false, false) => "shoal-plain-devfuse",
         }
     }
 
@@ -735,8 +742,11 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     let mut results: Vec<(String, Measured)> = Vec::new();
     let mut native = Native { root: tree.root.clone() };
     results.push((native.name().into(), measure(&mut native, &tree, args.runs, &expected).await?));
-    for passthrough in [true, false] {
-        let mut shoal = Shoal::new(&image, work.path(), passthrough);
+    // Shoal as deployed (io_uring on: see the README), and with passthrough over /dev/fuse.
+    let _io_uring =
+        shoal_tests::lazy::IoUringOn::new().map_err(|e| eprintln!("warning: {e}: Shoal's rows take requests through /dev/fuse")).ok();
+    for (passthrough, io_uring) in [(true, true), (true, false), (false, true)] {
+        let mut shoal = Shoal::new(&image, work.path(), passthrough, io_uring);
         let measured = measure(&mut shoal, &tree, args.runs, &expected).await;
         let _ = shoal.stop().await;
         results.push((shoal.name().into(), measured?));
@@ -848,7 +858,9 @@ fn report(
          disk (fresh mount over the same cache, page cache dropped; for Shoal with passthrough the files are materialised by \
          then); warm: read again, page cache warm. Reads are 1 MiB `read` calls; the small files are listed and read in \
          name order, one at a time. Chunks come from local blob files (`shoal mount --bootstrap --blobs`, nydusd's \
-         localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}.\n\n\
+         localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}. \
+         Shoal's rows take requests over FUSE over io_uring (the bench turns `enable_uring` on for them), except \
+         `shoal-passthrough-devfuse`, the same mount over /dev/fuse.\n\n\
          | builder, from the same {input:.0} MiB layer tar | time | output | of which bootstrap |\n|---|---|---|---|\n{builders}\n\
          Machine: {cpus} × {cpu}, kernel {kernel}.\n",
         big = mib(tree.big_bytes),

@@ -731,3 +731,25 @@ pub fn shoal_build(args: &[String]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
+
+/// Turns the fuse module's FUSE-over-io_uring switch on while alive, then back to what it was.
+pub struct IoUringOn(String);
+
+impl IoUringOn {
+    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+    /// Fails with the reason when the kernel has no such switch (before Linux 6.14, or built
+    /// without CONFIG_FUSE_IO_URING) or it cannot be set (not root).
+    pub fn new() -> std::io::Result<IoUringOn> {
+        let context = |what: &str, e: std::io::Error| std::io::Error::new(e.kind(), format!("{what} {}: {e}", Self::PARAM));
+        let before = std::fs::read_to_string(Self::PARAM).map_err(|e| context("no FUSE over io_uring in this kernel:", e))?;
+        std::fs::write(Self::PARAM, "Y").map_err(|e| context("turning on", e))?;
+        Ok(IoUringOn(before.trim().to_string()))
+    }
+}
+
+impl Drop for IoUringOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PARAM, &self.0);
+    }
+}

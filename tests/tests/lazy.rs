@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use shoal_fuse::materialise::file_key;
 use shoal_fuse::Bootstrap;
 use shoal_tests::lazy::{
-    cached_chunks, compare_tree, dir, drop_page_cache, file, merged_tree, shoal_build, write_layout, Compression, Entry, LayerSpec, Meta,
-    Mount,
+    cached_chunks, compare_tree, dir, drop_page_cache, file, merged_tree, shoal_build, write_layout, Compression, Entry, IoUringOn,
+    LayerSpec, Meta, Mount,
 };
 use shoal_tests::registry::run;
 use shoal_tests::{random_bytes, require, task_dir, Agent, Registry, Scheduler};
@@ -621,29 +621,9 @@ fn the_merged_tree_model_applies_whiteouts_opaque_dirs_and_links() {
     assert_eq!(content("etc/hostname"), b"shoal-lazy\n");
 }
 
-/// Turns the fuse module's FUSE-over-io_uring switch on while alive, then back to what it was.
-struct IoUringOn(String);
-
-impl IoUringOn {
-    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-
-    fn new() -> IoUringOn {
-        let before = std::fs::read_to_string(Self::PARAM)
-            .unwrap_or_else(|e| panic!("{}: {e}: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)", Self::PARAM));
-        std::fs::write(Self::PARAM, "Y").unwrap_or_else(|e| panic!("turning on {}: {e} (the tests run as root)", Self::PARAM));
-        IoUringOn(before.trim().to_string())
-    }
-}
-
-impl Drop for IoUringOn {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PARAM, &self.0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_by_passthrough() {
-    let _on = IoUringOn::new();
+    let _on = IoUringOn::new().unwrap_or_else(|e| panic!("{e}"));
     let setup = Setup::new().await;
     setup.push_source("ring/app:v1");
     shoal_build(&[setup.image("ring/app:v1")]).unwrap();
