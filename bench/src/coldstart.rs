@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use shoal_tests::lazy::{drop_page_cache, is_mounted};
+use shoal_tests::lazy::{drop_page_cache, is_mounted, stop_mount};
 use shoal_tests::netns::Lab;
 use shoal_tests::registry::run;
 use shoal_tests::{require, shoal_bin, Registry};
@@ -143,16 +143,7 @@ struct Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if is_mounted(&self.mountpoint) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_mount(Some(&mut self.child), &self.mountpoint, Duration::from_secs(10));
     }
 }
 

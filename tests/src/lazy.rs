@@ -703,22 +703,28 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if is_mounted(&self.mountpoint) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
-        }
+        stop_mount(self.child.take().as_mut(), &self.mountpoint, Duration::from_secs(5));
         if std::thread::panicking() {
             eprintln!("--- shoal mount log ---\n{}", self.log());
         }
+    }
+}
+
+/// Stops a `shoal mount` process, if still running: SIGTERM (it unmounts), a kill after
+/// `grace`; then a lazy unmount of `mountpoint` if the mount outlived it.
+pub fn stop_mount(child: Option<&mut Child>, mountpoint: &Path, grace: Duration) {
+    if let Some(child) = child {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while child.try_wait().ok().flatten().is_none() && start.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if is_mounted(mountpoint) {
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
     }
 }
 

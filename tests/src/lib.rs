@@ -188,7 +188,22 @@ impl Agent {
         format!("{}/v2/{repo}/blobs/{digest}?ns={}", self.mirror(), registry.host().replace(':', "%3A"))
     }
 
+    /// Starts the process; on loopback, with fresh ports if one it was given was taken in the
+    /// meantime (a port is free when picked, not necessarily when the agent binds it).
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        for _ in 0..2 {
+            match self.spawn_once().await {
+                Err(e) if self.place.is_none() && e.to_string().contains("Address already in use") => {
+                    eprintln!("agent could not bind its ports ({}, {}); trying others", self.port, self.admin_port);
+                    (self.port, self.admin_port) = (free_port(), free_port());
+                }
+                result => return result,
+            }
+        }
+        self.spawn_once().await
+    }
+
+    async fn spawn_once(&mut self) -> anyhow::Result<()> {
         let config = self.dir.path().join("shoal.toml");
         // Ports come from the environment so `extra` may have its own [mirror] or [admin] section.
         let text = format!("data_dir = \"{}\"\n{}\n", self.data_dir().display(), self.extra);
@@ -254,10 +269,10 @@ impl Agent {
         c.wait().ok()
     }
 
-    /// Starts the agent again with the same config and data.
+    /// Starts the agent again with the same config, data and ports.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.spawn().await
+        self.spawn_once().await
     }
 
     /// `/metrics`, Prometheus text.
