@@ -122,7 +122,7 @@ pub struct MountArgs {
     /// Take the kernel's requests through /dev/fuse only. By default, when the kernel offers
     /// FUSE over io_uring (Linux 6.14+ with `echo Y > /sys/module/fuse/parameters/enable_uring`),
     /// requests come over io_uring and each is served by a thread on the CPU that made it: opens
-    /// and small reads then cost about a third as much.
+    /// and small reads then cost about half as much.
     #[arg(long, env = "SHOAL_NO_IO_URING")]
     no_io_uring: bool,
     /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:

@@ -198,13 +198,14 @@ impl Uploads {
     fn may_resend(&self, task: &TaskId, n: u32) -> bool {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if started.get(&(task.clone(), n)).is_some_and(|&at| now.duration_since(at) < RESEND_AFTER) {
+        let key = (task.clone(), n);
+        if started.get(&key).is_some_and(|&at| now.duration_since(at) < RESEND_AFTER) {
             return false;
         }
         if started.len() >= 4096 {
             started.retain(|_, at| now.duration_since(*at) < RESEND_AFTER);
         }
-        started.insert((task.clone(), n), now);
+        started.insert(key, now);
         true
     }
 }
@@ -236,16 +237,14 @@ async fn serve_stream(
             // A request that finds every slot taken is turned away at once, so the child asks
             // another holder now instead of queueing here. (Waiting up to 300 ms for a slot made
             // a 32-node fan-out finish about 3 % later, and waiting 1.5 s about 8 %.)
-            let Ok(_permit) = uploads.slots.try_acquire() else {
+            // A seed holding the whole task also turns away a piece it has just sent (only once
+            // it has a slot, so a piece is noted as sent only when it goes out).
+            let permit = uploads.slots.try_acquire().ok();
+            let Some(_permit) = permit.filter(|_| !(seed && shared.is_complete()) || uploads.may_resend(file.id(), g.number)) else {
                 wire::write(&mut send, &refuse("busy")).await?;
                 finish(send);
                 return Ok(());
             };
-            if seed && shared.is_complete() && !uploads.may_resend(file.id(), g.number) {
-                wire::write(&mut send, &refuse("busy")).await?;
-                finish(send);
-                return Ok(());
-            }
             let range = file.layout().range(g.number);
             let header =
                 PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };

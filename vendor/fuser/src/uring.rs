@@ -259,9 +259,10 @@ impl RingReply {
                     buf.len(),
                 );
                 at += buf.len();
-                (*slot.header).ent.payload_sz = (total - OUT_HEADER) as u32;
             }
         }
+        // SAFETY: as above.
+        unsafe { (*slot.header).ent.payload_sz = (total - OUT_HEADER) as u32 };
         self.queue.replied(self.slot, self.commit_id);
         Ok(())
     }
