@@ -75,7 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         let listener =
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "admin endpoint", section: "admin", addr, source })?;
         info!(%addr, "admin endpoint listening (/metrics, /healthz, /status)");
-        let admin = Arc::new(Admin { engine: engine.clone(), metrics, mirror: listen.to_string() });
+        let admin = Arc::new(Admin { engine: engine.clone(), metrics: metrics.clone(), mirror: listen.to_string() });
         let handler = Arc::new(move |req| admin.clone().handle(req));
         servers.spawn(serve(listener, "admin", handler, shutdown.clone()));
     }
@@ -93,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             corrupt_pieces: std::env::var_os("SHOAL_FAULT_CORRUPT_PIECES").is_some(),
             seed: p.seed,
         };
-        let server = PeerServer::bind(&peer_config)?;
+        let server = PeerServer::bind(&peer_config, &metrics)?;
         let bound = server.local_addr().map_err(|e| crate::peer::tls::TlsError::Quic(e.to_string()))?;
         info!(addr = %bound, mutual_tls = peer_config.cluster_tls.is_some(), upload_slots = p.upload_slots, upload_rate_limit = %p.upload_rate_limit, "peer server listening (QUIC)");
         if !p.schedulers.is_empty() {

@@ -89,7 +89,10 @@ struct EngineMetrics {
     active_tasks: Gauge,
     peer_bytes_received: Counter,
     peer_bytes_sent: Counter,
-    peer_connections: Gauge,
+    peer_bytes_duplicate: Counter,
+    peer_busy_refusals: Counter,
+    peer_fetches_abandoned: Counter,
+    peer_updates_sent: Counter,
 }
 
 /// The engine; one per process, shared.
@@ -266,10 +269,21 @@ impl Engine {
         metrics.register("peer_bytes_received", "Piece bytes fetched from other hosts and verified", m.peer_bytes_received.clone());
         metrics.register("peer_bytes_sent", "Piece bytes sent to other hosts", m.peer_bytes_sent.clone());
         metrics.register(
-            "peer_connections",
-            "Open QUIC connections to other hosts (one per pair, either direction)",
-            m.peer_connections.clone(),
+            "peer_bytes_duplicate",
+            "Piece bytes fetched from a peer after another copy of the piece was stored (the endgame)",
+            m.peer_bytes_duplicate.clone(),
         );
+        metrics.register(
+            "peer_busy_refusals",
+            "Piece requests answered busy (no free upload slot, or a piece a seed has just sent)",
+            m.peer_busy_refusals.clone(),
+        );
+        metrics.register(
+            "peer_fetches_abandoned",
+            "Piece fetches from a peer cancelled because another parent's copy arrived first",
+            m.peer_fetches_abandoned.clone(),
+        );
+        metrics.register("peer_updates_sent", "Piece updates sent to subscribed hosts", m.peer_updates_sent.clone());
         Engine {
             store,
             registry,
@@ -692,13 +706,24 @@ impl Engine {
         self.metrics.peer_bytes_sent.inc_by(bytes);
     }
 
-    /// A peer connection opened (`true`) or closed.
-    pub fn peer_connection(&self, open: bool) {
-        if open {
-            self.metrics.peer_connections.inc();
-        } else {
-            self.metrics.peer_connections.dec();
-        }
+    /// Counts `bytes` of a piece that arrived from a peer after another copy was stored.
+    pub fn peer_duplicate(&self, bytes: u64) {
+        self.metrics.peer_bytes_duplicate.inc_by(bytes);
+    }
+
+    /// Counts a piece request answered busy.
+    pub fn peer_busy_refusal(&self) {
+        self.metrics.peer_busy_refusals.inc();
+    }
+
+    /// Counts piece fetches cancelled because another copy arrived first.
+    pub fn peer_fetches_abandoned(&self, fetches: u64) {
+        self.metrics.peer_fetches_abandoned.inc_by(fetches);
+    }
+
+    /// Counts a piece update sent to a subscriber.
+    pub fn peer_update_sent(&self) {
+        self.metrics.peer_updates_sent.inc();
     }
 
     /// Marks the task failed, wakes its readers (who fall back to the origin unless the content

@@ -790,6 +790,7 @@ impl Download {
             for (p, handle) in f.from {
                 if p != parent {
                     handle.abort();
+                    self.engine.peer_fetches_abandoned(1);
                 }
             }
         }
@@ -977,9 +978,11 @@ async fn fetch_piece(
         engine.fail(task, crate::engine::EngineError::Store(e.to_string().into()), true);
         FetchError::Unreachable(e.to_string())
     })?;
-    engine.peer_received(range.end - range.start);
     if first {
+        engine.peer_received(range.end - range.start);
         engine.piece_finished(task, n);
+    } else {
+        engine.peer_duplicate(range.end - range.start);
     }
     Ok(first)
 }

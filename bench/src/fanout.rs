@@ -194,6 +194,65 @@ pub struct Outcome {
     /// Shoal only: CPU seconds of all agents (and the scheduler), and the largest agent peak RSS.
     pub agent_cpu_seconds: Option<f64>,
     pub agent_peak_rss: Option<u64>,
+    /// Shoal only: the nodes' peer counters, averaged per node.
+    pub peer_counters: Option<PeerCounters>,
+}
+
+/// What a node's peer protocol did besides moving piece bytes, averaged over the nodes (from the
+/// agents' Prometheus counters): where downlink bytes other than the blob's go.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PeerCounters {
+    /// Piece updates sent to subscribers.
+    pub updates_sent: f64,
+    /// Piece requests answered "busy".
+    pub busy_refusals: f64,
+    /// Piece bytes that arrived after another copy was stored.
+    pub duplicate_bytes: f64,
+    /// Fetches cancelled because another copy arrived first.
+    pub fetches_abandoned: f64,
+    /// Verified piece bytes from peers.
+    pub piece_bytes_received: f64,
+    /// Bytes from the registry.
+    pub origin_bytes: f64,
+    /// What the peer connections received: UDP datagrams and their payload bytes (QUIC packets
+    /// with pieces, control messages and acknowledgements), acknowledgement frames among them.
+    pub udp_datagrams_received: f64,
+    pub udp_bytes_received: f64,
+    pub ack_frames_received: f64,
+    pub ping_frames_received: f64,
+    pub stream_frames_received: f64,
+    pub credit_frames_received: f64,
+    pub abort_frames_received: f64,
+    /// QUIC packets this node sent that were lost.
+    pub packets_lost: f64,
+}
+
+impl PeerCounters {
+    /// The counters of the agents whose `/metrics` texts are given, averaged.
+    fn average(texts: &[String]) -> PeerCounters {
+        let sum = |name: &str| -> f64 {
+            let value = |t: &String| {
+                t.lines().find(|l| l.split(' ').next() == Some(name)).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+            };
+            texts.iter().filter_map(value).sum::<f64>() / texts.len().max(1) as f64
+        };
+        PeerCounters {
+            updates_sent: sum("shoal_peer_updates_sent_total"),
+            busy_refusals: sum("shoal_peer_busy_refusals_total"),
+            duplicate_bytes: sum("shoal_peer_bytes_duplicate_total"),
+            fetches_abandoned: sum("shoal_peer_fetches_abandoned_total"),
+            piece_bytes_received: sum("shoal_peer_bytes_received_total"),
+            origin_bytes: sum("shoal_origin_bytes_total"),
+            udp_datagrams_received: sum("shoal_peer_udp_datagrams_received_total"),
+            udp_bytes_received: sum("shoal_peer_udp_bytes_received_total"),
+            ack_frames_received: sum("shoal_peer_ack_frames_received_total"),
+            ping_frames_received: sum("shoal_peer_ping_frames_received_total"),
+            stream_frames_received: sum("shoal_peer_stream_frames_received_total"),
+            credit_frames_received: sum("shoal_peer_credit_frames_received_total"),
+            abort_frames_received: sum("shoal_peer_abort_frames_received_total"),
+            packets_lost: sum("shoal_peer_packets_lost_total"),
+        }
+    }
 }
 
 impl Outcome {
@@ -212,6 +271,7 @@ impl Outcome {
             node_bytes_in: f64::NAN,
             agent_cpu_seconds: None,
             agent_peak_rss: None,
+            peer_counters: None,
         }
     }
 }
@@ -338,6 +398,15 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                 rss as f64 / (1 << 20) as f64
             ));
         }
+        if let Some(c) = o.peer_counters {
+            notes.push_str(&format!(
+                "Per Shoal node: {:.0} piece updates sent, {:.0} piece requests answered busy, {:.0} fetches abandoned for another copy, {:.3}× the blob in duplicate piece bytes.\n",
+                c.updates_sent,
+                c.busy_refusals,
+                c.fetches_abandoned,
+                c.duplicate_bytes / size as f64
+            ));
+        }
     }
     if outcomes.iter().any(|o| o.system == System::Bittorrent) {
         notes.push_str("BitTorrent's origin egress is the origin host's interface counter (payload plus protocol overhead); the others count blob bytes in the registry's access log.\n");
@@ -380,6 +449,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                     "node_bytes_in_per_blob": o.node_bytes_in,
                     "agent_cpu_seconds": o.agent_cpu_seconds,
                     "agent_peak_rss_bytes": o.agent_peak_rss,
+                    "peer_counters_per_node": o.peer_counters,
                 }),
             )
         })
@@ -454,6 +524,10 @@ async fn shoal(
     let egress = (registry.blob_bytes(digest) - before) as f64 / size as f64;
     let cpu: f64 = pids.iter().map(|p| process_cpu_seconds(*p)).sum::<f64>() - cpu_before;
     let rss = agents.iter().filter_map(Agent::pid).map(peak_rss).max().unwrap_or(0);
+    let mut texts = Vec::new();
+    for a in &agents {
+        texts.push(a.metrics().await?);
+    }
     for (k, a) in agents.iter().enumerate() {
         if !a.stored_tasks().contains(&shoal_tests::task_dir(digest)) {
             bail!("node {} did not store a verified copy", k + 1);
@@ -467,5 +541,6 @@ async fn shoal(
         node_bytes_in: f64::NAN,
         agent_cpu_seconds: Some(cpu),
         agent_peak_rss: Some(rss),
+        peer_counters: Some(PeerCounters::average(&texts)),
     })
 }

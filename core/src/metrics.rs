@@ -22,6 +22,11 @@ impl Metrics {
         self.registry.lock().unwrap_or_else(|p| p.into_inner()).register(name, help, metric);
     }
 
+    /// Registers a collector: metrics computed at each scrape.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner()).register_collector(collector);
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

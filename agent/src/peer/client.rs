@@ -133,10 +133,16 @@ impl PeerClient {
     }
 
     /// Fetches piece `n` of `task`: the sender's header and the bytes (not yet checked).
+    ///
+    /// Once the bytes are here the stream is dropped without reading its end: the STOP_SENDING
+    /// that QUIC then sends is what tells the parent at once that its upload slot is free (an
+    /// acknowledgement of the last bytes may wait for more packets).
     pub async fn get_piece(&self, addr: SocketAddr, task: &TaskId, n: u32, expected_len: u64) -> Result<(PieceHeader, Bytes), PeerError> {
         let (_send, mut recv) = self.open(addr, Request::GetPiece(GetPiece { task_id: task.to_string(), number: n })).await?;
         let header: PieceHeader = wire::read(&mut recv).await.map_err(|source| PeerError::Wire { addr, source })?;
         if !header.error.is_empty() {
+            // A refusal is the whole answer; reading its end saves the parent a STOP_SENDING.
+            wire::read_end(&mut recv).await;
             return Err(PeerError::Refused { addr, reason: header.error });
         }
         if header.length != expected_len || header.number != n {

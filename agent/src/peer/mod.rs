@@ -4,10 +4,12 @@
 mod client;
 mod server;
 pub mod tls;
+mod traffic;
 pub mod wire;
 
 pub use client::{PeerClient, PeerError, Subscription};
 pub use server::{PeerServer, PeerServerConfig};
+pub use traffic::PeerTraffic;
 
 /// Socket buffer size asked of the kernel for the peer sockets. A shaped link releases its
 /// token-bucket burst at once, and one socket carries every connection of the host: with the

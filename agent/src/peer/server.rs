@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
-use super::PeerClient;
+use super::{PeerClient, PeerTraffic};
 use crate::engine::Engine;
 use crate::ratelimit::RateLimiter;
 
@@ -84,17 +84,20 @@ pub struct PeerServer {
     client: PeerClient,
     /// Connections this host's client opened, served like accepted ones.
     opened: tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+    traffic: PeerTraffic,
 }
 
 impl PeerServer {
-    /// Binds the server; [`PeerServer::run`] serves it.
-    pub fn bind(config: &PeerServerConfig) -> Result<PeerServer, TlsError> {
+    /// Binds the server, whose connections' traffic joins `metrics`; [`PeerServer::run`] serves it.
+    pub fn bind(config: &PeerServerConfig, metrics: &shoal_core::metrics::Metrics) -> Result<PeerServer, TlsError> {
         let server = tls::server_config(config.cluster_tls.as_ref())?;
         let endpoint = super::endpoint(config.listen, Some(server))
             .map_err(|e| TlsError::Quic(format!("cannot listen on udp {}: {e}", config.listen)))?;
         let (serve, opened) = tokio::sync::mpsc::unbounded_channel();
         let client = PeerClient::sharing(endpoint.clone(), config.cluster_tls.as_ref(), serve)?;
-        Ok(PeerServer { endpoint, client, opened })
+        let traffic = PeerTraffic::default();
+        metrics.register_collector(Box::new(traffic.clone()));
+        Ok(PeerServer { endpoint, client, opened, traffic })
     }
 
     /// The client for this host's own fetches, sharing the server's endpoint and connections.
@@ -118,7 +121,8 @@ impl PeerServer {
             started: Default::default(),
         });
         let subscribers = Arc::new(Subscribers::default());
-        let serving = Serving { engine, uploads, subscribers, corrupt: config.corrupt_pieces, seed: config.seed };
+        let serving =
+            Serving { engine, uploads, subscribers, traffic: self.traffic.clone(), corrupt: config.corrupt_pieces, seed: config.seed };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -152,6 +156,7 @@ struct Serving {
     engine: Arc<Engine>,
     uploads: Arc<Uploads>,
     subscribers: Arc<Subscribers>,
+    traffic: PeerTraffic,
     corrupt: bool,
     seed: bool,
 }
@@ -160,7 +165,7 @@ impl Serving {
     /// Answers the requests arriving on `conn` until it closes.
     async fn connection(self, conn: quinn::Connection) {
         let remote = conn.remote_address();
-        self.engine.peer_connection(true);
+        self.traffic.opened(&conn);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let s = self.clone();
             tokio::spawn(async move {
@@ -172,7 +177,7 @@ impl Serving {
                 }
             });
         }
-        self.engine.peer_connection(false);
+        self.traffic.closed(&conn);
     }
 }
 
@@ -220,6 +225,8 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) -> Result<(), wire::WireError> {
     let req: PeerRequest = wire::read(&mut recv).await?;
+    // A request is the whole of its stream (the client finishes it at once).
+    wire::read_end(&mut recv).await;
     match req.request {
         Some(Request::GetPiece(g)) => {
             let refuse = |error: &str| PieceHeader { number: g.number, error: error.into(), ..Default::default() };
@@ -241,6 +248,7 @@ async fn serve_stream(
             // it has a slot, so a piece is noted as sent only when it goes out).
             let permit = uploads.slots.try_acquire().ok();
             let Some(_permit) = permit.filter(|_| !(seed && shared.is_complete()) || uploads.may_resend(file.id(), g.number)) else {
+                engine.peer_busy_refusal();
                 wire::write(&mut send, &refuse("busy")).await?;
                 finish(send);
                 return Ok(());
@@ -337,6 +345,7 @@ async fn serve_stream(
                     let last = update.done || !update.error.is_empty();
                     if !update.numbers.is_empty() || last || sent.count() == 0 {
                         wire::write(&mut send, &update).await?;
+                        engine.peer_update_sent();
                     }
                     if last {
                         return Ok(true);
