@@ -406,6 +406,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
                 c.fetches_abandoned,
                 c.duplicate_bytes / size as f64
             ));
+            notes.push_str(&downlink_account(o, &c, size, args.rate_mbit, bound));
         }
     }
     if outcomes.iter().any(|o| o.system == System::Bittorrent) {
@@ -476,6 +477,38 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         bound,
     )?;
     Ok(FanoutResult { nodes: n, bound, outcomes })
+}
+
+/// Bytes a shaped link counts per datagram beyond its UDP payload: Ethernet, IP and UDP headers
+/// (`tc` counts the Ethernet header too: 100 datagrams of 1,000 bytes count 104,200).
+const DATAGRAM_HEADERS: f64 = 42.0;
+
+/// Where a Shoal node's downlink bytes went, and how close the median node came to the time its
+/// downlink needs to carry them: a Markdown paragraph.
+fn downlink_account(o: &Outcome, c: &PeerCounters, size: usize, rate_mbit: u32, bound: f64) -> String {
+    let blob = size as f64;
+    let total = o.node_bytes_in * blob;
+    let content = c.piece_bytes_received + c.duplicate_bytes + c.origin_bytes;
+    let headers = c.udp_datagrams_received * DATAGRAM_HEADERS;
+    let quic = c.udp_bytes_received - c.piece_bytes_received - c.duplicate_bytes;
+    let rest = total - content - headers - quic;
+    let floor = total * 8.0 / (rate_mbit as f64 * 1e6);
+    let p50 = percentile(&o.seconds, 50.0);
+    format!(
+        "\nWhat crossed a Shoal node's downlink, per blob byte (averaged over the nodes, from its `tc` counter and its agent's QUIC counters):\n\n\
+         | blob bytes (pieces from peers, stripes from the registry) | Ethernet, IP and UDP headers of {:.0} peer datagrams | QUIC beyond piece bytes (packet headers, acknowledgements, piece updates, requests, handshakes) | the rest (the registry's and the scheduler's TCP) | in all |\n\
+         |---|---|---|---|---|\n\
+         | {:.3}× | {:.3}× | {:.3}× | {:.3}× | {:.3}× |\n\n\
+         Carrying that at {rate_mbit} Mbit/s takes a node {floor:.2} s ({:.2}× the bound); the median node took {p50:.2} s, {:.2}× that.\n",
+        c.udp_datagrams_received,
+        content / blob,
+        headers / blob,
+        quic / blob,
+        rest / blob,
+        o.node_bytes_in,
+        floor / bound,
+        p50 / floor,
+    )
 }
 
 /// Shoal's run: a scheduler in the root namespace, an agent per node (and a seed when asked).
