@@ -93,6 +93,7 @@ struct EngineMetrics {
     peer_busy_refusals: Counter,
     peer_fetches_abandoned: Counter,
     peer_updates_sent: Counter,
+    peer_updates_unneeded: Counter,
 }
 
 /// The engine; one per process, shared.
@@ -284,6 +285,11 @@ impl Engine {
             m.peer_fetches_abandoned.clone(),
         );
         metrics.register("peer_updates_sent", "Piece updates sent to subscribed hosts", m.peer_updates_sent.clone());
+        metrics.register(
+            "peer_updates_unneeded",
+            "Piece updates received that named only pieces this host already had",
+            m.peer_updates_unneeded.clone(),
+        );
         Engine {
             store,
             registry,
@@ -719,6 +725,11 @@ impl Engine {
     /// Counts piece fetches cancelled because another copy arrived first.
     pub fn peer_fetches_abandoned(&self, fetches: u64) {
         self.metrics.peer_fetches_abandoned.inc_by(fetches);
+    }
+
+    /// Counts a piece update received that named only pieces already here.
+    pub fn peer_update_unneeded(&self) {
+        self.metrics.peer_updates_unneeded.inc();
     }
 
     /// Counts a piece update sent to a subscriber.

@@ -659,6 +659,10 @@ impl Download {
         if !u.error.is_empty() || !self.parents.contains_key(parent) {
             return;
         }
+        let local = self.task.file.bitmap();
+        if !u.numbers.is_empty() && u.numbers.iter().all(|&n| local.has(n)) {
+            self.engine.peer_update_unneeded();
+        }
         let have = self.have.entry(parent.to_string()).or_insert_with(|| Bitmap::new(count));
         let before = have.count();
         for n in u.numbers {

@@ -204,6 +204,8 @@ pub struct Outcome {
 pub struct PeerCounters {
     /// Piece updates sent to subscribers.
     pub updates_sent: f64,
+    /// Piece updates received that named only pieces the node already had.
+    pub updates_unneeded: f64,
     /// Piece requests answered "busy".
     pub busy_refusals: f64,
     /// Piece bytes that arrived after another copy was stored.
@@ -238,6 +240,7 @@ impl PeerCounters {
         };
         PeerCounters {
             updates_sent: sum("shoal_peer_updates_sent_total"),
+            updates_unneeded: sum("shoal_peer_updates_unneeded_total"),
             busy_refusals: sum("shoal_peer_busy_refusals_total"),
             duplicate_bytes: sum("shoal_peer_bytes_duplicate_total"),
             fetches_abandoned: sum("shoal_peer_fetches_abandoned_total"),
@@ -400,8 +403,9 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<FanoutResult> {
         }
         if let Some(c) = o.peer_counters {
             notes.push_str(&format!(
-                "Per Shoal node: {:.0} piece updates sent, {:.0} piece requests answered busy, {:.0} fetches abandoned for another copy, {:.3}× the blob in duplicate piece bytes.\n",
+                "Per Shoal node: {:.0} piece updates sent ({:.0} of those received named only pieces the node already had), {:.0} piece requests answered busy, {:.0} fetches abandoned for another copy, {:.3}× the blob in duplicate piece bytes.\n",
                 c.updates_sent,
+                c.updates_unneeded,
                 c.busy_refusals,
                 c.fetches_abandoned,
                 c.duplicate_bytes / size as f64

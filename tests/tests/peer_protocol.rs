@@ -62,19 +62,33 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     assert!(matches!(err, PeerError::Length { .. }), "a wrong length is caught before reading");
 
     // The agent counts the piece bytes it sent and the one connection (the slot of a piece is
-    // freed, and its bytes counted, once the client has them all: poll briefly).
-    // Pieces 0, 2 and 5, and piece 1, which was sent before the client saw its length was wrong.
-    let sent = (3 * PIECE + 123) as u64;
+    // freed, and its bytes counted, once the client has them all: poll briefly). Pieces 0, 2 and
+    // 5; and piece 1 when its bytes were all out before the client, seeing the wrong length,
+    // stopped the stream (a race: the server may still be writing them).
+    let taken = (2 * PIECE + 123) as u64;
+    let counted = |m: &str| [taken, taken + PIECE as u64].iter().any(|sent| m.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
         let m = agent.metrics().await.unwrap();
-        if m.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")) || std::time::Instant::now() > deadline {
+        if counted(&m) || std::time::Instant::now() > deadline {
             break m;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    assert!(metrics.contains(&format!("shoal_peer_bytes_sent_total {sent}\n")), "{metrics}");
+    assert!(counted(&metrics), "{metrics}");
     assert!(metrics.contains("shoal_peer_connections 1\n"), "{metrics}");
+    // Its QUIC counters: the three pieces the client took and more crossed the connection (of
+    // piece 1 perhaps not all: the client stopped it), and the client read the end
+    // of the subscription and of both refusals, so at most the four fetches whose bytes it took
+    // (or stopped reading, for the wrong length) sent a STOP_SENDING each.
+    let counter = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
+        line.split(' ').nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert!(counter("shoal_peer_udp_bytes_sent_total") > taken, "{metrics}");
+    assert!(counter("shoal_peer_udp_datagrams_received_total") > 0, "{metrics}");
+    let aborts = counter("shoal_peer_abort_frames_received_total");
+    assert!(aborts <= 4, "{aborts} RESET_STREAM/STOP_SENDING frames from the client:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +146,7 @@ async fn a_seed_holding_a_whole_task_sends_a_piece_again_only_after_a_while() {
     let registry = Registry::start(None).await.unwrap();
     let blob = random_bytes(4 * PIECE, 33);
     let digest = registry.push_blob("team/seeded", &blob).await.unwrap();
-    let (_seed, addr) = agent_with_blob(&registry, "team/seeded", &digest, "seed = true\n", &[]).await;
+    let (seed, addr) = agent_with_blob(&registry, "team/seeded", &digest, "seed = true\n", &[]).await;
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
 
@@ -148,4 +162,6 @@ async fn a_seed_holding_a_whole_task_sends_a_piece_again_only_after_a_while() {
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     let (_, bytes) = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
+    let metrics = seed.metrics().await.unwrap();
+    assert!(metrics.contains("shoal_peer_busy_refusals_total 1\n"), "the one refusal is counted:\n{metrics}");
 }
