@@ -106,17 +106,37 @@ impl Collector for PeerTraffic {
         )?)?;
         let counters: [(&str, &str, u64); 12] = [
             ("peer_udp_datagrams_received", "UDP datagrams received on peer connections", t.datagrams_received),
-            ("peer_udp_bytes_received", "UDP payload bytes received on peer connections (pieces, control, acknowledgements, QUIC headers)", t.bytes_received),
+            (
+                "peer_udp_bytes_received",
+                "UDP payload bytes received on peer connections (pieces, control, acknowledgements, QUIC headers)",
+                t.bytes_received,
+            ),
             ("peer_udp_datagrams_sent", "UDP datagrams sent on peer connections", t.datagrams_sent),
-            ("peer_udp_bytes_sent", "UDP payload bytes sent on peer connections (pieces, control, acknowledgements, QUIC headers)", t.bytes_sent),
+            (
+                "peer_udp_bytes_sent",
+                "UDP payload bytes sent on peer connections (pieces, control, acknowledgements, QUIC headers)",
+                t.bytes_sent,
+            ),
             ("peer_packets_lost", "QUIC packets sent to other hosts and declared lost", t.packets_lost),
             ("peer_bytes_lost", "Bytes of QUIC packets sent to other hosts and declared lost", t.bytes_lost),
             ("peer_ack_frames_received", "QUIC acknowledgement frames received on peer connections", t.ack_frames_received),
             ("peer_ack_frames_sent", "QUIC acknowledgement frames sent on peer connections", t.ack_frames_sent),
             ("peer_ping_frames_received", "QUIC PING frames (keep-alives) received on peer connections", t.ping_frames_received),
-            ("peer_stream_frames_received", "QUIC STREAM frames (pieces and messages) received on peer connections", t.stream_frames_received),
-            ("peer_credit_frames_received", "QUIC flow control frames (MAX_DATA, MAX_STREAM_DATA, MAX_STREAMS) received on peer connections", t.credit_frames_received),
-            ("peer_abort_frames_received", "QUIC RESET_STREAM and STOP_SENDING frames received on peer connections", t.abort_frames_received),
+            (
+                "peer_stream_frames_received",
+                "QUIC STREAM frames (pieces and messages) received on peer connections",
+                t.stream_frames_received,
+            ),
+            (
+                "peer_credit_frames_received",
+                "QUIC flow control frames (MAX_DATA, MAX_STREAM_DATA, MAX_STREAMS) received on peer connections",
+                t.credit_frames_received,
+            ),
+            (
+                "peer_abort_frames_received",
+                "QUIC RESET_STREAM and STOP_SENDING frames received on peer connections",
+                t.abort_frames_received,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
