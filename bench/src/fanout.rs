@@ -233,9 +233,7 @@ impl PeerCounters {
     /// The counters of the agents whose `/metrics` texts are given, averaged.
     fn average(texts: &[String]) -> PeerCounters {
         let sum = |name: &str| -> f64 {
-            let value =
-                |t: &String| t.lines().find(|l| l.split(' ').next() == Some(name)).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok());
-            texts.iter().filter_map(value).sum::<f64>() / texts.len().max(1) as f64
+            texts.iter().filter_map(|t| shoal_tests::metric_value(t, name)).sum::<f64>() / texts.len().max(1) as f64
         };
         PeerCounters {
             updates_sent: sum("shoal_peer_updates_sent_total"),

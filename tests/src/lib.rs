@@ -25,6 +25,11 @@ pub use registry::Registry;
 /// Ports come from below the kernel's ephemeral range (so an outgoing connection cannot take one
 /// between here and the server binding it), free for both TCP and UDP (peer servers are QUIC),
 /// and never twice from one process.
+/// The value of the sample `name` (a counter's or gauge's, no labels) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.split(' ').next() == Some(name)).and_then(|l| l.split(' ').nth(1)?.parse().ok())
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());

@@ -50,8 +50,7 @@ async fn later_pulls_come_from_the_first_node_not_the_registry() {
 /// A counter or gauge from the agent's Prometheus metrics.
 async fn metric(agent: &Agent, name: &str) -> u64 {
     let text = agent.metrics().await.unwrap();
-    let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
-    line.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{line}")) as u64
+    shoal_tests::metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,10 +81,8 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     // piece 1 perhaps not all: the client stopped it), and the client read the end
     // of the subscription and of both refusals, so at most the four fetches whose bytes it took
     // (or stopped reading, for the wrong length) sent a STOP_SENDING each.
-    let counter = |name: &str| -> u64 {
-        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
-        line.split(' ').nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
-    };
+    let counter =
+        |name: &str| -> u64 { shoal_tests::metric_value(&metrics, name).unwrap_or_else(|| panic!("no {name} in:\n{metrics}")) as u64 };
     assert!(counter("shoal_peer_udp_bytes_sent_total") > taken, "{metrics}");
     assert!(counter("shoal_peer_udp_datagrams_received_total") > 0, "{metrics}");
     let aborts = counter("shoal_peer_abort_frames_received_total");
