@@ -266,6 +266,7 @@ impl Counters {
             "releases": n(&fs.releases),
             "reads": n(&fs.reads),
             "read_bytes": n(&fs.read_bytes),
+            "stored_files": n(&fs.stored_files),
             "materialised_files": n(&local.files),
             "materialised_bytes": n(&local.bytes),
             "materialise_failures": n(&local.failed),

@@ -6,6 +6,11 @@
 //! all local are answered on the FUSE thread; the others wait for their chunks on the runtime
 //! without blocking other requests.
 //!
+//! A small file (up to 128 KiB) whose data is local when it is opened gets that data pushed
+//! into the kernel's page cache before the open is answered (FUSE_NOTIFY_STORE), once per
+//! mount: reading it then needs no request, so with passthrough on, where every open reaches
+//! this process, a small file costs one round trip (its open) instead of two.
+//!
 //! Once every chunk of a file of several chunks is local, the file is materialised uncompressed
 //! in the cache, and later opens hand that file to the kernel (FUSE passthrough): reads then go
 //! straight to it and never reach this process. Without passthrough, the first open is answered
@@ -20,7 +25,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -41,6 +46,10 @@ use crate::trace::Trace;
 
 /// How long the kernel may cache entries and attributes: the image is immutable.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Files up to this size have their data put in the kernel's page cache at open when it is
+/// local ([`ShoalFs::store_small`]).
+const STORE_MAX: u64 = 128 << 10;
 
 /// Block size reported by `stat` and `statfs`.
 const BLOCK_SIZE: u32 = 4096;
@@ -101,6 +110,8 @@ pub struct FsStats {
     pub reads: AtomicU64,
     /// Bytes those reads returned.
     pub read_bytes: AtomicU64,
+    /// Opens of small local files whose data was handed to the kernel's page cache at once.
+    pub stored_files: AtomicU64,
     /// The passthrough state, a [`Passthrough`].
     passthrough: AtomicU8,
 }
@@ -113,6 +124,7 @@ impl FsStats {
             releases: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
+            stored_files: AtomicU64::new(0),
             passthrough: AtomicU8::new(passthrough as u8),
         }
     }
@@ -163,6 +175,10 @@ pub struct ShoalFs {
     zero_message_opendirs: bool,
     /// Ask for FUSE over io_uring ([`MountConfig::io_uring`]).
     io_uring: bool,
+    /// Sends notifications to the kernel, once mounted.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Small files whose data is in the kernel's page cache (as far as this mount knows).
+    in_page_cache: InodeSet,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -207,6 +223,7 @@ impl ShoalFs {
     /// A filesystem serving `loader`'s image, running waiting reads on `runtime`.
     pub fn new(loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Arc<Trace>>) -> Self {
         let local = Arc::new(Materialiser::new(loader.bootstrap().clone(), loader.cache().clone(), runtime.clone()));
+        let in_page_cache = InodeSet::new(loader.bootstrap().inode_count());
         ShoalFs {
             bootstrap: loader.bootstrap().clone(),
             loader,
@@ -219,6 +236,8 @@ impl ShoalFs {
             zero_message_opens: false,
             zero_message_opendirs: false,
             io_uring: false,
+            notifier: Arc::new(OnceLock::new()),
+            in_page_cache,
         }
     }
 
@@ -258,7 +277,33 @@ impl ShoalFs {
         fuse_config.acl = if config.allow_other || config.auto_unmount { SessionACL::All } else { SessionACL::Owner };
         fuse_config.n_threads = Some(config.threads.max(1));
         fuse_config.clone_fd = config.threads > 1;
-        fuser::spawn_mount(self, mountpoint, &fuse_config)
+        let notifier = self.notifier.clone();
+        let session = fuser::spawn_mount(self, mountpoint, &fuse_config)?;
+        let _ = notifier.set(session.notifier());
+        Ok(session)
+    }
+
+    /// Puts small file `ino`'s data in the kernel's page cache when it is local and not there
+    /// yet, so that reading it needs no request: an open then costs one round trip, as it
+    /// would without passthrough, instead of two.
+    fn store_small(&self, ino: u64, size: u64) {
+        if size == 0 || size > STORE_MAX || self.in_page_cache.contains(ino) {
+            return;
+        }
+        let Some(notifier) = self.notifier.get() else { return };
+        // Only what is local: a missing chunk is fetched by the read, as usual.
+        let Some(Ok(data)) = self.loader.read_cached(ino, 0, size as u32) else { return };
+        match notifier.store(INodeNo(ino), 0, &data) {
+            Ok(()) => {
+                self.in_page_cache.insert(ino);
+                self.stats.stored_files.fetch_add(1, Ordering::Relaxed);
+                if let Some(trace) = &self.trace {
+                    // Its reads will not be seen: the open stands for the first read.
+                    trace.record(ino);
+                }
+            }
+            Err(e) => debug!(ino, error = %e, "the kernel did not take a small file's data at open; its reads come here"),
+        }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -330,6 +375,29 @@ impl ShoalFs {
         }
         open.plain += 1;
         Some(reply)
+    }
+}
+
+/// A set of inode numbers `1..=count`, one bit each, shared by the FUSE threads.
+struct InodeSet(Vec<AtomicU64>);
+
+impl InodeSet {
+    fn new(count: u64) -> InodeSet {
+        InodeSet((0..count.div_ceil(64) + 1).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn slot(&self, ino: u64) -> Option<(&AtomicU64, u64)> {
+        Some((self.0.get(usize::try_from(ino / 64).ok()?)?, 1 << (ino % 64)))
+    }
+
+    fn contains(&self, ino: u64) -> bool {
+        self.slot(ino).is_some_and(|(word, bit)| word.load(Ordering::Relaxed) & bit != 0)
+    }
+
+    fn insert(&self, ino: u64) {
+        if let Some((word, bit)) = self.slot(ino) {
+            word.fetch_or(bit, Ordering::Relaxed);
+        }
     }
 }
 
@@ -426,6 +494,7 @@ impl fuser::Filesystem for ShoalFs {
             return reply.error(Errno::ENOSYS);
         }
         let Some(reply) = self.open_file(ino.0, reply) else { return };
+        self.store_small(ino.0, attr.size);
         reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
         self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
         if self.stats.passthrough() == Passthrough::On {
@@ -494,6 +563,10 @@ impl fuser::Filesystem for ShoalFs {
         match cached {
             Some(Ok(data)) => {
                 self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if offset == 0 && self.bootstrap.getattr(ino).is_some_and(|a| a.size <= STORE_MAX && a.size <= data.len() as u64) {
+                    // The kernel keeps what it reads whole (FOPEN_KEEP_CACHE).
+                    self.in_page_cache.insert(ino);
+                }
                 reply.data(&data)
             }
             Some(Err(e)) => reply.error(read_errno(ino, offset, &e)),

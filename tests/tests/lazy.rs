@@ -513,6 +513,39 @@ async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without_a_request() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let cache = setup.path("cache");
+    // A first mount reads everything: every chunk is local afterwards.
+    let mut first = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    assert_mounted_as(&first.mountpoint, &layers());
+    assert!(first.stop().await.unwrap().success(), "{}", first.log());
+
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    let stats = mount.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!((n(&stats, "stored_files"), n(&stats, "reads")), (1, 0), "its data came with the open: {stats}");
+    // Opened again, it is not handed over twice; once the page cache lost it, reads fetch it
+    // from shoal as usual.
+    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+    drop_page_cache().unwrap();
+    let file = std::fs::File::open(mount.path("small/one.txt")).unwrap();
+    let mut buf = vec![0; 100];
+    file.read_exact_at(&mut buf, 1000).unwrap();
+    assert_eq!(buf, content("small/one.txt")[1000..1100]);
+    drop(file);
+    // A file above the size handed over at open (bin/tool, 300 KiB) is read through shoal.
+    assert_eq!(std::fs::read(mount.path("bin/tool")).unwrap(), content("bin/tool"));
+    let stats = mount.wait_stats("every open released", |s| s["releases"].as_u64() >= Some(4)).await.unwrap();
+    assert_eq!(n(&stats, "stored_files"), 1, "{stats}");
+    assert!(n(&stats, "reads") >= 2, "the dropped file and bin/tool were read through shoal: {stats}");
+    assert_eq!(n(&stats, "fetched_chunks"), 0, "{stats}");
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_a_file_is_open_through_shoal_new_opens_stay_there_until_it_is_closed() {
     let setup = Setup::new().await;
     let out = setup.path("out");
