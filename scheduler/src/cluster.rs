@@ -286,7 +286,8 @@ impl Cluster {
             // keeps a seed from ever waiting on the children waiting on it.
             return self.send_to_source(task, host);
         }
-        let seeded = self.hosts.seeds(now).iter().any(|s| &s.info.id != host && !child.avoids(&s.info.id, now));
+        // A seed out of upload slots still fetches the task: its children feed the rest.
+        let seeded = self.hosts.healthy_seeds(now).any(|s| &s.info.id != host && !child.avoids(&s.info.id, now));
         if let Some(d) = self.take_stripe(task, host, seeded) {
             return Ok(d);
         }
@@ -325,6 +326,8 @@ impl Cluster {
                 self.hosts.seeds(now).into_iter().find(|s| &s.info.id != host && !child.avoids(&s.info.id, now)).map(|s| s.info.id.clone());
             match seed {
                 Some(s) => parents.push(s),
+                // A seed is only out of upload slots: one frees up soon.
+                None if seeded => return Ok(Decision::Wait),
                 None => {
                     // Every stripe is taken or fetched: while a source still fetches, the
                     // pieces are coming; fetching the whole task once more would not be faster.
@@ -676,6 +679,32 @@ mod tests {
         c.piece_finished(&t, &id("seed1"), 0, "s0").unwrap();
         let d = c.register(&t, 4 * MIB, &id("b"), 0).unwrap();
         assert_eq!(d, Decision::Parents(vec![id("seed1"), id("a")]));
+    }
+
+    #[test]
+    fn a_seed_out_of_upload_slots_still_keeps_peers_from_the_origin() {
+        let mut c = Cluster::new(Limits::default());
+        let mut seed = host("seed1", true);
+        seed.upload_slots = 1;
+        c.announce_host(seed, 0);
+        for n in ["a", "b", "c"] {
+            c.announce_host(host(n, false), 0);
+        }
+        let t = task();
+        assert_eq!(c.register(&t, 4 * MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("seed1")]));
+        assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource(0..64));
+        // The seed's one slot is a's: b and c get the blob through a, or wait, but never fetch
+        // a stripe of it from the origin while the seed fetches all of it.
+        for n in ["b", "c"] {
+            let d = c.register(&t, 4 * MIB, &id(n), 0).unwrap();
+            assert!(!matches!(d, Decision::BackToSource(_)), "{n}: {d:?}");
+        }
+        // Nor while the busy seed has not even registered the task yet.
+        let t2 = TaskId::of_digest(&Digest::of(b"other"));
+        for n in ["b", "c"] {
+            let d = c.register(&t2, 4 * MIB, &id(n), 0).unwrap();
+            assert_eq!(d, Decision::Wait, "{n}");
+        }
     }
 
     #[test]

@@ -56,9 +56,14 @@ impl Host {
         self.failures.iter().filter(|&&t| now.saturating_sub(t) < FAILURE_WINDOW_MS).count()
     }
 
+    /// Whether it is not failing: busy or not, it serves and fetches.
+    pub fn healthy(&self, now: u64) -> bool {
+        self.recent_failures(now) < FAILURE_LIMIT
+    }
+
     /// Whether it may be chosen as a parent now: not failing, and a free upload slot.
     pub fn available(&self, now: u64) -> bool {
-        self.recent_failures(now) < FAILURE_LIMIT && self.uploads < self.info.upload_slots
+        self.healthy(now) && self.uploads < self.info.upload_slots
     }
 }
 
@@ -114,7 +119,13 @@ impl Hosts {
         }
     }
 
-    /// Every seed, least loaded first.
+    /// Every healthy seed, busy or not: while one is, it fetches each task from the origin for
+    /// the cluster.
+    pub fn healthy_seeds(&self, now: u64) -> impl Iterator<Item = &Host> {
+        self.hosts.values().filter(move |h| h.info.seed && h.healthy(now))
+    }
+
+    /// Every seed that may be a parent now (see [`Host::available`]), least loaded first.
     pub fn seeds(&self, now: u64) -> Vec<&Host> {
         let mut seeds: Vec<&Host> = self.hosts.values().filter(|h| h.info.seed && h.available(now)).collect();
         seeds.sort_by_key(|h| (h.uploads, h.info.id.clone()));
