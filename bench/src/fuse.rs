@@ -78,6 +78,8 @@ struct Measured {
     big: Timings,
     /// Reading every small file, walking the tree.
     small: Timings,
+    /// Reading every small file by its path, without listing a directory.
+    by_path: Timings,
     /// The system's own counters after the last read, if it keeps any.
     stats: serde_json::Value,
 }
@@ -564,12 +566,25 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seconds to list and read every small file under `root`, checking the total.
-fn time_small(root: &Path, tree: &Tree) -> anyhow::Result<f64> {
+/// How the small files are found.
+#[derive(Clone, Copy)]
+enum Find {
+    /// Listing their directories, as `find` or `tar` would: a walker takes a file's type from
+    /// the listing, or from `lstat` when the listing does not say.
+    Walk,
+    /// By their known paths, as a program loading its own files does.
+    Path,
+}
+
+/// Seconds to find and read every small file under `root`, checking the total.
+fn time_small(root: &Path, tree: &Tree, find: Find) -> anyhow::Result<f64> {
     let mut buf = vec![0u8; 1 << 20];
     let started = Instant::now();
     let mut files = Vec::new();
-    walk(&root.join("small"), &mut files)?;
+    match find {
+        Find::Walk => walk(&root.join("small"), &mut files)?,
+        Find::Path => files.extend(tree.small.iter().map(|rel| root.join(rel))),
+    }
     let mut read = 0;
     for path in &files {
         read += read_file(path, &mut buf)?;
@@ -598,7 +613,7 @@ fn tree_digest(root: &Path, tree: &Tree) -> anyhow::Result<String> {
 }
 
 /// Measures one system: `runs` rounds of cold, warm and local reads of the big file, then of
-/// the small files; checks once that it serves the tree's exact content.
+/// the small files (found by listing, then by path); checks once that it serves the tree's exact content.
 async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &str) -> anyhow::Result<Measured> {
     let mut m = Measured::default();
     for run in 0..runs {
@@ -610,21 +625,24 @@ async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &
         system.settle(1).await?;
         time_big(&root, tree)?;
         m.big.warm.push(time_big(&root, tree)?);
-        let root = system.local().await?;
+        let mut root = system.local().await?;
         drop_page_cache()?;
         m.big.local.push(time_big(&root, tree)?);
-        // The small files, on a fresh mount of their own.
-        let root = system.cold().await?;
-        drop_page_cache()?;
-        m.small.cold.push(time_small(&root, tree)?);
-        // Files of one chunk need no copy: their cached chunk is handed to the kernel.
-        let multi_chunk = tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
-        system.settle(multi_chunk).await?;
-        time_small(&root, tree)?;
-        m.small.warm.push(time_small(&root, tree)?);
-        let root = system.local().await?;
-        drop_page_cache()?;
-        m.small.local.push(time_small(&root, tree)?);
+        // The small files, on fresh mounts of their own, found by listing and by path.
+        for (find, timings) in [(Find::Walk, &mut m.small), (Find::Path, &mut m.by_path)] {
+            root = system.cold().await?;
+            drop_page_cache()?;
+            timings.cold.push(time_small(&root, tree, find)?);
+            // Files of one chunk need no copy: their cached chunk is handed to the kernel.
+            let multi_chunk =
+                tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
+            system.settle(multi_chunk).await?;
+            time_small(&root, tree, find)?;
+            timings.warm.push(time_small(&root, tree, find)?);
+            root = system.local().await?;
+            drop_page_cache()?;
+            timings.local.push(time_small(&root, tree, find)?);
+        }
         if run + 1 == runs {
             let got = tree_digest(&root, tree)?;
             if got != expected {
@@ -776,6 +794,7 @@ fn report(
     let native = &results[0].1;
     let mut systems = serde_json::Map::new();
     let mut rows = String::new();
+    let mut by_path_rows = String::new();
     for (name, m) in results {
         let medians = |t: &Timings| serde_json::json!({ "cold": median(&t.cold), "local": median(&t.local), "warm": median(&t.warm) });
         let vs = |t: &Timings, n: &Timings| {
@@ -790,10 +809,13 @@ fn report(
             serde_json::json!({
                 "big_seconds": m.big.json(),
                 "small_seconds": m.small.json(),
+                "small_by_path_seconds": m.by_path.json(),
                 "big_median_seconds": medians(&m.big),
                 "small_median_seconds": medians(&m.small),
+                "small_by_path_median_seconds": medians(&m.by_path),
                 "big_speed_vs_native": vs(&m.big, &native.big),
                 "small_speed_vs_native": vs(&m.small, &native.small),
+                "small_by_path_speed_vs_native": vs(&m.by_path, &native.by_path),
                 "last_mount_stats": m.stats,
             }),
         );
@@ -809,6 +831,12 @@ fn report(
             cell(&m.small.cold, &native.small.cold, tree.small_bytes),
             cell(&m.small.local, &native.small.local, tree.small_bytes),
             cell(&m.small.warm, &native.small.warm, tree.small_bytes),
+        ));
+        by_path_rows.push_str(&format!(
+            "| {name} | {} | {} | {} |\n",
+            cell(&m.by_path.cold, &native.by_path.cold, tree.small_bytes),
+            cell(&m.by_path.local, &native.by_path.local, tree.small_bytes),
+            cell(&m.by_path.warm, &native.by_path.warm, tree.small_bytes),
         ));
     }
     let json = serde_json::json!({
@@ -861,6 +889,10 @@ fn report(
          localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}. \
          Shoal's rows take requests over FUSE over io_uring (the bench turns `enable_uring` on for them), except \
          `shoal-passthrough-devfuse`, the same mount over /dev/fuse.\n\n\
+         The same {n} small files opened by their paths in name order, without listing a directory (as a program \
+         loading its own files does); a listing walker instead takes each file's type from the listing, or from `lstat` \
+         where the listing leaves it out:\n\n\
+         | system | by path cold | by path local | by path warm |\n|---|---|---|---|\n{by_path_rows}\n\
          | builder, from the same {input:.0} MiB layer tar | time | output | of which bootstrap |\n|---|---|---|---|\n{builders}\n\
          Machine: {cpus} × {cpu}, kernel {kernel}.\n",
         big = mib(tree.big_bytes),

@@ -127,7 +127,8 @@ pub struct MountArgs {
     no_io_uring: bool,
     /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:
     /// opens served by passthrough and by this process, read requests and bytes this process
-    /// answered, files materialised, chunks fetched, requests taken over io_uring.
+    /// answered, small files whose data went to the page cache with their open, files
+    /// materialised, chunks fetched, requests taken over io_uring.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
     /// Config file: data_dir, logging, registry credentials and TLS settings.
