@@ -543,9 +543,16 @@ mod tests {
     }
 
     fn cluster(names: &[&str]) -> Cluster {
+        cluster_with_slots(&names.iter().map(|n| (*n, 4)).collect::<Vec<_>>())
+    }
+
+    /// Hosts named `seed…` are seeds; each uploads to as many children at once as it is given.
+    fn cluster_with_slots(hosts: &[(&str, u32)]) -> Cluster {
         let mut c = Cluster::new(Limits::default());
-        for n in names {
-            c.announce_host(host(n, n.starts_with("seed")), 0);
+        for (n, slots) in hosts {
+            let mut h = host(n, n.starts_with("seed"));
+            h.upload_slots = *slots;
+            c.announce_host(h, 0);
         }
         c
     }
@@ -683,13 +690,7 @@ mod tests {
 
     #[test]
     fn a_seed_out_of_upload_slots_still_keeps_peers_from_the_origin() {
-        let mut c = Cluster::new(Limits::default());
-        let mut seed = host("seed1", true);
-        seed.upload_slots = 1;
-        c.announce_host(seed, 0);
-        for n in ["a", "b", "c"] {
-            c.announce_host(host(n, false), 0);
-        }
+        let mut c = cluster_with_slots(&[("seed1", 1), ("a", 4), ("b", 4), ("c", 4)]);
         let t = task();
         assert_eq!(c.register(&t, 4 * MIB, &id("a"), 0).unwrap(), Decision::Parents(vec![id("seed1")]));
         assert_eq!(c.register(&t, 4 * MIB, &id("seed1"), 0).unwrap(), Decision::BackToSource(0..64));
@@ -807,13 +808,8 @@ mod tests {
 
     #[test]
     fn a_child_waits_for_a_free_slot_rather_than_fetch_from_the_origin_again() {
-        let mut c = Cluster::new(Limits::default());
         // src uploads to one child at a time, a to none.
-        for (n, slots) in [("src", 1), ("a", 0), ("b", 1)] {
-            let mut h = host(n, false);
-            h.upload_slots = slots;
-            c.announce_host(h, 0);
-        }
+        let mut c = cluster_with_slots(&[("src", 1), ("a", 0), ("b", 1)]);
         let t = task();
         assert_eq!(c.register(&t, MIB, &id("src"), 0).unwrap(), Decision::BackToSource(0..16));
         for n in 0..16 {
@@ -831,13 +827,7 @@ mod tests {
 
     #[test]
     fn upload_slots_bound_children_per_parent() {
-        let mut c = Cluster::new(Limits::default());
-        let mut src = host("src", false);
-        src.upload_slots = 2;
-        c.announce_host(src, 0);
-        for n in ["a", "b", "c", "d"] {
-            c.announce_host(host(n, false), 0);
-        }
+        let mut c = cluster_with_slots(&[("src", 2), ("a", 4), ("b", 4), ("c", 4), ("d", 4)]);
         let t = task();
         c.register(&t, MIB, &id("src"), 0).unwrap();
         c.piece_finished(&t, &id("src"), 0, "d").unwrap();

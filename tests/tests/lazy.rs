@@ -124,6 +124,13 @@ impl Setup {
         self.work.path().join(name)
     }
 
+    /// Builds the source image into local files (`out/`: bootstrap and blobs) and returns their directory.
+    fn build_local(&self) -> PathBuf {
+        let out = self.path("out");
+        shoal_build(&[self.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+        out
+    }
+
     /// Copies the source image into the registry as `repo_tag`.
     fn push_source(&self, repo_tag: &str) {
         require("skopeo");
@@ -464,8 +471,7 @@ fn n(stats: &serde_json::Value, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel_without_shoal() {
     let setup = Setup::new().await;
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
     let key = file_key(&bootstrap, bootstrap.resolve(b"data/big.bin").unwrap()).unwrap();
     let cache = setup.path("cache");
@@ -515,8 +521,7 @@ async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without_a_request() {
     let setup = Setup::new().await;
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let cache = setup.path("cache");
     // A first mount reads everything: every chunk is local afterwards.
     let mut first = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
@@ -548,8 +553,7 @@ async fn a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_a_file_is_open_through_shoal_new_opens_stay_there_until_it_is_closed() {
     let setup = Setup::new().await;
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let big = content("data/big.bin");
     let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
     let mut held = std::fs::File::open(mount.path("data/big.bin")).unwrap();
@@ -574,8 +578,7 @@ async fn while_a_file_is_open_through_shoal_new_opens_stay_there_until_it_is_clo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing_is_materialised() {
     let setup = Setup::new().await;
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let cache = setup.path("cache");
     let big = content("data/big.bin");
     // Set as the environment variable (shoal's configuration must not take it for one of its own).
@@ -608,8 +611,7 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_cache_serves_one_mount_at_a_time_and_the_default_ones_stay_apart() {
     let setup = Setup::new().await;
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let cache = setup.path("cache");
     let mut first = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
     let err = Mount::start(&local_mount_args(&out, &cache, &[])).await.err().expect("a second mount on a cache in use must fail");
@@ -679,8 +681,7 @@ async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_b
     assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
 
     // --no-io-uring keeps to /dev/fuse even where the kernel offers io_uring.
-    let out = setup.path("out");
-    shoal_build(&[setup.source(), s("--output-dir"), path_arg(&out)]).unwrap();
+    let out = setup.build_local();
     let mut plain = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &["--no-io-uring"])).await.unwrap();
     assert_mounted_as(&plain.mountpoint, &layers());
     assert!(plain.stop().await.unwrap().success(), "{}", plain.log());
