@@ -616,6 +616,8 @@ fn tree_digest(root: &Path, tree: &Tree) -> anyhow::Result<String> {
 /// the small files (found by listing, then by path); checks once that it serves the tree's exact content.
 async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &str) -> anyhow::Result<Measured> {
     let mut m = Measured::default();
+    // Files of one chunk need no copy: their cached chunk is handed to the kernel.
+    let multi_chunk = tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
     for run in 0..runs {
         eprintln!("{} run {}/{runs}", system.name(), run + 1);
         // The big file.
@@ -633,9 +635,6 @@ async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &
             root = system.cold().await?;
             drop_page_cache()?;
             timings.cold.push(time_small(&root, tree, find)?);
-            // Files of one chunk need no copy: their cached chunk is handed to the kernel.
-            let multi_chunk =
-                tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
             system.settle(multi_chunk).await?;
             time_small(&root, tree, find)?;
             timings.warm.push(time_small(&root, tree, find)?);
@@ -823,21 +822,14 @@ fn report(
             let secs = median(samples);
             format!("{secs:.2} s, {:.0} MiB/s, {:.2}×", mib(bytes) / secs, median(native) / secs)
         };
-        rows.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {} |\n",
-            cell(&m.big.cold, &native.big.cold, tree.big_bytes),
-            cell(&m.big.local, &native.big.local, tree.big_bytes),
-            cell(&m.big.warm, &native.big.warm, tree.big_bytes),
-            cell(&m.small.cold, &native.small.cold, tree.small_bytes),
-            cell(&m.small.local, &native.small.local, tree.small_bytes),
-            cell(&m.small.warm, &native.small.warm, tree.small_bytes),
-        ));
-        by_path_rows.push_str(&format!(
-            "| {name} | {} | {} | {} |\n",
-            cell(&m.by_path.cold, &native.by_path.cold, tree.small_bytes),
-            cell(&m.by_path.local, &native.by_path.local, tree.small_bytes),
-            cell(&m.by_path.warm, &native.by_path.warm, tree.small_bytes),
-        ));
+        // Cold, local and warm, each against native's.
+        let cells = |t: &Timings, n: &Timings, bytes: u64| {
+            format!("{} | {} | {}", cell(&t.cold, &n.cold, bytes), cell(&t.local, &n.local, bytes), cell(&t.warm, &n.warm, bytes))
+        };
+        let big = cells(&m.big, &native.big, tree.big_bytes);
+        let small = cells(&m.small, &native.small, tree.small_bytes);
+        rows.push_str(&format!("| {name} | {big} | {small} |\n"));
+        by_path_rows.push_str(&format!("| {name} | {} |\n", cells(&m.by_path, &native.by_path, tree.small_bytes)));
     }
     let json = serde_json::json!({
         "scenario": "fuse",
