@@ -1,7 +1,9 @@
 //! The FUSE scenario: a tree of one big file and many small files, converted by `shoal build`
-//! and by `nydus-image create`, and read through `shoal mount` with kernel passthrough, through
-//! `shoal mount --no-passthrough`, through `nydusd` (Nydus, RAFS v6 with its uncompressed local
-//! blob cache) and straight from the native directory, in the same run on the same disk.
+//! and by `nydus-image create`, and read through `shoal mount` as deployed (small files and
+//! large files from two FUSE mounts merged by overlayfs, large files by kernel passthrough),
+//! through `shoal mount --one-mount` (one FUSE mount, passthrough), through `shoal mount
+//! --no-passthrough`, through `nydusd` (Nydus, RAFS v6 with its uncompressed local blob cache)
+//! and straight from the native directory, in the same run on the same disk.
 //! Nydus must be installed first (`cargo install --locked nydus-rs`, which needs cmake).
 //!
 //! Each way of serving the tree is a [`System`]; each is measured in three states:
@@ -11,6 +13,10 @@
 //! - **warm**: the same files read again, page cache warm.
 //!
 //! The native directory's cold and local states are the same: the files on disk, page cache dropped.
+//!
+//! A container never reads a lazy-loading mount directly: its runtime stacks an overlayfs with
+//! a writable layer on the image's tree. Each system's warm reads are also measured that way
+//! ([`ContainerRoot`]), Shoal's merged mount giving its two FUSE mounts as the lower layers.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -80,6 +86,8 @@ struct Measured {
     small: Timings,
     /// Reading every small file by its path, without listing a directory.
     by_path: Timings,
+    /// Warm reads through a container's overlayfs.
+    container: ContainerTimings,
     /// The system's own counters after the last read, if it keeps any.
     stats: serde_json::Value,
 }
@@ -118,6 +126,56 @@ trait System {
 
     /// Stops serving; returns its counters, if it keeps any.
     async fn stop(&mut self) -> anyhow::Result<serde_json::Value>;
+
+    /// The lower layers a container's overlayfs takes for the tree served at `root`, top first.
+    fn lowers(&self, root: &Path) -> Vec<PathBuf> {
+        vec![root.to_path_buf()]
+    }
+}
+
+/// Seconds per run of warm reads through a container's overlayfs.
+#[derive(Debug, Default, Clone)]
+struct ContainerTimings {
+    /// The big file.
+    big: Vec<f64>,
+    /// Every small file, found by listing.
+    small: Vec<f64>,
+    /// Every small file, by path.
+    by_path: Vec<f64>,
+}
+
+/// A container's root: a read-only tree's lower layers under an overlayfs with an empty
+/// writable layer, as containerd's overlayfs snapshotter mounts one; unmounted when dropped.
+struct ContainerRoot {
+    /// Holds the writable layer, overlayfs's work directory and the mount point.
+    dir: tempfile::TempDir,
+}
+
+impl ContainerRoot {
+    fn mount(lowers: &[PathBuf], work: &Path) -> anyhow::Result<ContainerRoot> {
+        let dir = tempfile::Builder::new().prefix("container-").tempdir_in(work)?;
+        for sub in ["upper", "work", "root"] {
+            std::fs::create_dir(dir.path().join(sub))?;
+        }
+        let lowerdir = lowers.iter().map(|l| l.display().to_string()).collect::<Vec<_>>().join(":");
+        let options =
+            format!("lowerdir={lowerdir},upperdir={},workdir={}", dir.path().join("upper").display(), dir.path().join("work").display());
+        let status = Command::new("mount").args(["-t", "overlay", "container", "-o", &options]).arg(dir.path().join("root")).status()?;
+        if !status.success() {
+            bail!("mounting a container's overlayfs over {lowerdir}: {status}");
+        }
+        Ok(ContainerRoot { dir })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for ContainerRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.root()).status();
+    }
 }
 
 /// The native directory.
@@ -144,12 +202,23 @@ impl System for Native {
     }
 }
 
+/// How `shoal mount` serves the image.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ShoalMode {
+    /// The default: small files and large files from two FUSE mounts merged by overlayfs,
+    /// large files by passthrough once local.
+    Merged,
+    /// `--one-mount`: one FUSE mount, every open asks shoal, passthrough once local.
+    OneMount,
+    /// `--no-passthrough`: one FUSE mount that the kernel opens files of without asking, every
+    /// read served by shoal or the page cache.
+    Plain,
+}
+
 /// `shoal mount --bootstrap --blobs` of the built image.
 struct Shoal {
-    /// Passthrough on or off.
-    passthrough: bool,
-    /// Requests over FUSE-over-io_uring (the default where the kernel offers it), or /dev/fuse.
-    io_uring: bool,
+    /// How it mounts.
+    mode: ShoalMode,
     /// The built image: `bootstrap` and `blobs/`.
     image: PathBuf,
     /// The chunk cache of the current round.
@@ -159,8 +228,8 @@ struct Shoal {
 }
 
 impl Shoal {
-    fn new(image: &Path, work: &Path, passthrough: bool, io_uring: bool) -> Shoal {
-        let mut shoal = Shoal { passthrough, io_uring, image: image.to_path_buf(), cache: PathBuf::new(), mount: None };
+    fn new(image: &Path, work: &Path, mode: ShoalMode) -> Shoal {
+        let mut shoal = Shoal { mode, image: image.to_path_buf(), cache: PathBuf::new(), mount: None };
         shoal.cache = work.join(format!("cache-{}", shoal.name()));
         shoal
     }
@@ -175,11 +244,10 @@ impl Shoal {
             "--cache-dir".into(),
             self.cache.display().to_string(),
         ];
-        if !self.passthrough {
-            args.push("--no-passthrough".into());
-        }
-        if !self.io_uring {
-            args.push("--no-io-uring".into());
+        match self.mode {
+            ShoalMode::Merged => {}
+            ShoalMode::OneMount => args.push("--one-mount".into()),
+            ShoalMode::Plain => args.push("--no-passthrough".into()),
         }
         let mount = Mount::start(&args).await?;
         let root = mount.mountpoint.clone();
@@ -190,11 +258,10 @@ impl Shoal {
 
 impl System for Shoal {
     fn name(&self) -> &str {
-        match (self.passthrough, self.io_uring) {
-            (true, true) => "shoal-passthrough",
-            (true, false) => "shoal-passthrough-devfuse",
-            (false, true) => "shoal-plain",
-            (false, false) => "shoal-plain-devfuse",
+        match self.mode {
+            ShoalMode::Merged => "shoal",
+            ShoalMode::OneMount => "shoal-one-mount",
+            ShoalMode::Plain => "shoal-plain",
         }
     }
 
@@ -208,7 +275,7 @@ impl System for Shoal {
 
     async fn settle(&mut self, files: usize) -> anyhow::Result<()> {
         let Some(mount) = &self.mount else { bail!("{} is not mounted", self.name()) };
-        if !self.passthrough {
+        if self.mode == ShoalMode::Plain {
             return Ok(());
         }
         let started = Instant::now();
@@ -225,6 +292,15 @@ impl System for Shoal {
             bail!("shoal mount exited with {status}:\n{}", mount.log());
         }
         Ok(stats)
+    }
+
+    /// A merged mount's own FUSE mounts (an overlayfs cannot stack on it), as its stats name them.
+    fn lowers(&self, root: &Path) -> Vec<PathBuf> {
+        let stats = self.mount.as_ref().map(Mount::stats).unwrap_or_default();
+        match stats["lower_dirs"].as_array() {
+            Some(dirs) => dirs.iter().filter_map(|d| d.as_str()).map(PathBuf::from).collect(),
+            None => vec![root.to_path_buf()],
+        }
     }
 }
 
@@ -613,8 +689,9 @@ fn tree_digest(root: &Path, tree: &Tree) -> anyhow::Result<String> {
 }
 
 /// Measures one system: `runs` rounds of cold, warm and local reads of the big file, then of
-/// the small files (found by listing, then by path); checks once that it serves the tree's exact content.
-async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &str) -> anyhow::Result<Measured> {
+/// the small files (found by listing, then by path); checks once that it serves the tree's exact
+/// content; then warm reads of both through a container's overlayfs (scratch under `work`).
+async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &str, work: &Path) -> anyhow::Result<Measured> {
     let mut m = Measured::default();
     // Files of one chunk need no copy: their cached chunk is handed to the kernel.
     let multi_chunk = tree.small.iter().filter(|rel| std::fs::metadata(tree.root.join(rel)).is_ok_and(|m| m.len() > 1 << 20)).count();
@@ -649,6 +726,23 @@ async fn measure(system: &mut impl System, tree: &Tree, runs: usize, expected: &
             }
         }
     }
+    // A node where the whole image is local (for Shoal with passthrough, the big file
+    // materialised) starts a container.
+    let root = system.cold().await?;
+    time_big(&root, tree)?;
+    time_small(&root, tree, Find::Path)?;
+    system.settle(1 + multi_chunk).await?;
+    let root = system.local().await?;
+    let container = ContainerRoot::mount(&system.lowers(&root), work)?;
+    let root = container.root();
+    time_big(&root, tree)?;
+    time_small(&root, tree, Find::Walk)?;
+    for _ in 0..runs {
+        m.container.big.push(time_big(&root, tree)?);
+        m.container.small.push(time_small(&root, tree, Find::Walk)?);
+        m.container.by_path.push(time_small(&root, tree, Find::Path)?);
+    }
+    drop(container);
     m.stats = system.stop().await?;
     Ok(m)
 }
@@ -758,19 +852,19 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
 
     let mut results: Vec<(String, Measured)> = Vec::new();
     let mut native = Native { root: tree.root.clone() };
-    results.push((native.name().into(), measure(&mut native, &tree, args.runs, &expected).await?));
-    // Shoal as deployed (io_uring on: see the README), and with passthrough over /dev/fuse.
+    results.push((native.name().into(), measure(&mut native, &tree, args.runs, &expected, work.path()).await?));
+    // Shoal as deployed (io_uring on: see the README), in each of its ways of mounting.
     let _io_uring =
         shoal_tests::lazy::IoUringOn::new().map_err(|e| eprintln!("warning: {e}: Shoal's rows take requests through /dev/fuse")).ok();
-    for (passthrough, io_uring) in [(true, true), (true, false), (false, true)] {
-        let mut shoal = Shoal::new(&image, work.path(), passthrough, io_uring);
-        let measured = measure(&mut shoal, &tree, args.runs, &expected).await;
+    for mode in [ShoalMode::Merged, ShoalMode::OneMount, ShoalMode::Plain] {
+        let mut shoal = Shoal::new(&image, work.path(), mode);
+        let measured = measure(&mut shoal, &tree, args.runs, &expected, work.path()).await;
         let _ = shoal.stop().await;
         results.push((shoal.name().into(), measured?));
     }
     if let Some(nydus_built) = &nydus_built {
         let mut nydus = Nydus::new(nydus_built, work.path())?;
-        let measured = measure(&mut nydus, &tree, args.runs, &expected).await;
+        let measured = measure(&mut nydus, &tree, args.runs, &expected, work.path()).await;
         let _ = nydus.stop().await;
         results.push((nydus.name().into(), measured?));
     }
@@ -794,6 +888,7 @@ fn report(
     let mut systems = serde_json::Map::new();
     let mut rows = String::new();
     let mut by_path_rows = String::new();
+    let mut container_rows = String::new();
     for (name, m) in results {
         let medians = |t: &Timings| serde_json::json!({ "cold": median(&t.cold), "local": median(&t.local), "warm": median(&t.warm) });
         let vs = |t: &Timings, n: &Timings| {
@@ -815,12 +910,18 @@ fn report(
                 "big_speed_vs_native": vs(&m.big, &native.big),
                 "small_speed_vs_native": vs(&m.small, &native.small),
                 "small_by_path_speed_vs_native": vs(&m.by_path, &native.by_path),
+                "container_warm_seconds": { "big": m.container.big, "small": m.container.small, "small_by_path": m.container.by_path },
+                "container_warm_speed_vs_native": {
+                    "big": median(&native.container.big) / median(&m.container.big),
+                    "small": median(&native.container.small) / median(&m.container.small),
+                    "small_by_path": median(&native.container.by_path) / median(&m.container.by_path),
+                },
                 "last_mount_stats": m.stats,
             }),
         );
         let cell = |samples: &[f64], native: &[f64], bytes: u64| {
             let secs = median(samples);
-            format!("{secs:.2} s, {:.0} MiB/s, {:.2}×", mib(bytes) / secs, median(native) / secs)
+            format!("{secs:.3} s, {:.0} MiB/s, {:.2}×", mib(bytes) / secs, median(native) / secs)
         };
         // Cold, local and warm, each against native's.
         let cells = |t: &Timings, n: &Timings, bytes: u64| {
@@ -830,6 +931,13 @@ fn report(
         let small = cells(&m.small, &native.small, tree.small_bytes);
         rows.push_str(&format!("| {name} | {big} | {small} |\n"));
         by_path_rows.push_str(&format!("| {name} | {} |\n", cells(&m.by_path, &native.by_path, tree.small_bytes)));
+        let (c, nc) = (&m.container, &native.container);
+        container_rows.push_str(&format!(
+            "| {name} | {} | {} | {} |\n",
+            cell(&c.big, &nc.big, tree.big_bytes),
+            cell(&c.small, &nc.small, tree.small_bytes),
+            cell(&c.by_path, &nc.by_path, tree.small_bytes)
+        ));
     }
     let json = serde_json::json!({
         "scenario": "fuse",
@@ -879,12 +987,20 @@ fn report(
          then); warm: read again, page cache warm. Reads are 1 MiB `read` calls; the small files are listed and read in \
          name order, one at a time. Chunks come from local blob files (`shoal mount --bootstrap --blobs`, nydusd's \
          localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}. \
-         Shoal's rows take requests over FUSE over io_uring (the bench turns `enable_uring` on for them), except \
-         `shoal-passthrough-devfuse`, the same mount over /dev/fuse.\n\n\
+         Shoal's rows take requests over FUSE over io_uring (the bench turns `enable_uring` on for them). \
+         `shoal` is the default mount: small files and directories from one FUSE mount (the kernel opens its files \
+         without asking), large files from another (passthrough once local), merged by overlayfs; `shoal-one-mount` \
+         serves everything from one FUSE mount with passthrough (`--one-mount`), so every open asks shoal; \
+         `shoal-plain` is one mount without passthrough (`--no-passthrough`).\n\n\
          The same {n} small files opened by their paths in name order, without listing a directory (as a program \
          loading its own files does); a listing walker instead takes each file's type from the listing, or from `lstat` \
          where the listing leaves it out:\n\n\
          | system | by path cold | by path local | by path warm |\n|---|---|---|---|\n{by_path_rows}\n\
+         Warm reads as a container sees the tree: through an overlayfs with an empty writable layer over the system's \
+         tree, as containerd's overlayfs snapshotter mounts a container's root (Shoal's merged mount gives its two FUSE \
+         mounts as the lower layers; the others their mount point; native its directory). Median of {runs} runs; \
+         speed relative to native under the same overlayfs:\n\n\
+         | system | big file warm | small files listed warm | small files by path warm |\n|---|---|---|---|\n{container_rows}\n\
          | builder, from the same {input:.0} MiB layer tar | time | output | of which bootstrap |\n|---|---|---|---|\n{builders}\n\
          Machine: {cpus} × {cpu}, kernel {kernel}.\n",
         big = mib(tree.big_bytes),

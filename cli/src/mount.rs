@@ -2,7 +2,9 @@
 //! it on demand: metadata from the bootstrap in memory, file data chunk by chunk through the
 //! local agent's mirror (so peers serve it), the registry, or a local blob directory. Files
 //! whose chunks are all local are materialised in the cache and read by the kernel directly
-//! (FUSE passthrough). Runs in the foreground until SIGTERM or SIGINT, then unmounts.
+//! (FUSE passthrough). As root, an image with such large files is served as two FUSE mounts
+//! merged by overlayfs, so small files are opened without asking this process
+//! ([`shoal_fuse::overlay`]). Runs in the foreground until SIGTERM or SIGINT, then unmounts.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,12 +21,12 @@ use shoal_core::reference::Reference;
 use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
 use shoal_core::Digest;
 use shoal_fuse::cache::ChunkCache;
-use shoal_fuse::fs::{FsStats, MountConfig, MountSession, ShoalFs};
+use shoal_fuse::fs::{FsStats, MountConfig, MountSession, Passthrough, ShoalFs, View};
 use shoal_fuse::loader::ChunkLoader;
 use shoal_fuse::materialise::Materialiser;
 use shoal_fuse::source::{BlobDir, ChunkSource, MirrorBlobs, RegistryBlobs};
 use shoal_fuse::trace::Trace;
-use shoal_fuse::{Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_VALUE, FORMAT_ANNOTATION, FORMAT_ANNOTATION_VALUE};
+use shoal_fuse::{overlay, Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_VALUE, FORMAT_ANNOTATION, FORMAT_ANNOTATION_VALUE};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -119,6 +121,15 @@ pub struct MountArgs {
     /// images of many small files best.
     #[arg(long, env = "SHOAL_NO_PASSTHROUGH")]
     no_passthrough: bool,
+    /// Serve the image from one FUSE mount. By default, as root, an image with files of more
+    /// than one chunk is served as two FUSE mounts merged by overlayfs at DIR: one of the
+    /// directories and small files, which the kernel opens without asking shoal, and one of
+    /// the large files, read by passthrough once local. One mount asks shoal at every open of
+    /// a file (passthrough needs that), but DIR can then be a lower layer of another overlayfs,
+    /// which the merged mount cannot (the kernel stacks at most two filesystems on a
+    /// passthrough file). With --no-passthrough the image is always one mount.
+    #[arg(long, env = "SHOAL_ONE_MOUNT")]
+    one_mount: bool,
     /// Take the kernel's requests through /dev/fuse only. By default, when the kernel offers
     /// FUSE over io_uring (Linux 6.14+ with `echo Y > /sys/module/fuse/parameters/enable_uring`),
     /// requests come over io_uring and each is served by a thread on the CPU that made it: opens
@@ -128,7 +139,8 @@ pub struct MountArgs {
     /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:
     /// opens served by passthrough and by this process, read requests and bytes this process
     /// answered, small files whose data went to the page cache with their open, files
-    /// materialised, chunks fetched, requests taken over io_uring.
+    /// materialised, chunks fetched, requests taken over io_uring; and the FUSE mounts a
+    /// container's overlayfs takes as lower layers (`lower_dirs`).
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
     /// Config file: data_dir, logging, registry credentials and TLS settings.
@@ -179,8 +191,6 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         None => None,
     };
     let trace = trace.map(Arc::new);
-    let fs = ShoalFs::new(loader.clone(), runtime, trace.clone());
-    let counters = Counters { fs: fs.stats(), local: fs.materialiser(), loader: loader.clone() };
     let mount_config = MountConfig {
         fs_name: format!("shoal:{name}"),
         threads: usize::from(args.threads),
@@ -188,11 +198,32 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         io_uring: !args.no_io_uring,
         ..MountConfig::default()
     };
-    let session = fs
-        .mount(&mountpoint, &mount_config)
-        .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", mountpoint.display()))?;
-    raise_read_ahead(&mountpoint);
-    info!(mountpoint = %mountpoint.display(), "mounted");
+    let fs = || ShoalFs::new(loader.clone(), runtime.clone(), trace.clone());
+    let split = !args.no_passthrough && !args.one_mount && overlay::available() && shoal_fuse::fs::has_large_files(&bootstrap);
+    let mounted = match split {
+        true => match Mounted::split(fs, &mountpoint, &mount_config, &config.data_dir) {
+            Ok(mounted) => Some(mounted),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot serve the image as two merged mounts; serving it from one");
+                None
+            }
+        },
+        false => None,
+    };
+    let mounted = match mounted {
+        Some(mounted) => mounted,
+        None => Mounted::one(fs(), &mountpoint, &mount_config)?,
+    };
+    let lowers = mounted.lower_dirs();
+    let counters = Counters { fs: mounted.stats.clone(), local: mounted.local.clone(), loader: loader.clone(), lowers: lowers.clone() };
+    match mounted.parts {
+        Some(_) => info!(
+            mountpoint = %mountpoint.display(),
+            "mounted: small files and large files from two FUSE mounts merged by overlayfs; a container's overlayfs takes lowerdir={}",
+            lowers.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(":")
+        ),
+        None => info!(mountpoint = %mountpoint.display(), "mounted"),
+    }
     let prefetch: Vec<u64> = bootstrap.prefetch().collect();
     if !args.no_prefetch && !prefetch.is_empty() {
         info!(files = prefetch.len(), "prefetching the image's prefetch list in the background");
@@ -208,7 +239,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut written = None;
-    while !shutdown.is_cancelled() && !session.guard.is_finished() {
+    while !shutdown.is_cancelled() && mounted.is_mounted() {
         if let Some(path) = &args.stats {
             write_stats(path, &counters, &mut written);
         }
@@ -217,10 +248,10 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep(STATS_INTERVAL) => {}
         }
     }
-    if session.guard.is_finished() && !shutdown.is_cancelled() {
+    if !shutdown.is_cancelled() {
         info!("the filesystem was unmounted from outside");
     }
-    unmount(session, &mountpoint).await;
+    mounted.unmount().await;
     // The reporter sends the whole trace once more on shutdown.
     shutdown.cancel();
     if let Some(reporter) = reporter {
@@ -245,10 +276,150 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The FUSE mounts serving one image at its mount point.
+struct Mounted {
+    /// Where the image is mounted.
+    mountpoint: PathBuf,
+    /// Each FUSE mount with its mount point.
+    sessions: Vec<(MountSession, PathBuf)>,
+    /// What each FUSE mount served.
+    stats: Vec<Arc<FsStats>>,
+    /// What was materialised for passthrough.
+    local: Arc<Materialiser>,
+    /// For a merged mount: the directory holding the FUSE mounts, and the overlayfs's device.
+    parts: Option<(PathBuf, u64)>,
+}
+
+impl Mounted {
+    /// `fs` mounted at `mountpoint`.
+    fn one(fs: ShoalFs, mountpoint: &Path, config: &MountConfig) -> anyhow::Result<Mounted> {
+        let (stats, local) = (fs.stats(), fs.materialiser());
+        let session = fs
+            .mount(mountpoint, config)
+            .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", mountpoint.display()))?;
+        raise_read_ahead(mountpoint);
+        Ok(Mounted {
+            mountpoint: mountpoint.to_path_buf(),
+            sessions: vec![(session, mountpoint.to_path_buf())],
+            stats: vec![stats],
+            local,
+            parts: None,
+        })
+    }
+
+    /// Two mounts of `fs` under `<data_dir>/mounts/<pid>`, one of small files and one of large
+    /// files, merged by overlayfs at `mountpoint`.
+    fn split(fs: impl Fn() -> ShoalFs, mountpoint: &Path, config: &MountConfig, data_dir: &Path) -> anyhow::Result<Mounted> {
+        let all = data_dir.join("mounts");
+        remove_stale_parts(&all);
+        let parts = all.join(std::process::id().to_string());
+        let (small, large) = (fs().with_view(View::SmallFiles), fs().with_view(View::LargeFiles));
+        let (stats, local) = (vec![small.stats(), large.stats()], large.materialiser());
+        let mut mounted = Mounted { mountpoint: mountpoint.to_path_buf(), sessions: Vec::new(), stats, local, parts: None };
+        let result = (|| {
+            for (fs, dir) in [(small, "small"), (large, "large")] {
+                let dir = parts.join(dir);
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let session = fs
+                    .mount(&dir, config)
+                    .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", dir.display()))?;
+                raise_read_ahead(&dir);
+                mounted.sessions.push((session, dir));
+            }
+            let lowers: Vec<&Path> = mounted.sessions.iter().map(|(_, dir)| dir.as_path()).collect();
+            overlay::mount(&config.fs_name, &lowers, mountpoint)
+                .with_context(|| format!("mounting overlayfs on {}", mountpoint.display()))?;
+            let dev = std::fs::metadata(mountpoint)?.dev();
+            anyhow::Ok(dev)
+        })();
+        match result {
+            Ok(dev) => {
+                mounted.parts = Some((parts, dev));
+                Ok(mounted)
+            }
+            Err(e) => {
+                for (session, dir) in mounted.sessions.drain(..) {
+                    let _ = session.umount_and_join();
+                    let _ = std::fs::remove_dir(dir);
+                }
+                let _ = std::fs::remove_dir(&parts);
+                Err(e)
+            }
+        }
+    }
+
+    /// The directories a container's overlayfs takes as its lower layers, top first: the
+    /// FUSE mounts themselves when merged (an overlayfs cannot stack on this one), else the
+    /// mount point.
+    fn lower_dirs(&self) -> Vec<PathBuf> {
+        match self.parts {
+            Some(_) => self.sessions.iter().map(|(_, dir)| dir.clone()).collect(),
+            None => vec![self.mountpoint.clone()],
+        }
+    }
+
+    /// Whether the image is still mounted (it can be unmounted from outside).
+    fn is_mounted(&self) -> bool {
+        let fuse_up = self.sessions.iter().all(|(session, _)| !session.guard.is_finished());
+        match &self.parts {
+            Some((_, dev)) => fuse_up && std::fs::metadata(&self.mountpoint).is_ok_and(|m| m.dev() == *dev),
+            None => fuse_up,
+        }
+    }
+
+    /// Unmounts the overlayfs, then each FUSE mount, and removes their directories.
+    async fn unmount(self) {
+        if let Some((_, dev)) = &self.parts {
+            if std::fs::metadata(&self.mountpoint).is_ok_and(|m| m.dev() == *dev) {
+                match overlay::unmount(&self.mountpoint) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        warn!(mountpoint = %self.mountpoint.display(), "the mount is busy; detached it, it goes once no longer used")
+                    }
+                    Err(e) => {
+                        warn!(mountpoint = %self.mountpoint.display(), error = %e, "cannot unmount the overlayfs; unmount it with `umount -l`")
+                    }
+                }
+            }
+        }
+        for (session, dir) in self.sessions {
+            unmount(session, &dir).await;
+        }
+        if let Some((parts, _)) = &self.parts {
+            for dir in ["small", "large"] {
+                let _ = std::fs::remove_dir(parts.join(dir));
+            }
+            let _ = std::fs::remove_dir(parts);
+        }
+    }
+}
+
+/// Detaches and removes the FUSE mount directories under `all` left by `shoal mount`
+/// processes that no longer run (killed before they could unmount).
+fn remove_stale_parts(all: &Path) {
+    let Ok(entries) = std::fs::read_dir(all) else { return };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        for dir in ["small", "large"] {
+            let dir = entry.path().join(dir);
+            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).stderr(std::process::Stdio::null()).status();
+            let _ = std::fs::remove_dir(&dir);
+        }
+        if std::fs::remove_dir(entry.path()).is_ok() {
+            info!(dir = %entry.path().display(), "removed the mount directories of a shoal mount that is gone");
+        }
+    }
+}
+
 /// The live counters of one mount.
 struct Counters {
-    /// What the filesystem served.
-    fs: Arc<FsStats>,
+    /// What each FUSE mount served.
+    fs: Vec<Arc<FsStats>>,
+    /// The lower layers a container's overlayfs takes ([`Mounted::lower_dirs`]).
+    lowers: Vec<PathBuf>,
     /// What it materialised.
     local: Arc<Materialiser>,
     /// What was fetched.
@@ -258,16 +429,22 @@ struct Counters {
 impl Counters {
     fn json(&self) -> serde_json::Value {
         let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-        let (fs, local, loader) = (&self.fs, self.local.stats(), self.loader.stats());
+        let sum = |counter: fn(&FsStats) -> &std::sync::atomic::AtomicU64| self.fs.iter().map(|fs| n(counter(fs))).sum::<u64>();
+        let (local, loader) = (self.local.stats(), self.loader.stats());
+        // A merged mount's small files never use passthrough; its state is the large files'.
+        let passthrough = self.fs.iter().map(|fs| fs.passthrough()).max_by_key(|p| *p as u8).unwrap_or(Passthrough::Off);
         serde_json::json!({
-            "passthrough": fs.passthrough().as_str(),
+            "passthrough": passthrough.as_str(),
+            "mounts": self.fs.len(),
+            "lower_dirs": self.lowers.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>(),
             "io_uring_requests": shoal_fuse::fs::io_uring_requests(),
-            "passthrough_opens": n(&fs.passthrough_opens),
-            "plain_opens": n(&fs.plain_opens),
-            "releases": n(&fs.releases),
-            "reads": n(&fs.reads),
-            "read_bytes": n(&fs.read_bytes),
-            "stored_files": n(&fs.stored_files),
+            "passthrough_opens": sum(|fs| &fs.passthrough_opens),
+            "plain_opens": sum(|fs| &fs.plain_opens),
+            "opens_left_to_kernel": sum(|fs| &fs.opens_left_to_kernel),
+            "releases": sum(|fs| &fs.releases),
+            "reads": sum(|fs| &fs.reads),
+            "read_bytes": sum(|fs| &fs.read_bytes),
+            "stored_files": sum(|fs| &fs.stored_files),
             "materialised_files": n(&local.files),
             "materialised_bytes": n(&local.bytes),
             "materialise_failures": n(&local.failed),

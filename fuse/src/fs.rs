@@ -15,7 +15,12 @@
 //! in the cache, and later opens hand that file to the kernel (FUSE passthrough): reads then go
 //! straight to it and never reach this process. Without passthrough, the first open is answered
 //! with ENOSYS, so the kernel opens (and closes) files without asking from then on; directories
-//! are opened that way in every mode. The kernel refuses to mix passthrough and cached opens of one
+//! are opened that way in every mode.
+//!
+//! The kernel makes that choice for a whole mount, so one mount cannot both hand large files
+//! to passthrough and open small ones without asking. A [`View`] shows part of the image: an
+//! image is then served as two mounts, one of everything but large files (opened without
+//! asking) and one of large files (passthrough), that overlayfs merges ([`crate::overlay`]). The kernel refuses to mix passthrough and cached opens of one
 //! inode (the second open fails with ETXTBSY), so an inode stays in the mode of the handles open
 //! on it, and all its passthrough handles share one backing id, kept until the last is released.
 
@@ -104,6 +109,9 @@ pub struct FsStats {
     pub passthrough_opens: AtomicU64,
     /// Opens of regular files served by this process.
     pub plain_opens: AtomicU64,
+    /// Opens answered with ENOSYS, after which the kernel opens this mount's files without
+    /// asking (so at most one per mount, more only when several race).
+    pub opens_left_to_kernel: AtomicU64,
     /// Releases of regular files (last close of an open).
     pub releases: AtomicU64,
     /// Read requests this process answered.
@@ -121,6 +129,7 @@ impl FsStats {
         FsStats {
             passthrough_opens: AtomicU64::new(0),
             plain_opens: AtomicU64::new(0),
+            opens_left_to_kernel: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
@@ -179,6 +188,8 @@ pub struct ShoalFs {
     notifier: Arc<OnceLock<fuser::Notifier>>,
     /// Small files whose data is in the kernel's page cache (as far as this mount knows).
     in_page_cache: InodeSet,
+    /// The part of the image this mount shows.
+    view: View,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -238,6 +249,23 @@ impl ShoalFs {
             io_uring: false,
             notifier: Arc::new(OnceLock::new()),
             in_page_cache,
+            view: View::All,
+        }
+    }
+
+    /// Shows only part of the image. [`View::SmallFiles`] never uses passthrough.
+    pub fn with_view(mut self, view: View) -> Self {
+        self.view = view;
+        self
+    }
+
+    /// Whether this mount shows inode `ino` of kind `kind`.
+    fn shows(&self, ino: u64, kind: FileKind) -> bool {
+        match self.view {
+            View::All => true,
+            _ if kind == FileKind::Directory => true,
+            View::SmallFiles => !is_large_file(&self.bootstrap, ino),
+            View::LargeFiles => is_large_file(&self.bootstrap, ino),
         }
     }
 
@@ -255,7 +283,7 @@ impl ShoalFs {
     /// returned session is unmounted or dropped.
     pub fn mount(mut self, mountpoint: &Path, config: &MountConfig) -> io::Result<MountSession> {
         self.io_uring = config.io_uring;
-        if !config.passthrough {
+        if !config.passthrough || self.view == View::SmallFiles {
             self.stats.passthrough.store(Passthrough::Off as u8, Ordering::Relaxed);
         }
         let mut options = vec![
@@ -322,6 +350,7 @@ impl ShoalFs {
                 .chain(entries.map(|entry| (entry.ino, entry.kind, entry.name)))
                 .enumerate()
                 .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .filter(|(_, (child, kind, _))| self.shows(*child, *kind))
                 .map(|(position, (child, kind, name))| (position as u64 + 1, child, kind, name)),
         )
     }
@@ -376,6 +405,30 @@ impl ShoalFs {
         open.plain += 1;
         Some(reply)
     }
+}
+
+/// Which of the image's files a mount shows. Directories are in every view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The whole image.
+    All,
+    /// Everything but large files ([`is_large_file`]): the kernel opens these files without
+    /// asking, so a warm small file costs no request at all.
+    SmallFiles,
+    /// Directories and large files only, opened by passthrough once local.
+    LargeFiles,
+}
+
+/// Whether inode `ino` is a large file: a regular file of more than one chunk, the kind that
+/// is materialised and read by passthrough once local.
+pub fn is_large_file(bootstrap: &Bootstrap, ino: u64) -> bool {
+    bootstrap.getattr(ino).is_some_and(|attr| attr.kind == FileKind::Regular)
+        && bootstrap.chunks_of(ino).is_some_and(|chunks| chunks.count() > 1)
+}
+
+/// Whether the image has a large file ([`is_large_file`]).
+pub fn has_large_files(bootstrap: &Bootstrap) -> bool {
+    (1..=bootstrap.inode_count()).any(|ino| is_large_file(bootstrap, ino))
 }
 
 /// A set of inode numbers `1..=count`, one bit each, shared by the FUSE threads.
@@ -457,8 +510,10 @@ impl fuser::Filesystem for ShoalFs {
             b".." => self.bootstrap.parent(parent.0),
             _ => self.bootstrap.lookup(parent.0, name),
         };
-        match found.and_then(|ino| self.attr(ino)) {
-            Some(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+        match found.and_then(|ino| self.bootstrap.getattr(ino)) {
+            Some(attr) if self.shows(attr.ino, attr.kind) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
+            // Another view's: a negative entry (inode 0), which the kernel keeps for the TTL.
+            Some(attr) => reply.entry(&self.ttl, &FileAttr { ino: INodeNo(0), ..file_attr(&attr) }, Generation(0)),
             None if self.bootstrap.getattr(parent.0).is_some_and(|a| a.kind != FileKind::Directory) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -490,7 +545,7 @@ impl fuser::Filesystem for ShoalFs {
             return reply.opened(PLAIN_FH, FopenFlags::FOPEN_KEEP_CACHE);
         }
         if self.zero_message_opens {
-            self.stats.plain_opens.fetch_add(1, Ordering::Relaxed);
+            self.stats.opens_left_to_kernel.fetch_add(1, Ordering::Relaxed);
             return reply.error(Errno::ENOSYS);
         }
         let Some(reply) = self.open_file(ino.0, reply) else { return };

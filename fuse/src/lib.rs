@@ -22,6 +22,8 @@
 //! - [`materialise`]: whole files written out of their cached chunks, for kernel passthrough.
 //! - [`trace`]: recording the order files are first read, for the next build's prefetch list.
 //! - [`fs`]: the read-only FUSE filesystem answering the kernel.
+//! - [`overlay`]: merging an image's mount of small files and its mount of large files into
+//!   one tree.
 
 #![deny(unsafe_code)]
 
@@ -32,6 +34,7 @@ pub mod fs;
 pub mod layer;
 pub mod loader;
 pub mod materialise;
+pub mod overlay;
 pub mod source;
 #[cfg(test)]
 mod test_data;

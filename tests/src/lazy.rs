@@ -326,10 +326,11 @@ pub fn compare_tree(root: &Path, expected: &BTreeMap<String, Expected>) -> Vec<S
     for path in found.keys().filter(|p| !expected.contains_key(*p)) {
         diffs.push(format!("{path}: not expected"));
     }
-    let mut inodes: HashMap<u64, Vec<String>> = HashMap::new();
+    // A file is its device and inode number: a merged mount's parts number theirs apart.
+    let mut inodes: HashMap<(u64, u64), Vec<String>> = HashMap::new();
     for (path, want) in expected {
         let Some(meta) = found.get(path) else { continue };
-        inodes.entry(meta.ino()).or_default().push(path.clone());
+        inodes.entry((meta.dev(), meta.ino())).or_default().push(path.clone());
         diffs.extend(compare_entry(&root.join(path), path, want, meta));
     }
     let mut groups: HashMap<String, Vec<String>> = HashMap::new();
@@ -338,7 +339,7 @@ pub fn compare_tree(root: &Path, expected: &BTreeMap<String, Expected>) -> Vec<S
     }
     for members in groups.values() {
         let Some(meta) = found.get(&members[0]) else { continue };
-        let same_inode = inodes.get(&meta.ino()).cloned().unwrap_or_default();
+        let same_inode = inodes.get(&(meta.dev(), meta.ino())).cloned().unwrap_or_default();
         if same_inode != *members {
             diffs.push(format!("{members:?}: hard links share an inode with {same_inode:?}"));
         }
@@ -424,7 +425,7 @@ pub fn compare_dirs(got: &Path, want: &Path) -> Vec<String> {
         diffs.push(format!("{path}: not expected"));
     }
     let mut want_links: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    let mut got_links: HashMap<String, u64> = HashMap::new();
+    let mut got_links: HashMap<String, (u64, u64)> = HashMap::new();
     for (path, want_meta) in &expected {
         let Some(got_meta) = found.get(path) else { continue };
         let mut check = |what: &str, got: String, want: String| {
@@ -465,7 +466,7 @@ pub fn compare_dirs(got: &Path, want: &Path) -> Vec<String> {
                 check("content", "different".into(), "the same".into());
             }
             want_links.entry(want_meta.ino()).or_default().push(path.clone());
-            got_links.insert(path.clone(), got_meta.ino());
+            got_links.insert(path.clone(), (got_meta.dev(), got_meta.ino()));
         }
         if wt.is_symlink() {
             let target = |p: &Path| std::fs::read_link(p).map(|t| t.to_string_lossy().into_owned()).unwrap_or_else(|e| e.to_string());
@@ -477,9 +478,9 @@ pub fn compare_dirs(got: &Path, want: &Path) -> Vec<String> {
         check("xattrs", format!("{:?}", xattrs(&got_path).ok()), format!("{:?}", xattrs(&want_path).ok()));
     }
     // Names of one file must be names of one file, and only of it.
-    let mut file_of: HashMap<u64, u64> = HashMap::new();
+    let mut file_of: HashMap<(u64, u64), u64> = HashMap::new();
     for (want_ino, names) in &want_links {
-        let inodes: HashSet<Option<&u64>> = names.iter().map(|n| got_links.get(n)).collect();
+        let inodes: HashSet<Option<&(u64, u64)>> = names.iter().map(|n| got_links.get(n)).collect();
         if inodes.len() != 1 {
             diffs.push(format!("{names:?} are one file, but not in the mounted tree"));
         }
@@ -676,6 +677,14 @@ impl Mount {
         }
     }
 
+    /// Kills the process (SIGKILL): it cannot unmount.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the process with SIGTERM and waits for it; fails unless it exits cleanly within
     /// 15 s and the filesystem is unmounted.
     pub async fn stop(&mut self) -> anyhow::Result<ExitStatus> {
@@ -723,8 +732,9 @@ pub fn stop_mount(child: Option<&mut Child>, mountpoint: &Path, grace: Duration)
         let _ = child.kill();
         let _ = child.wait();
     }
+    // A FUSE mount, or the overlayfs merging two.
     if is_mounted(mountpoint) {
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
+        let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
     }
 }
 

@@ -518,8 +518,95 @@ async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel
     assert!(again.stop().await.unwrap().success(), "{}", again.log());
 }
 
+/// The lines of /proc/self/mounts whose mount point is `path`: (source, type, options).
+fn mount_entries(path: &Path) -> Vec<(String, String, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let want = path.to_string_lossy();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(1) == Some(&want.as_ref())).then(|| (fields[0].to_string(), fields[2].to_string(), fields[3].to_string()))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without_a_request() {
+async fn by_default_small_files_open_without_asking_shoal_and_large_files_by_passthrough_in_one_merged_tree() {
+    let setup = Setup::new().await;
+    let out = setup.build_local();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    // An overlayfs over two FUSE mounts: small files and directories on top, large files below.
+    let entries = mount_entries(&mount.mountpoint);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].1, "overlay", "{entries:?}");
+    let stats = mount.wait_stats("the first counters", |s| s["mounts"].as_u64().is_some()).await.unwrap();
+    assert_eq!(n(&stats, "mounts"), 2, "{stats}");
+    let lowers: Vec<PathBuf> = stats["lower_dirs"].as_array().unwrap().iter().map(|d| PathBuf::from(d.as_str().unwrap())).collect();
+    assert_eq!(lowers.len(), 2, "{stats}");
+    for lower in &lowers {
+        assert_eq!(mount_entries(lower).first().map(|e| e.1.as_str()), Some("fuse"), "{lower:?} is a FUSE mount");
+        assert!(entries[0].2.contains(&lower.display().to_string()), "the overlayfs stacks on {lower:?}: {entries:?}");
+    }
+    assert!(lowers[0].join("small/one.txt").exists() && !lowers[0].join("data/big.bin").exists(), "small files on top");
+    assert!(lowers[1].join("data/big.bin").exists() && !lowers[1].join("small/one.txt").exists(), "large files below");
+    assert!(lowers[1].join("small").is_dir(), "directories in both");
+    assert_mounted_as(&mount.mountpoint, &layers());
+
+    // Every small file was opened above; only the first open reached shoal (ENOSYS), the rest
+    // the kernel opened alone. Every large file open reached shoal, and was released.
+    let stats = mount
+        .wait_stats("every large file released", |s| {
+            n(s, "releases") == n(s, "plain_opens") + n(s, "passthrough_opens") && n(s, "releases") >= 3
+        })
+        .await
+        .unwrap();
+    assert_eq!(n(&stats, "opens_left_to_kernel"), 1, "{stats}");
+    // A large file read whole is materialised, and its next open is passthrough.
+    let big = content("data/dup-a");
+    mount.wait_stats("a file materialised", |s| s["materialised_files"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!(std::fs::read(mount.path("data/dup-a")).unwrap(), big);
+    let later = mount.wait_stats("a passthrough open", |s| s["passthrough_opens"].as_u64() >= Some(1)).await.unwrap();
+    assert_eq!(later["passthrough"], "on", "{later}");
+    for name in ["small/one.txt", "small/two.txt", "etc/hostname"] {
+        assert_eq!(std::fs::read(mount.path(name)).unwrap(), content(name));
+    }
+    let last = mount.stats();
+    assert_eq!(n(&last, "opens_left_to_kernel"), 1, "small files never reach shoal again: {last}");
+
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+    for lower in &lowers {
+        assert!(mount_entries(lower).is_empty(), "{lower:?} unmounted");
+        assert!(!lower.exists(), "{lower:?} removed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_merged_mount_leaves_nothing_the_next_mount_does_not_clear() {
+    let setup = Setup::new().await;
+    let out = setup.build_local();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let stats = mount.wait_stats("the first counters", |s| s["lower_dirs"].is_array()).await.unwrap();
+    let lowers: Vec<PathBuf> = stats["lower_dirs"].as_array().unwrap().iter().map(|d| PathBuf::from(d.as_str().unwrap())).collect();
+    let parts = lowers[0].parent().unwrap().to_path_buf();
+    mount.kill();
+    // The merged tree fails cleanly (its FUSE mounts have no server), and is unmounted by hand.
+    let err = std::fs::read(mount.path("small/one.txt")).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)), "{err}");
+    assert!(Command::new("umount").arg("-l").arg(&mount.mountpoint).status().unwrap().success());
+    assert!(parts.exists(), "the killed mount's FUSE mounts are left behind");
+    // The next mount detaches and removes them, and serves the image.
+    let mut next = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &[])).await.unwrap();
+    assert!(!parts.exists(), "{}", next.log());
+    for lower in &lowers {
+        assert!(mount_entries(lower).is_empty(), "{lower:?} detached");
+    }
+    assert_mounted_as(&next.mountpoint, &layers());
+    assert!(next.stop().await.unwrap().success(), "{}", next.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_one_mount_a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without_a_request() {
     let setup = Setup::new().await;
     let out = setup.build_local();
     let cache = setup.path("cache");
@@ -528,7 +615,8 @@ async fn a_small_local_file_is_handed_to_the_page_cache_at_open_and_read_without
     assert_mounted_as(&first.mountpoint, &layers());
     assert!(first.stop().await.unwrap().success(), "{}", first.log());
 
-    let mut mount = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    // One mount, where every open reaches shoal (a merged mount's small files never do).
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--one-mount"])).await.unwrap();
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
     let stats = mount.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
     assert_eq!((n(&stats, "stored_files"), n(&stats, "reads")), (1, 0), "its data came with the open: {stats}");
@@ -602,7 +690,8 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     // Written at exit: the final counters. Only the first open reached shoal: its ENOSYS has
     // the kernel open every later file without asking (and never send a release).
     let stats = mount.stats();
-    assert_eq!((n(&stats, "plain_opens"), n(&stats, "releases")), (1, 0), "{stats}");
+    assert_eq!((n(&stats, "opens_left_to_kernel"), n(&stats, "plain_opens"), n(&stats, "releases")), (1, 0, 0), "{stats}");
+    assert_eq!(n(&stats, "mounts"), 1, "{stats}");
     assert!(n(&stats, "reads") > n(&first, "reads"), "{stats}");
     assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "materialised_files")), (0, 0), "{stats}");
     assert_eq!(std::fs::read_dir(cache.join("files")).unwrap().count(), 0, "nothing is materialised without passthrough");
