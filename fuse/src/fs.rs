@@ -190,6 +190,8 @@ pub struct ShoalFs {
     in_page_cache: InodeSet,
     /// The part of the image this mount shows.
     view: View,
+    /// With [`View::LargeFiles`]: the directories it shows.
+    large_file_dirs: Option<InodeSet>,
 }
 
 impl std::fmt::Debug for ShoalFs {
@@ -250,22 +252,24 @@ impl ShoalFs {
             notifier: Arc::new(OnceLock::new()),
             in_page_cache,
             view: View::All,
+            large_file_dirs: None,
         }
     }
 
     /// Shows only part of the image. [`View::SmallFiles`] never uses passthrough.
     pub fn with_view(mut self, view: View) -> Self {
         self.view = view;
+        self.large_file_dirs = (view == View::LargeFiles).then(|| dirs_with_large_files(&self.bootstrap));
         self
     }
 
     /// Whether this mount shows inode `ino` of kind `kind`.
     fn shows(&self, ino: u64, kind: FileKind) -> bool {
-        match self.view {
-            View::All => true,
-            _ if kind == FileKind::Directory => true,
-            View::SmallFiles => !is_large_file(&self.bootstrap, ino),
-            View::LargeFiles => is_large_file(&self.bootstrap, ino),
+        match (self.view, kind) {
+            (View::All, _) | (View::SmallFiles, FileKind::Directory) => true,
+            (View::SmallFiles, _) => !is_large_file(&self.bootstrap, ino),
+            (View::LargeFiles, FileKind::Directory) => self.large_file_dirs.as_ref().is_some_and(|dirs| dirs.contains(ino)),
+            (View::LargeFiles, _) => is_large_file(&self.bootstrap, ino),
         }
     }
 
@@ -407,15 +411,15 @@ impl ShoalFs {
     }
 }
 
-/// Which of the image's files a mount shows. Directories are in every view.
+/// Which of the image's files a mount shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
     /// The whole image.
     All,
-    /// Everything but large files ([`is_large_file`]): the kernel opens these files without
-    /// asking, so a warm small file costs no request at all.
+    /// Every directory and everything but large files ([`is_large_file`]): the kernel opens
+    /// these files without asking, so a warm small file costs no request at all.
     SmallFiles,
-    /// Directories and large files only, opened by passthrough once local.
+    /// Large files and the directories leading to them, opened by passthrough once local.
     LargeFiles,
 }
 
@@ -424,6 +428,27 @@ pub enum View {
 pub fn is_large_file(bootstrap: &Bootstrap, ino: u64) -> bool {
     bootstrap.getattr(ino).is_some_and(|attr| attr.kind == FileKind::Regular)
         && bootstrap.chunks_of(ino).is_some_and(|chunks| chunks.count() > 1)
+}
+
+/// The directories with a large file somewhere beneath them, and the root: the only ones
+/// [`View::LargeFiles`] shows, so that overlayfs merges (and looks up twice) no directory it
+/// need not.
+fn dirs_with_large_files(bootstrap: &Bootstrap) -> InodeSet {
+    let dirs = InodeSet::new(bootstrap.inode_count());
+    dirs.insert(bootstrap.root());
+    for ino in 1..=bootstrap.inode_count() {
+        let Some(mut entries) = bootstrap.readdir(ino) else { continue };
+        if !entries.any(|entry| is_large_file(bootstrap, entry.ino)) {
+            continue;
+        }
+        // Up to the root, or to a directory marked before (whose ancestors are marked too).
+        let mut dir = Some(ino);
+        while let Some(d) = dir.filter(|d| !dirs.contains(*d)) {
+            dirs.insert(d);
+            dir = bootstrap.parent(d).filter(|parent| *parent != d);
+        }
+    }
+    dirs
 }
 
 /// Whether the image has a large file ([`is_large_file`]).
