@@ -1,4 +1,5 @@
-//! PNG plots of results: completion-time CDFs per system, and completion / bound against N.
+//! PNG plots of results: completion-time CDFs per system, completion / bound against N, and
+//! speeds relative to a baseline as grouped bars.
 
 use std::path::Path;
 
@@ -126,5 +127,55 @@ pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f
     }
     chart.draw_series(LineSeries::new(vec![(2.0, 1.0), (max_n * 1.3, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
     legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    root.present().with_context(|| format!("writing {}", path.display()))
+}
+
+/// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
+/// (a speed relative to a baseline), with the baseline's 1.0 as a line.
+pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+    register_font()?;
+    let max_y = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(1.2, f64::max) * 1.15;
+    let n = groups.len().max(1);
+    let root = BitMapBackend::new(path, (1200, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..n as f64, 0f64..max_y)
+        .map_err(draw_err)?;
+    let names: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("speed relative to native")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err)?;
+    let width = 0.8 / series.len().max(1) as f64;
+    for (k, (name, values)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let bars = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(g, v)| {
+            let x0 = g as f64 + 0.1 + k as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width * 0.9, *v)], color.filled())
+        });
+        chart
+            .draw_series(bars)
+            .map_err(draw_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().with_context(|| format!("writing {}", path.display()))
 }
