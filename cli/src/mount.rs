@@ -127,7 +127,7 @@ pub struct MountArgs {
     /// the large files, read by passthrough once local. One mount asks shoal at every open of
     /// a file (passthrough needs that), but DIR can then be a lower layer of another overlayfs,
     /// which the merged mount cannot (the kernel stacks at most two filesystems on a
-    /// passthrough file). With --no-passthrough the image is always one mount.
+    /// passthrough file). With --no-passthrough, or for an image without large files, the image is one mount that the kernel opens files of without asking.
     #[arg(long, env = "SHOAL_ONE_MOUNT")]
     one_mount: bool,
     /// Take the kernel's requests through /dev/fuse only. By default, when the kernel offers
@@ -191,15 +191,21 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         None => None,
     };
     let trace = trace.map(Arc::new);
+    // Only files of several chunks are ever read by passthrough: without any, the kernel may as
+    // well open every file without asking.
+    let passthrough = !args.no_passthrough && shoal_fuse::fs::has_large_files(&bootstrap);
+    if !args.no_passthrough && !passthrough {
+        info!("the image has no file of several chunks: passthrough would serve none, so files are opened without asking shoal");
+    }
     let mount_config = MountConfig {
         fs_name: format!("shoal:{name}"),
         threads: usize::from(args.threads),
-        passthrough: !args.no_passthrough,
+        passthrough,
         io_uring: !args.no_io_uring,
         ..MountConfig::default()
     };
     let fs = || ShoalFs::new(loader.clone(), runtime.clone(), trace.clone());
-    let split = !args.no_passthrough && !args.one_mount && overlay::available() && shoal_fuse::fs::has_large_files(&bootstrap);
+    let split = passthrough && !args.one_mount && overlay::available();
     let mounted = match split {
         true => match Mounted::split(fs, &mountpoint, &mount_config, &config.data_dir) {
             Ok(mounted) => Some(mounted),

@@ -583,6 +583,33 @@ async fn by_default_small_files_open_without_asking_shoal_and_large_files_by_pas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_large_files_is_one_mount_whose_files_the_kernel_opens_without_asking() {
+    let setup = Setup::new().await;
+    let small = vec![LayerSpec {
+        entries: vec![
+            dir("etc", Meta::new(0o755)),
+            file("etc/a", Meta::new(0o644), random_bytes(5000, 20)),
+            file("etc/b", Meta::new(0o600).owner(7, 7), random_bytes(900 << 10, 21)),
+            Entry::Symlink("etc/c".into(), Meta::new(0o777), "a".into()),
+        ],
+        compression: Compression::Gzip,
+    }];
+    let layout = setup.path("small-layout");
+    write_layout(&layout, "v1", &small).unwrap();
+    let out = setup.path("small-out");
+    shoal_build(&[format!("oci:{}:v1", layout.display()), s("--output-dir"), path_arg(&out)]).unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    assert_eq!(mount_entries(&mount.mountpoint).first().map(|e| e.1.clone()), Some("fuse".into()), "one FUSE mount, no overlayfs");
+    assert_mounted_as(&mount.mountpoint, &small);
+    // Read twice over: only the very first open reached shoal.
+    assert_mounted_as(&mount.mountpoint, &small);
+    let stats = mount.wait_stats("the files read", |s| n(s, "read_bytes") >= 5000 + (900 << 10)).await.unwrap();
+    assert_eq!((n(&stats, "mounts"), n(&stats, "opens_left_to_kernel"), n(&stats, "plain_opens")), (1, 1, 0), "{stats}");
+    assert_eq!(stats["passthrough"], "off", "{stats}");
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_merged_mount_leaves_nothing_the_next_mount_does_not_clear() {
     let setup = Setup::new().await;
     let out = setup.build_local();
