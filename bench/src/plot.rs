@@ -33,19 +33,29 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
 
+/// A white canvas of `size` pixels to be written to `path`.
+fn canvas(path: &Path, size: (u32, u32)) -> anyhow::Result<DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>> {
+    register_font()?;
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    Ok(root)
+}
+
+/// A chart on `root` with the plots' caption style, margins and axis label areas.
+fn chart_on<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(title, ("sans-serif", 20)).margin(15).x_label_area_size(45).y_label_area_size(55);
+    builder
+}
+
 /// A CDF of per-node completion seconds for each system, with the lower bound as a vertical line.
 pub fn completion_cdf(path: &Path, title: &str, systems: &[(String, Vec<f64>)], bound: f64) -> anyhow::Result<()> {
-    register_font()?;
     let max_x = systems.iter().flat_map(|(_, v)| v.iter().copied()).fold(bound, f64::max) * 1.05;
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw_err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0f64..max_x, 0f64..1.02f64)
-        .map_err(draw_err)?;
+    let root = canvas(path, (900, 560))?;
+    let mut chart = chart_on(&root, title).build_cartesian_2d(0f64..max_x, 0f64..1.02f64).map_err(draw_err)?;
     chart
         .configure_mesh()
         .x_desc("seconds until the node has the whole blob")
@@ -95,18 +105,10 @@ fn legend<'a, C: plotters::coord::CoordTranslate>(
 
 /// Completion / bound against the number of nodes, one line per series.
 pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f64)>)]) -> anyhow::Result<()> {
-    register_font()?;
     let max_n = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)).max().unwrap_or(4).max(4) as f64;
     let max_y = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(2.0, f64::max) * 1.1;
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw_err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d((2f64..max_n * 1.3).log_scale(), 0f64..max_y)
-        .map_err(draw_err)?;
+    let root = canvas(path, (900, 560))?;
+    let mut chart = chart_on(&root, title).build_cartesian_2d((2f64..max_n * 1.3).log_scale(), 0f64..max_y).map_err(draw_err)?;
     chart
         .configure_mesh()
         .x_desc("nodes")
@@ -133,18 +135,10 @@ pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f
 /// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
 /// (a speed relative to a baseline), with the baseline's 1.0 as a line.
 pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-    register_font()?;
     let max_y = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(1.2, f64::max) * 1.15;
     let n = groups.len().max(1);
-    let root = BitMapBackend::new(path, (1200, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw_err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0f64..n as f64, 0f64..max_y)
-        .map_err(draw_err)?;
+    let root = canvas(path, (1200, 560))?;
+    let mut chart = chart_on(&root, title).build_cartesian_2d(0f64..n as f64, 0f64..max_y).map_err(draw_err)?;
     let names: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
     chart
         .configure_mesh()

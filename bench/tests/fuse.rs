@@ -1,0 +1,41 @@
+//! The lazy-loading benchmark end to end at toy size, without Nydus: every way of mounting with
+//! `shoal mount`, natively, and under a container's overlayfs. Checks behaviour (a complete
+//! report, the same bytes as the native tree, the plot written), not speed.
+
+use std::process::{Command, Stdio};
+
+#[test]
+fn a_tiny_fuse_run_reports_every_mode_and_the_container_view() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_shoal-bench"))
+        .arg("--out")
+        .arg(out.path())
+        .args(["fuse", "--big-mib", "8", "--small-files", "50", "--runs", "1", "--no-nydus"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    // The harness compares every system's tree with the native one and fails the run on a difference.
+    assert!(run.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&run.stderr));
+
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("fuse.json")).unwrap()).unwrap();
+    assert_eq!(json["scenario"], "fuse");
+    for system in ["native", "shoal", "shoal-one-mount", "shoal-plain"] {
+        let s = &json["systems"][system];
+        for measure in ["big_median_seconds", "small_median_seconds", "small_by_path_median_seconds"] {
+            for state in ["cold", "local", "warm"] {
+                let t = s[measure][state].as_f64().unwrap_or(f64::NAN);
+                assert!(t.is_finite() && t > 0.0, "{system} {measure} {state}: {t}");
+            }
+        }
+        let container = s["container_warm_seconds"]["small_by_path"].as_array().map(Vec::len);
+        assert_eq!(container, Some(1), "{system}: {s}");
+    }
+    // The default mount merged two FUSE mounts, and its large file was read by passthrough.
+    let stats = &json["systems"]["shoal"]["last_mount_stats"];
+    assert_eq!(stats["mounts"], 2, "{stats}");
+    assert_eq!(stats["passthrough"], "on", "{stats}");
+    assert_eq!(json["systems"]["shoal-plain"]["last_mount_stats"]["mounts"], 1);
+    let md = std::fs::read_to_string(out.path().join("fuse.md")).unwrap();
+    assert!(md.contains("| shoal |") && md.contains("container"), "{md}");
+    assert!(std::fs::metadata(out.path().join("fuse.png")).unwrap().len() > 0);
+}
