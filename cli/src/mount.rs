@@ -127,7 +127,8 @@ pub struct MountArgs {
     /// the large files, read by passthrough once local. One mount asks shoal at every open of
     /// a file (passthrough needs that), but DIR can then be a lower layer of another overlayfs,
     /// which the merged mount cannot (the kernel stacks at most two filesystems on a
-    /// passthrough file). With --no-passthrough, or for an image without large files, the image is one mount that the kernel opens files of without asking.
+    /// passthrough file). With --no-passthrough, or for an image without large files, the
+    /// image is one mount that the kernel opens files of without asking.
     #[arg(long, env = "SHOAL_ONE_MOUNT")]
     one_mount: bool,
     /// Take the kernel's requests through /dev/fuse only. By default, when the kernel offers
@@ -401,22 +402,33 @@ impl Mounted {
 }
 
 /// Detaches and removes the FUSE mount directories under `all` left by `shoal mount`
-/// processes that no longer run (killed before they could unmount).
+/// processes that no longer run (killed before they could unmount). A directory whose FUSE
+/// mount still answers is left alone: its process may run in another PID namespace.
 fn remove_stale_parts(all: &Path) {
     let Ok(entries) = std::fs::read_dir(all) else { return };
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
-        if Path::new("/proc").join(pid.to_string()).exists() {
+        let parts = entry.path();
+        let dirs = ["small", "large"].map(|dir| parts.join(dir));
+        if Path::new("/proc").join(pid.to_string()).exists() || dirs.iter().any(|dir| is_live_mount(dir, &parts)) {
             continue;
         }
-        for dir in ["small", "large"] {
-            let dir = entry.path().join(dir);
-            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).stderr(std::process::Stdio::null()).status();
-            let _ = std::fs::remove_dir(&dir);
+        for dir in &dirs {
+            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(dir).stderr(std::process::Stdio::null()).status();
+            let _ = std::fs::remove_dir(dir);
         }
-        if std::fs::remove_dir(entry.path()).is_ok() {
-            info!(dir = %entry.path().display(), "removed the mount directories of a shoal mount that is gone");
+        if std::fs::remove_dir(&parts).is_ok() {
+            info!(dir = %parts.display(), "removed the mount directories of a shoal mount that is gone");
         }
+    }
+}
+
+/// Whether `dir` is a mount point (its device differs from `parent`'s) that answers: a FUSE
+/// mount whose process is gone fails with ENOTCONN or ECONNABORTED.
+fn is_live_mount(dir: &Path, parent: &Path) -> bool {
+    match (std::fs::metadata(dir), std::fs::metadata(parent)) {
+        (Ok(meta), Ok(parent)) => meta.dev() != parent.dev(),
+        _ => false,
     }
 }
 
