@@ -54,6 +54,9 @@ const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunk caches under the data directory that mounts at the same time may take.
 const MAX_DEFAULT_CACHES: usize = 64;
 
+/// The file in a merged mount's directory that its process holds locked while it runs.
+const LOCK_FILE: &str = "lock";
+
 /// How often the stats file is refreshed (when something changed).
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -295,6 +298,8 @@ struct Mounted {
     local: Arc<Materialiser>,
     /// For a merged mount: the directory holding the FUSE mounts, and the overlayfs's device.
     parts: Option<(PathBuf, u64)>,
+    /// For a merged mount: its directory's lock file, locked while this process runs.
+    _lock: Option<std::fs::File>,
 }
 
 impl Mounted {
@@ -311,18 +316,28 @@ impl Mounted {
             stats: vec![stats],
             local,
             parts: None,
+            _lock: None,
         })
     }
 
-    /// Two mounts of `fs` under `<data_dir>/mounts/<pid>`, one of small files and one of large
-    /// files, merged by overlayfs at `mountpoint`.
+    /// Two mounts of `fs` in a new directory under `<data_dir>/mounts`, one of small files and
+    /// one of large files, merged by overlayfs at `mountpoint`.
     fn split(fs: impl Fn() -> ShoalFs, mountpoint: &Path, config: &MountConfig, data_dir: &Path) -> anyhow::Result<Mounted> {
         let all = data_dir.join("mounts");
+        std::fs::create_dir_all(&all).with_context(|| format!("creating {}", all.display()))?;
         remove_stale_parts(&all);
-        let parts = all.join(std::process::id().to_string());
+        let parts = tempfile::Builder::new()
+            .prefix("mount-")
+            .tempdir_in(&all)
+            .with_context(|| format!("creating a directory in {}", all.display()))?
+            .keep();
+        let lock =
+            std::fs::File::create(parts.join(LOCK_FILE)).and_then(|file| file.try_lock().map(|()| file).map_err(std::io::Error::other));
+        let lock = lock.with_context(|| format!("locking {}", parts.join(LOCK_FILE).display()))?;
         let (small, large) = (fs().with_view(View::SmallFiles), fs().with_view(View::LargeFiles));
         let (stats, local) = (vec![small.stats(), large.stats()], large.materialiser());
-        let mut mounted = Mounted { mountpoint: mountpoint.to_path_buf(), sessions: Vec::new(), stats, local, parts: None };
+        let mut mounted =
+            Mounted { mountpoint: mountpoint.to_path_buf(), sessions: Vec::new(), stats, local, parts: None, _lock: Some(lock) };
         let result = (|| {
             for (fs, dir) in [(small, "small"), (large, "large")] {
                 let dir = parts.join(dir);
@@ -349,7 +364,7 @@ impl Mounted {
                     let _ = session.umount_and_join();
                     let _ = std::fs::remove_dir(dir);
                 }
-                let _ = std::fs::remove_dir(&parts);
+                remove_parts_dir(&parts);
                 Err(e)
             }
         }
@@ -393,42 +408,41 @@ impl Mounted {
             unmount(session, &dir).await;
         }
         if let Some((parts, _)) = &self.parts {
-            for dir in ["small", "large"] {
-                let _ = std::fs::remove_dir(parts.join(dir));
-            }
-            let _ = std::fs::remove_dir(parts);
+            remove_parts_dir(parts);
         }
     }
 }
 
-/// Detaches and removes the FUSE mount directories under `all` left by `shoal mount`
-/// processes that no longer run (killed before they could unmount). A directory whose FUSE
-/// mount still answers is left alone: its process may run in another PID namespace.
+/// Removes a merged mount's directory once its FUSE mounts are gone (never recursively: a
+/// directory still mounted on stays).
+fn remove_parts_dir(parts: &Path) {
+    for dir in ["small", "large"] {
+        let _ = std::fs::remove_dir(parts.join(dir));
+    }
+    let _ = std::fs::remove_file(parts.join(LOCK_FILE));
+    let _ = std::fs::remove_dir(parts);
+}
+
+/// Detaches and removes the mount directories under `all` that no `shoal mount` holds any more
+/// (killed before it could unmount): each holds a lock on its `lock` file for as long as it
+/// runs, which the kernel drops when the process dies, whatever PID namespace it ran in.
 fn remove_stale_parts(all: &Path) {
     let Ok(entries) = std::fs::read_dir(all) else { return };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
         let parts = entry.path();
-        let dirs = ["small", "large"].map(|dir| parts.join(dir));
-        if Path::new("/proc").join(pid.to_string()).exists() || dirs.iter().any(|dir| is_live_mount(dir, &parts)) {
+        // No lock file: being created right now, or not ours; left alone.
+        let Ok(lock) = std::fs::File::open(parts.join(LOCK_FILE)) else { continue };
+        if lock.try_lock().is_err() {
             continue;
         }
-        for dir in &dirs {
-            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(dir).stderr(std::process::Stdio::null()).status();
-            let _ = std::fs::remove_dir(dir);
+        for dir in ["small", "large"].map(|dir| parts.join(dir)) {
+            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).stderr(std::process::Stdio::null()).status();
+            let _ = std::fs::remove_dir(&dir);
         }
+        let _ = std::fs::remove_file(parts.join(LOCK_FILE));
         if std::fs::remove_dir(&parts).is_ok() {
             info!(dir = %parts.display(), "removed the mount directories of a shoal mount that is gone");
         }
-    }
-}
-
-/// Whether `dir` is a mount point (its device differs from `parent`'s) that answers: a FUSE
-/// mount whose process is gone fails with ENOTCONN or ECONNABORTED.
-fn is_live_mount(dir: &Path, parent: &Path) -> bool {
-    match (std::fs::metadata(dir), std::fs::metadata(parent)) {
-        (Ok(meta), Ok(parent)) => meta.dev() != parent.dev(),
-        _ => false,
     }
 }
 
