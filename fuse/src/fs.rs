@@ -263,6 +263,14 @@ impl ShoalFs {
         self
     }
 
+    /// Whether this mount hides xattr `name`: a mount that overlayfs merges hides overlayfs's
+    /// own, which an image may carry from the machine it was built on and which would make
+    /// overlayfs hide the other mount's files (`trusted.overlay.opaque`). Overlayfs never
+    /// shows them anyway.
+    fn hides_xattr(&self, name: &[u8]) -> bool {
+        self.view != View::All && name.starts_with(b"trusted.overlay.")
+    }
+
     /// Whether this mount shows inode `ino` of kind `kind`.
     fn shows(&self, ino: u64, kind: FileKind) -> bool {
         match (self.view, kind) {
@@ -732,6 +740,7 @@ impl fuser::Filesystem for ShoalFs {
             return reply.error(Errno::ENOENT);
         }
         match self.bootstrap.xattr(ino.0, name.as_bytes()) {
+            Some(_) if self.hides_xattr(name.as_bytes()) => reply.error(Errno::ENODATA),
             None => reply.error(Errno::ENODATA),
             Some(value) => reply_sized(reply, size, value),
         }
@@ -740,7 +749,7 @@ impl fuser::Filesystem for ShoalFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let Some(xattrs) = self.bootstrap.xattrs(ino.0) else { return reply.error(Errno::ENOENT) };
         let mut names = Vec::new();
-        for (name, _) in xattrs {
+        for (name, _) in xattrs.filter(|(name, _)| !self.hides_xattr(name)) {
             names.extend_from_slice(name);
             names.push(0);
         }

@@ -610,6 +610,34 @@ async fn an_image_without_large_files_is_one_mount_whose_files_the_kernel_opens_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlayfs_xattr_carried_by_the_image_hides_nothing_in_the_merged_tree() {
+    let setup = Setup::new().await;
+    // Built on an overlayfs machine, say: the directory says "opaque" to overlayfs.
+    let image = vec![LayerSpec {
+        entries: vec![
+            dir("d", Meta::new(0o755).xattr("trusted.overlay.opaque", b"y").xattr("user.kept", b"1")),
+            file("d/large", Meta::new(0o644), random_bytes(3 * MIB, 30)),
+            file("d/small", Meta::new(0o644), random_bytes(100, 31)),
+        ],
+        compression: Compression::None,
+    }];
+    let layout = setup.path("opaque-layout");
+    write_layout(&layout, "v1", &image).unwrap();
+    let out = setup.path("opaque-out");
+    shoal_build(&[format!("oci:{}:v1", layout.display()), s("--output-dir"), path_arg(&out)]).unwrap();
+    let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
+    let d = bootstrap.resolve(b"d").unwrap();
+    assert_eq!(bootstrap.xattr(d, b"trusted.overlay.opaque"), Some(b"y".as_slice()), "the image carries it");
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    assert_eq!(n(&mount.wait_stats("the first counters", |s| s["mounts"].is_u64()).await.unwrap(), "mounts"), 2);
+    assert_eq!(std::fs::read(mount.path("d/large")).unwrap(), random_bytes(3 * MIB, 30), "the large file is not hidden");
+    assert_eq!(std::fs::read(mount.path("d/small")).unwrap(), random_bytes(100, 31));
+    let names = shoal_tests::lazy::xattrs(&mount.path("d")).unwrap();
+    assert_eq!(names.keys().map(String::as_str).collect::<Vec<_>>(), ["user.kept"], "{names:?}");
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_merged_mount_leaves_nothing_the_next_mount_does_not_clear() {
     let setup = Setup::new().await;
     let out = setup.build_local();
