@@ -20,9 +20,11 @@
 //! The kernel makes that choice for a whole mount, so one mount cannot both hand large files
 //! to passthrough and open small ones without asking. A [`View`] shows part of the image: an
 //! image is then served as two mounts, one of everything but large files (opened without
-//! asking) and one of large files (passthrough), that overlayfs merges ([`crate::overlay`]). The kernel refuses to mix passthrough and cached opens of one
-//! inode (the second open fails with ETXTBSY), so an inode stays in the mode of the handles open
-//! on it, and all its passthrough handles share one backing id, kept until the last is released.
+//! asking) and one of large files (passthrough), that overlayfs merges ([`crate::overlay`]).
+//!
+//! The kernel refuses to mix passthrough and cached opens of one inode (the second open fails
+//! with ETXTBSY), so an inode stays in the mode of the handles open on it, and all its
+//! passthrough handles share one backing id, kept until the last is released.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -435,7 +437,7 @@ pub enum View {
 /// is materialised and read by passthrough once local.
 pub fn is_large_file(bootstrap: &Bootstrap, ino: u64) -> bool {
     bootstrap.getattr(ino).is_some_and(|attr| attr.kind == FileKind::Regular)
-        && bootstrap.chunks_of(ino).is_some_and(|chunks| chunks.count() > 1)
+        && bootstrap.chunks_of(ino).is_some_and(|mut chunks| chunks.nth(1).is_some())
 }
 
 /// The directories with a large file somewhere beneath them, and the root: the only ones
