@@ -325,6 +325,11 @@ impl Mounted {
     fn split(fs: impl Fn() -> ShoalFs, mountpoint: &Path, config: &MountConfig, data_dir: &Path) -> anyhow::Result<Mounted> {
         let all = data_dir.join("mounts");
         std::fs::create_dir_all(&all).with_context(|| format!("creating {}", all.display()))?;
+        // Held while clearing and while creating a directory and locking it, so that no mount
+        // takes another's new directory, not yet locked, for a gone mount's.
+        let all_lock = all.join(LOCK_FILE);
+        let guard = std::fs::File::create(&all_lock).and_then(|file| file.lock().map(|()| file));
+        let guard = guard.with_context(|| format!("locking {}", all_lock.display()))?;
         remove_stale_parts(&all);
         let parts = tempfile::Builder::new()
             .prefix("mount-")
@@ -334,6 +339,7 @@ impl Mounted {
         let lock =
             std::fs::File::create(parts.join(LOCK_FILE)).and_then(|file| file.try_lock().map(|()| file).map_err(std::io::Error::other));
         let lock = lock.with_context(|| format!("locking {}", parts.join(LOCK_FILE).display()))?;
+        drop(guard);
         let (small, large) = (fs().with_view(View::SmallFiles), fs().with_view(View::LargeFiles));
         let (stats, local) = (vec![small.stats(), large.stats()], large.materialiser());
         let mut mounted =
@@ -425,7 +431,8 @@ fn remove_parts_dir(parts: &Path) {
 
 /// Detaches and removes the mount directories under `all` that no `shoal mount` holds any more
 /// (killed before it could unmount): each holds a lock on its `lock` file for as long as it
-/// runs, which the kernel drops when the process dies, whatever PID namespace it ran in.
+/// runs, which the kernel drops when the process dies, whatever PID namespace it ran in. The
+/// caller holds `all`'s own lock.
 fn remove_stale_parts(all: &Path) {
     let Ok(entries) = std::fs::read_dir(all) else { return };
     for entry in entries.flatten() {
