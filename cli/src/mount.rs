@@ -120,8 +120,8 @@ pub struct MountArgs {
     /// its later opens are handed to the kernel (FUSE passthrough), so reads run at local-disk
     /// speed without entering this process. Passthrough needs root (CAP_SYS_ADMIN) and Linux
     /// 6.9+; without them shoal falls back to serving reads itself, and says so once in the
-    /// log. Without passthrough the kernel opens files without asking shoal, which suits
-    /// images of many small files best.
+    /// log. Without passthrough the kernel opens every file without asking shoal (by default
+    /// it does so for small files only; see --one-mount).
     #[arg(long, env = "SHOAL_NO_PASSTHROUGH")]
     no_passthrough: bool,
     /// Serve the image from one FUSE mount. By default, as root, an image with files of more

@@ -3,9 +3,9 @@
 //! The kernel decides per FUSE mount whether opens reach the filesystem: when they do, each
 //! open and close of a small file is a round trip to this process; when they do not, no file
 //! can be read by passthrough. Shoal therefore serves an image as two mounts, one of everything
-//! but large files (opened without asking) and one of directories and large files
-//! (passthrough), and stacks a read-only overlayfs over them: the first holds every directory
-//! and small file, so overlayfs finds those there; large files it finds in the second.
+//! but large files (opened without asking) and one of large files and the directories leading
+//! to them (passthrough), and stacks a read-only overlayfs over them: the first holds every
+//! directory and small file, so overlayfs finds those there; large files it finds in the second.
 //!
 //! Passthrough mounts count as one level of stacking and the kernel allows two, so this
 //! overlayfs cannot itself be a lower layer of another overlayfs: a container runtime should
