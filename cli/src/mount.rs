@@ -57,6 +57,9 @@ const MAX_DEFAULT_CACHES: usize = 64;
 /// The file in a merged mount's directory that its process holds locked while it runs.
 const LOCK_FILE: &str = "lock";
 
+/// The FUSE mount points in a merged mount's directory: small files on top, large files below.
+const PARTS: [&str; 2] = ["small", "large"];
+
 /// How often the stats file is refreshed (when something changed).
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -345,7 +348,7 @@ impl Mounted {
         let mut mounted =
             Mounted { mountpoint: mountpoint.to_path_buf(), sessions: Vec::new(), stats, local, parts: None, _lock: Some(lock) };
         let result = (|| {
-            for (fs, dir) in [(small, "small"), (large, "large")] {
+            for (fs, dir) in [small, large].into_iter().zip(PARTS) {
                 let dir = parts.join(dir);
                 std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
                 let session = fs
@@ -422,7 +425,7 @@ impl Mounted {
 /// Removes a merged mount's directory once its FUSE mounts are gone (never recursively: a
 /// directory still mounted on stays).
 fn remove_parts_dir(parts: &Path) {
-    for dir in ["small", "large"] {
+    for dir in PARTS {
         let _ = std::fs::remove_dir(parts.join(dir));
     }
     let _ = std::fs::remove_file(parts.join(LOCK_FILE));
@@ -442,12 +445,11 @@ fn remove_stale_parts(all: &Path) {
         if lock.try_lock().is_err() {
             continue;
         }
-        for dir in ["small", "large"].map(|dir| parts.join(dir)) {
-            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&dir).stderr(std::process::Stdio::null()).status();
-            let _ = std::fs::remove_dir(&dir);
+        for dir in PARTS {
+            detach(&parts.join(dir));
         }
-        let _ = std::fs::remove_file(parts.join(LOCK_FILE));
-        if std::fs::remove_dir(&parts).is_ok() {
+        remove_parts_dir(&parts);
+        if !parts.exists() {
             info!(dir = %parts.display(), "removed the mount directories of a shoal mount that is gone");
         }
     }
@@ -538,12 +540,15 @@ async fn unmount(session: MountSession, mountpoint: &Path) {
             true
         }
     };
-    if failed {
-        let detached = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
-        if !detached.is_ok_and(|s| s.success()) {
-            warn!(mountpoint = %mountpoint.display(), "cannot detach the mount; unmount it with `fusermount3 -u -z`");
-        }
+    if failed && !detach(mountpoint) {
+        warn!(mountpoint = %mountpoint.display(), "cannot detach the mount; unmount it with `fusermount3 -u -z`");
     }
+}
+
+/// Detaches the FUSE mount at `dir` lazily (it goes once no longer used); whether that worked.
+fn detach(dir: &Path) -> bool {
+    let status = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(dir).stderr(std::process::Stdio::null()).status();
+    status.is_ok_and(|s| s.success())
 }
 
 /// Where a remote image's manifest, bootstrap and chunks come from.

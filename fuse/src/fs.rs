@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use crate::format::{Attr, Bootstrap, FileKind, Timestamp};
 use crate::loader::{ChunkLoader, LoadError};
-use crate::materialise::Materialiser;
+use crate::materialise::{is_large_file, Materialiser};
 use crate::trace::Trace;
 
 /// How long the kernel may cache entries and attributes: the image is immutable.
@@ -431,13 +431,6 @@ pub enum View {
     SmallFiles,
     /// Large files and the directories leading to them, opened by passthrough once local.
     LargeFiles,
-}
-
-/// Whether inode `ino` is a large file: a regular file of more than one chunk, the kind that
-/// is materialised and read by passthrough once local.
-pub fn is_large_file(bootstrap: &Bootstrap, ino: u64) -> bool {
-    bootstrap.getattr(ino).is_some_and(|attr| attr.kind == FileKind::Regular)
-        && bootstrap.chunks_of(ino).is_some_and(|mut chunks| chunks.nth(1).is_some())
 }
 
 /// The directories with a large file somewhere beneath them, and the root: the only ones

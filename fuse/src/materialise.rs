@@ -90,6 +90,13 @@ pub fn file_key(bootstrap: &Bootstrap, ino: u64) -> Option<[u8; 32]> {
     Some(*hasher.finalize().as_bytes())
 }
 
+/// Whether inode `ino` is a large file: a regular file of more than one chunk, the kind that
+/// is materialised and read by passthrough once local.
+pub fn is_large_file(bootstrap: &Bootstrap, ino: u64) -> bool {
+    bootstrap.getattr(ino).is_some_and(|attr| attr.kind == FileKind::Regular)
+        && bootstrap.chunks_of(ino).is_some_and(|mut chunks| chunks.nth(1).is_some())
+}
+
 /// Materialises an image's files into its chunk cache.
 pub struct Materialiser {
     /// The image's metadata.
@@ -144,10 +151,7 @@ impl Materialiser {
     /// cost most, and the plain path keeps them in the page cache; a copy of each would cost a
     /// file creation and a sync.
     pub fn may_materialise(&self, ino: u64) -> bool {
-        let Some(attr) = self.bootstrap.getattr(ino) else { return false };
-        attr.kind == FileKind::Regular
-            && self.cache.fits_file(attr.size)
-            && self.bootstrap.chunks_of(ino).is_some_and(|chunks| chunks.count() > 1)
+        is_large_file(&self.bootstrap, ino) && self.bootstrap.getattr(ino).is_some_and(|attr| self.cache.fits_file(attr.size))
     }
 
     /// Opens the materialised copy of file `ino` (marking it used), if there is one.
