@@ -2,8 +2,10 @@
 //! it on demand: metadata from the bootstrap in memory, file data chunk by chunk through the
 //! local agent's mirror (so peers serve it), the registry, or a local blob directory. Files
 //! whose chunks are all local are materialised in the cache and read by the kernel directly
-//! (FUSE passthrough). As root, an image with such large files is served as two FUSE mounts
-//! merged by overlayfs, so small files are opened without asking this process
+//! (FUSE passthrough). As root, the kernel's EROFS serves the image instead, from one file that
+//! a FUSE mount serves on demand ([`shoal_fuse::image_file`]): opens, listings and warm reads then
+//! never reach this process. Where the kernel cannot, an image with large files is served as two
+//! FUSE mounts merged by overlayfs, so small files are opened without asking this process
 //! ([`shoal_fuse::overlay`]). Runs in the foreground until SIGTERM or SIGINT, then unmounts.
 
 use std::os::unix::fs::MetadataExt;
@@ -21,7 +23,9 @@ use shoal_core::reference::Reference;
 use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
 use shoal_core::Digest;
 use shoal_fuse::cache::ChunkCache;
+use shoal_fuse::erofs::ErofsImage;
 use shoal_fuse::fs::{FsStats, MountConfig, MountSession, Passthrough, ShoalFs, View};
+use shoal_fuse::image_file::{self, ImageFileFs, IMAGE_FILE};
 use shoal_fuse::loader::ChunkLoader;
 use shoal_fuse::materialise::Materialiser;
 use shoal_fuse::source::{BlobDir, ChunkSource, MirrorBlobs, RegistryBlobs};
@@ -58,7 +62,13 @@ const MAX_DEFAULT_CACHES: usize = 64;
 const LOCK_FILE: &str = "lock";
 
 /// The FUSE mount points in a merged mount's directory: small files on top, large files below.
-const PARTS: [&str; 2] = ["small", "large"];
+const MERGED_PARTS: [&str; 2] = ["small", "large"];
+
+/// The FUSE mount point holding an EROFS mount's image file.
+const IMAGE_PART: &str = "image";
+
+/// Every FUSE mount point a mount's directory may hold.
+const PARTS: [&str; 3] = [MERGED_PARTS[0], MERGED_PARTS[1], IMAGE_PART];
 
 /// How often the stats file is refreshed (when something changed).
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
@@ -118,25 +128,26 @@ pub struct MountArgs {
     /// Threads answering the kernel's requests.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
-    /// Serve every read from this process. By default a file of more than one chunk whose
+    /// With --mode merged or fuse: serve every read from this process. By default a file of more than one chunk whose
     /// chunks are all local is written whole into the cache (counted against --cache-size) and
     /// its later opens are handed to the kernel (FUSE passthrough), so reads run at local-disk
     /// speed without entering this process. Passthrough needs root (CAP_SYS_ADMIN) and Linux
     /// 6.9+; without them shoal falls back to serving reads itself, and says so once in the
-    /// log. Without passthrough the kernel opens every file without asking shoal (by default
-    /// it does so for small files only; see --one-mount).
+    /// log. Without passthrough the kernel opens every file without asking shoal.
     #[arg(long, env = "SHOAL_NO_PASSTHROUGH")]
     no_passthrough: bool,
-    /// Serve the image from one FUSE mount. By default, as root, an image with files of more
-    /// than one chunk is served as two FUSE mounts merged by overlayfs at DIR: one of the
-    /// directories and small files, which the kernel opens without asking shoal, and one of
-    /// the large files, read by passthrough once local. One mount asks shoal at every open of
-    /// a file (passthrough needs that), but DIR can then be a lower layer of another overlayfs,
-    /// which the merged mount cannot (the kernel stacks at most two filesystems on a
-    /// passthrough file). With --no-passthrough, or for an image without large files, the
-    /// image is one mount that the kernel opens files of without asking.
-    #[arg(long, env = "SHOAL_ONE_MOUNT")]
-    one_mount: bool,
+    /// How the kernel sees the image. `erofs`: the kernel's EROFS mounts an image file that one
+    /// FUSE mount serves on demand; opens, listings and warm reads never reach shoal, and warm
+    /// reads run at page-cache speed (needs root and Linux 6.12+). `merged`: two FUSE mounts
+    /// merged by overlayfs at DIR, one of the directories and small files (which the kernel
+    /// opens without asking shoal) and one of the large files (passthrough once local); DIR
+    /// cannot be a lower layer of another overlayfs (take `lower_dirs` from --stats or the
+    /// log). `fuse`: one FUSE mount, asked at every open (passthrough needs that); with
+    /// --no-passthrough or for an image without large files, the kernel opens its files
+    /// without asking. `auto`: erofs as root, else merged as root, else fuse, falling back
+    /// with a warning when one cannot be mounted.
+    #[arg(long, value_enum, default_value_t = Mode::Auto, env = "SHOAL_MOUNT_MODE")]
+    mode: Mode,
     /// Take the kernel's requests through /dev/fuse only. By default, when the kernel offers
     /// FUSE over io_uring (Linux 6.14+ with `echo Y > /sys/module/fuse/parameters/enable_uring`),
     /// requests come over io_uring and each is served by a thread on the CPU that made it: opens
@@ -153,6 +164,19 @@ pub struct MountArgs {
     /// Config file: data_dir, logging, registry credentials and TLS settings.
     #[arg(long, short, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
+}
+
+/// How `shoal mount` has the kernel see an image (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// erofs as root, else merged as root, else fuse.
+    Auto,
+    /// The kernel's EROFS, over an image file one FUSE mount serves.
+    Erofs,
+    /// Two FUSE mounts (small files, large files) merged by overlayfs.
+    Merged,
+    /// One FUSE mount.
+    Fuse,
 }
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
@@ -212,30 +236,55 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         ..MountConfig::default()
     };
     let fs = || ShoalFs::new(loader.clone(), runtime.clone(), trace.clone());
-    let split = passthrough && !args.one_mount && overlay::available();
-    let mounted = match split {
-        true => match Mounted::split(fs, &mountpoint, &mount_config, &config.data_dir) {
-            Ok(mounted) => Some(mounted),
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot serve the image as two merged mounts; serving it from one");
-                None
-            }
-        },
-        false => None,
-    };
+    let root = shoal_fuse::overlay::is_root();
+    let mut mounted = None;
+    if args.mode == Mode::Erofs || (args.mode == Mode::Auto && root) {
+        let erofs = ErofsImage::build(&bootstrap).context("laying the image out for EROFS").and_then(|image| {
+            Mounted::erofs(
+                ImageFileFs::new(Arc::new(image), loader.clone(), runtime.clone(), trace.clone()),
+                &mountpoint,
+                &mount_config,
+                &config.data_dir,
+            )
+        });
+        match erofs {
+            Ok(m) => mounted = Some(m),
+            Err(e) if args.mode == Mode::Erofs => return Err(e),
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot have the kernel's EROFS serve the image; serving it with FUSE"),
+        }
+    }
+    let merged = args.mode == Mode::Merged || (args.mode == Mode::Auto && overlay::available());
+    if mounted.is_none() && passthrough && merged {
+        match Mounted::split(fs, &mountpoint, &mount_config, &config.data_dir) {
+            Ok(m) => mounted = Some(m),
+            Err(e) if args.mode == Mode::Merged => return Err(e),
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot serve the image as two merged mounts; serving it from one"),
+        }
+    }
     let mounted = match mounted {
         Some(mounted) => mounted,
         None => Mounted::one(fs(), &mountpoint, &mount_config)?,
     };
     let lowers = mounted.lower_dirs();
-    let counters = Counters { fs: mounted.stats.clone(), local: mounted.local.clone(), loader: loader.clone(), lowers: lowers.clone() };
-    match mounted.parts {
-        Some(_) => info!(
+    let counters = Counters {
+        mode: mounted.mode,
+        fs: mounted.stats.clone(),
+        local: mounted.local.clone(),
+        loader: loader.clone(),
+        lowers: lowers.clone(),
+    };
+    match mounted.mode {
+        Mode::Erofs => info!(
+            mountpoint = %mountpoint.display(),
+            "mounted: the kernel's EROFS serves the image from {}, read on demand",
+            mounted.sessions.first().map(|(_, dir)| dir.join(IMAGE_FILE).display().to_string()).unwrap_or_default()
+        ),
+        Mode::Merged => info!(
             mountpoint = %mountpoint.display(),
             "mounted: small files and large files from two FUSE mounts merged by overlayfs; a container's overlayfs takes lowerdir={}",
             lowers.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(":")
         ),
-        None => info!(mountpoint = %mountpoint.display(), "mounted"),
+        Mode::Fuse | Mode::Auto => info!(mountpoint = %mountpoint.display(), "mounted"),
     }
     let prefetch: Vec<u64> = bootstrap.prefetch().collect();
     if !args.no_prefetch && !prefetch.is_empty() {
@@ -289,19 +338,22 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The FUSE mounts serving one image at its mount point.
+/// The mounts serving one image at its mount point.
 struct Mounted {
+    /// How: [`Mode::Erofs`], [`Mode::Merged`] or [`Mode::Fuse`].
+    mode: Mode,
     /// Where the image is mounted.
     mountpoint: PathBuf,
     /// Each FUSE mount with its mount point.
     sessions: Vec<(MountSession, PathBuf)>,
     /// What each FUSE mount served.
     stats: Vec<Arc<FsStats>>,
-    /// What was materialised for passthrough.
-    local: Arc<Materialiser>,
-    /// For a merged mount: the directory holding the FUSE mounts, and the overlayfs's device.
+    /// What was materialised for passthrough (nothing, for EROFS).
+    local: Option<Arc<Materialiser>>,
+    /// For EROFS and merged mounts: the directory holding the FUSE mounts, and the device of
+    /// the filesystem on top (EROFS or overlayfs).
     parts: Option<(PathBuf, u64)>,
-    /// For a merged mount: its directory's lock file, locked while this process runs.
+    /// For EROFS and merged mounts: their directory's lock file, locked while this process runs.
     _lock: Option<std::fs::File>,
 }
 
@@ -314,41 +366,65 @@ impl Mounted {
             .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", mountpoint.display()))?;
         raise_read_ahead(mountpoint);
         Ok(Mounted {
+            mode: Mode::Fuse,
             mountpoint: mountpoint.to_path_buf(),
             sessions: vec![(session, mountpoint.to_path_buf())],
             stats: vec![stats],
-            local,
+            local: Some(local),
             parts: None,
             _lock: None,
         })
     }
 
+    /// `fs` mounted in a new directory under `<data_dir>/mounts`, and its image file mounted
+    /// with the kernel's EROFS at `mountpoint`.
+    fn erofs(fs: ImageFileFs, mountpoint: &Path, config: &MountConfig, data_dir: &Path) -> anyhow::Result<Mounted> {
+        if !shoal_fuse::overlay::is_root() {
+            bail!("mounting EROFS needs root");
+        }
+        let (parts, lock) = new_parts_dir(data_dir)?;
+        let stats = vec![fs.stats()];
+        let mut mounted = Mounted {
+            mode: Mode::Erofs,
+            mountpoint: mountpoint.to_path_buf(),
+            sessions: Vec::new(),
+            stats,
+            local: None,
+            parts: None,
+            _lock: Some(lock),
+        };
+        let result = (|| {
+            let dir = parts.join(IMAGE_PART);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let session = fs
+                .mount(&dir, config)
+                .with_context(|| format!("mounting on {} (is fuse3 installed and /dev/fuse usable?)", dir.display()))?;
+            mounted.sessions.push((session, dir.clone()));
+            image_file::mount_erofs(&dir.join(IMAGE_FILE), mountpoint)
+                .with_context(|| format!("mounting EROFS on {} (it needs Linux 6.12+ with EROFS)", mountpoint.display()))?;
+            raise_read_ahead(mountpoint);
+            anyhow::Ok(std::fs::metadata(mountpoint)?.dev())
+        })();
+        mounted.finish(parts, result)
+    }
+
     /// Two mounts of `fs` in a new directory under `<data_dir>/mounts`, one of small files and
     /// one of large files, merged by overlayfs at `mountpoint`.
     fn split(fs: impl Fn() -> ShoalFs, mountpoint: &Path, config: &MountConfig, data_dir: &Path) -> anyhow::Result<Mounted> {
-        let all = data_dir.join("mounts");
-        std::fs::create_dir_all(&all).with_context(|| format!("creating {}", all.display()))?;
-        // Held while clearing and while creating a directory and locking it, so that no mount
-        // takes another's new directory, not yet locked, for a gone mount's.
-        let all_lock = all.join(LOCK_FILE);
-        let guard = std::fs::File::create(&all_lock).and_then(|file| file.lock().map(|()| file));
-        let guard = guard.with_context(|| format!("locking {}", all_lock.display()))?;
-        remove_stale_parts(&all);
-        let parts = tempfile::Builder::new()
-            .prefix("mount-")
-            .tempdir_in(&all)
-            .with_context(|| format!("creating a directory in {}", all.display()))?
-            .keep();
-        let lock =
-            std::fs::File::create(parts.join(LOCK_FILE)).and_then(|file| file.try_lock().map(|()| file).map_err(std::io::Error::other));
-        let lock = lock.with_context(|| format!("locking {}", parts.join(LOCK_FILE).display()))?;
-        drop(guard);
+        let (parts, lock) = new_parts_dir(data_dir)?;
         let (small, large) = (fs().with_view(View::SmallFiles), fs().with_view(View::LargeFiles));
         let (stats, local) = (vec![small.stats(), large.stats()], large.materialiser());
-        let mut mounted =
-            Mounted { mountpoint: mountpoint.to_path_buf(), sessions: Vec::new(), stats, local, parts: None, _lock: Some(lock) };
+        let mut mounted = Mounted {
+            mode: Mode::Merged,
+            mountpoint: mountpoint.to_path_buf(),
+            sessions: Vec::new(),
+            stats,
+            local: Some(local),
+            parts: None,
+            _lock: Some(lock),
+        };
         let result = (|| {
-            for (fs, dir) in [small, large].into_iter().zip(PARTS) {
+            for (fs, dir) in [small, large].into_iter().zip(MERGED_PARTS) {
                 let dir = parts.join(dir);
                 std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
                 let session = fs
@@ -363,13 +439,19 @@ impl Mounted {
             let dev = std::fs::metadata(mountpoint)?.dev();
             anyhow::Ok(dev)
         })();
+        mounted.finish(parts, result)
+    }
+
+    /// Completes a mount in `parts` whose top filesystem has device `result`; on failure,
+    /// unmounts what was mounted and removes the directory.
+    fn finish(mut self, parts: PathBuf, result: anyhow::Result<u64>) -> anyhow::Result<Mounted> {
         match result {
             Ok(dev) => {
-                mounted.parts = Some((parts, dev));
-                Ok(mounted)
+                self.parts = Some((parts, dev));
+                Ok(self)
             }
             Err(e) => {
-                for (session, dir) in mounted.sessions.drain(..) {
+                for (session, dir) in self.sessions.drain(..) {
                     let _ = session.umount_and_join();
                     let _ = std::fs::remove_dir(dir);
                 }
@@ -383,9 +465,9 @@ impl Mounted {
     /// FUSE mounts themselves when merged (an overlayfs cannot stack on this one), else the
     /// mount point.
     fn lower_dirs(&self) -> Vec<PathBuf> {
-        match self.parts {
-            Some(_) => self.sessions.iter().map(|(_, dir)| dir.clone()).collect(),
-            None => vec![self.mountpoint.clone()],
+        match self.mode {
+            Mode::Merged => self.sessions.iter().map(|(_, dir)| dir.clone()).collect(),
+            _ => vec![self.mountpoint.clone()],
         }
     }
 
@@ -398,7 +480,7 @@ impl Mounted {
         }
     }
 
-    /// Unmounts the overlayfs, then each FUSE mount, and removes their directories.
+    /// Unmounts the EROFS or overlayfs, then each FUSE mount, and removes their directories.
     async fn unmount(self) {
         if let Some((_, dev)) = &self.parts {
             if std::fs::metadata(&self.mountpoint).is_ok_and(|m| m.dev() == *dev) {
@@ -408,7 +490,7 @@ impl Mounted {
                         warn!(mountpoint = %self.mountpoint.display(), "the mount is busy; detached it, it goes once no longer used")
                     }
                     Err(e) => {
-                        warn!(mountpoint = %self.mountpoint.display(), error = %e, "cannot unmount the overlayfs; unmount it with `umount -l`")
+                        warn!(mountpoint = %self.mountpoint.display(), error = %e, "cannot unmount the image; unmount it with `umount -l`")
                     }
                 }
             }
@@ -422,7 +504,28 @@ impl Mounted {
     }
 }
 
-/// Removes a merged mount's directory once its FUSE mounts are gone (never recursively: a
+/// A new directory under `<data_dir>/mounts` for a mount's FUSE mounts, with its lock file
+/// locked; clears the directories of mounts that are gone first.
+fn new_parts_dir(data_dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    let all = data_dir.join("mounts");
+    std::fs::create_dir_all(&all).with_context(|| format!("creating {}", all.display()))?;
+    // Held while clearing and while creating a directory and locking it, so that no mount
+    // takes another's new directory, not yet locked, for a gone mount's.
+    let all_lock = all.join(LOCK_FILE);
+    let guard = std::fs::File::create(&all_lock).and_then(|file| file.lock().map(|()| file));
+    let _guard = guard.with_context(|| format!("locking {}", all_lock.display()))?;
+    remove_stale_parts(&all);
+    let parts = tempfile::Builder::new()
+        .prefix("mount-")
+        .tempdir_in(&all)
+        .with_context(|| format!("creating a directory in {}", all.display()))?
+        .keep();
+    let lock = std::fs::File::create(parts.join(LOCK_FILE)).and_then(|file| file.try_lock().map(|()| file).map_err(std::io::Error::other));
+    let lock = lock.with_context(|| format!("locking {}", parts.join(LOCK_FILE).display()))?;
+    Ok((parts, lock))
+}
+
+/// Removes a mount's directory once its FUSE mounts are gone (never recursively: a
 /// directory still mounted on stays).
 fn remove_parts_dir(parts: &Path) {
     for dir in PARTS {
@@ -457,12 +560,14 @@ fn remove_stale_parts(all: &Path) {
 
 /// The live counters of one mount.
 struct Counters {
+    /// How the image is mounted.
+    mode: Mode,
     /// What each FUSE mount served.
     fs: Vec<Arc<FsStats>>,
     /// The lower layers a container's overlayfs takes ([`Mounted::lower_dirs`]).
     lowers: Vec<PathBuf>,
-    /// What it materialised.
-    local: Arc<Materialiser>,
+    /// What it materialised, if it may.
+    local: Option<Arc<Materialiser>>,
     /// What was fetched.
     loader: Arc<ChunkLoader>,
 }
@@ -471,10 +576,14 @@ impl Counters {
     fn json(&self) -> serde_json::Value {
         let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         let sum = |counter: fn(&FsStats) -> &std::sync::atomic::AtomicU64| self.fs.iter().map(|fs| n(counter(fs))).sum::<u64>();
-        let (local, loader) = (self.local.stats(), self.loader.stats());
+        let loader = self.loader.stats();
+        let local = |counter: fn(&shoal_fuse::materialise::MaterialiseStats) -> &std::sync::atomic::AtomicU64| {
+            self.local.as_ref().map_or(0, |local| n(counter(local.stats())))
+        };
         // A merged mount's small files never use passthrough; its state is the large files'.
         let passthrough = self.fs.iter().map(|fs| fs.passthrough()).max_by_key(|p| *p as u8).unwrap_or(Passthrough::Off);
         serde_json::json!({
+            "mode": format!("{:?}", self.mode).to_lowercase(),
             "passthrough": passthrough.as_str(),
             "mounts": self.fs.len(),
             "lower_dirs": self.lowers.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>(),
@@ -486,9 +595,9 @@ impl Counters {
             "reads": sum(|fs| &fs.reads),
             "read_bytes": sum(|fs| &fs.read_bytes),
             "stored_files": sum(|fs| &fs.stored_files),
-            "materialised_files": n(&local.files),
-            "materialised_bytes": n(&local.bytes),
-            "materialise_failures": n(&local.failed),
+            "materialised_files": local(|l| &l.files),
+            "materialised_bytes": local(|l| &l.bytes),
+            "materialise_failures": local(|l| &l.failed),
             "fetched_chunks": n(&loader.fetched_chunks),
             "fetched_bytes": n(&loader.fetched_bytes),
             "failed_chunks": n(&loader.failed_chunks),

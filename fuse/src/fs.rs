@@ -62,10 +62,10 @@ const STORE_MAX: u64 = 128 << 10;
 const BLOCK_SIZE: u32 = 4096;
 
 /// The largest readahead asked of the kernel (it caps it at what it supports).
-const MAX_READAHEAD: u32 = 1 << 20;
+pub(crate) const MAX_READAHEAD: u32 = 1 << 20;
 
 /// Requests the kernel may have outstanding in the background (readahead).
-const MAX_BACKGROUND: u16 = 64;
+pub(crate) const MAX_BACKGROUND: u16 = 64;
 
 /// The file handle of opens served by this process.
 const PLAIN_FH: FileHandle = FileHandle(0);
@@ -127,7 +127,7 @@ pub struct FsStats {
 }
 
 impl FsStats {
-    fn new(passthrough: Passthrough) -> FsStats {
+    pub(crate) fn new(passthrough: Passthrough) -> FsStats {
         FsStats {
             passthrough_opens: AtomicU64::new(0),
             plain_opens: AtomicU64::new(0),
@@ -300,25 +300,7 @@ impl ShoalFs {
         if !config.passthrough || self.view == View::SmallFiles {
             self.stats.passthrough.store(Passthrough::Off as u8, Ordering::Relaxed);
         }
-        let mut options = vec![
-            MountOption::RO,
-            MountOption::FSName(config.fs_name.clone()),
-            MountOption::Subtype("shoal".into()),
-            MountOption::DefaultPermissions,
-            MountOption::NoAtime,
-        ];
-        // An image's device nodes and set-uid programs must work in a container's root.
-        if effective_uid() == 0 {
-            options.extend([MountOption::Dev, MountOption::Suid]);
-        }
-        if config.auto_unmount {
-            options.push(MountOption::AutoUnmount);
-        }
-        let mut fuse_config = fuser::Config::default();
-        fuse_config.mount_options = options;
-        fuse_config.acl = if config.allow_other || config.auto_unmount { SessionACL::All } else { SessionACL::Owner };
-        fuse_config.n_threads = Some(config.threads.max(1));
-        fuse_config.clone_fd = config.threads > 1;
+        let fuse_config = fuse_config(config);
         let notifier = self.notifier.clone();
         let session = fuser::spawn_mount(self, mountpoint, &fuse_config)?;
         let _ = notifier.set(session.notifier());
@@ -419,6 +401,31 @@ impl ShoalFs {
         open.plain += 1;
         Some(reply)
     }
+}
+
+/// How fuser mounts an image's filesystem by `config`: read-only, and (as root) with device
+/// nodes and set-uid programs working.
+pub(crate) fn fuse_config(config: &MountConfig) -> fuser::Config {
+    let mut options = vec![
+        MountOption::RO,
+        MountOption::FSName(config.fs_name.clone()),
+        MountOption::Subtype("shoal".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    // An image's device nodes and set-uid programs must work in a container's root.
+    if effective_uid() == 0 {
+        options.extend([MountOption::Dev, MountOption::Suid]);
+    }
+    if config.auto_unmount {
+        options.push(MountOption::AutoUnmount);
+    }
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = if config.allow_other || config.auto_unmount { SessionACL::All } else { SessionACL::Owner };
+    fuse_config.n_threads = Some(config.threads.max(1));
+    fuse_config.clone_fd = config.threads > 1;
+    fuse_config
 }
 
 /// Which of the image's files a mount shows.
@@ -762,7 +769,7 @@ fn reply_sized(reply: ReplyXattr, size: u32, bytes: &[u8]) {
 }
 
 /// The errno a failed read returns: EIO, never partial or wrong data.
-fn read_errno(ino: u64, offset: u64, e: &LoadError) -> Errno {
+pub(crate) fn read_errno(ino: u64, offset: u64, e: &LoadError) -> Errno {
     match e {
         LoadError::NotFound(reason) => {
             debug!(ino, %reason, "read of a non-file");
@@ -821,7 +828,7 @@ fn system_time(t: Timestamp) -> SystemTime {
 }
 
 /// Converts a device number from glibc's 64-bit `makedev` encoding (the bootstrap's) to the
-/// 32-bit encoding the FUSE protocol carries (the kernel's `new_encode_dev`).
+/// 32-bit encoding the FUSE protocol carries and EROFS stores (the kernel's `new_encode_dev`).
 pub fn fuse_rdev(rdev: u64) -> u32 {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000);
     let minor = (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00);

@@ -29,8 +29,10 @@
 
 pub mod cache;
 pub mod chunk;
+pub mod erofs;
 pub mod format;
 pub mod fs;
+pub mod image_file;
 pub mod layer;
 pub mod loader;
 pub mod materialise;

@@ -19,10 +19,15 @@ use std::path::Path;
 /// Whether this process can merge mounts with overlayfs: it runs as root and the kernel has
 /// overlayfs.
 pub fn available() -> bool {
+    is_root() && std::fs::read_to_string("/proc/filesystems").is_ok_and(|list| list.lines().any(|line| line.ends_with("\toverlay")))
+}
+
+/// Whether this process runs as root (it may mount filesystems).
+pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     #[allow(unsafe_code)]
-    let root = unsafe { libc::geteuid() } == 0;
-    root && std::fs::read_to_string("/proc/filesystems").is_ok_and(|list| list.lines().any(|line| line.ends_with("\toverlay")))
+    let euid = unsafe { libc::geteuid() };
+    euid == 0
 }
 
 /// Mounts a read-only overlayfs at `target` merging `lowers` (the first on top), named
@@ -37,11 +42,15 @@ pub fn mount(source: &str, lowers: &[&Path], target: &Path) -> io::Result<()> {
     }
     // Directories are never renamed in an image: no redirect to look for on each lookup.
     options.extend_from_slice(b",redirect_dir=nofollow");
-    let source = c_string(source.as_bytes())?;
+    mount_fs(source.as_bytes(), target, b"overlay", libc::MS_RDONLY | libc::MS_NOATIME, &options)
+}
+
+/// mount(2): mounts `source` of type `fstype` at `target` with `flags` and `options`.
+pub(crate) fn mount_fs(source: &[u8], target: &Path, fstype: &[u8], flags: libc::c_ulong, options: &[u8]) -> io::Result<()> {
+    let source = c_string(source)?;
     let target = c_string(target.as_os_str().as_bytes())?;
-    let fstype = c_string(b"overlay")?;
-    let options = c_string(&options)?;
-    let flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    let fstype = c_string(fstype)?;
+    let options = c_string(options)?;
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, options.as_ptr().cast()) };
@@ -52,7 +61,7 @@ pub fn mount(source: &str, lowers: &[&Path], target: &Path) -> io::Result<()> {
     }
 }
 
-/// Unmounts `target`; when it is busy, detaches it so it goes once no longer used. Returns
+/// Unmounts `target` (any filesystem); when it is busy, detaches it so it goes once no longer used. Returns
 /// whether it had to be detached.
 pub fn unmount(target: &Path) -> io::Result<bool> {
     let target = c_string(target.as_os_str().as_bytes())?;

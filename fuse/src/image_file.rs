@@ -1,0 +1,249 @@
+//! An image served by the kernel's EROFS: a FUSE mount holding one file, the image's EROFS
+//! form ([`crate::erofs`]), which the kernel then mounts at the image's mount point.
+//!
+//! The kernel reads the file's metadata part once and keeps it; it reads a file's data the
+//! first time a page of it is read, and keeps that in the EROFS file's own page cache. So
+//! opening, listing and reading anything warm never reaches this process, and a file's page
+//! cache is an ordinary one (large folios included), unlike a FUSE file's. A read of the image
+//! file that falls in a file's extent is a read of that file through the chunk loader: fetched,
+//! verified and cached as in [`crate::fs`].
+//!
+//! The image file is opened with direct I/O, so the FUSE side keeps no second copy of file data
+//! and reads nothing ahead across files; EROFS's own readahead asks for what a sequential read
+//! needs.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, Request,
+};
+use tokio::runtime::Handle;
+use tracing::info;
+
+use crate::erofs::{ErofsImage, Piece};
+use crate::fs::{fuse_config, read_errno, FsStats, MountConfig, MountSession, Passthrough, DEFAULT_TTL, MAX_BACKGROUND, MAX_READAHEAD};
+use crate::loader::{ChunkLoader, LoadError};
+use crate::trace::Trace;
+
+/// The image file's name in its FUSE mount.
+pub const IMAGE_FILE: &str = "image.erofs";
+
+/// The FUSE mount's root directory.
+const ROOT: INodeNo = INodeNo(1);
+
+/// The image file.
+const FILE: INodeNo = INodeNo(2);
+
+/// A read that failed: the file, where in it, and why.
+type Failed = (u64, u64, LoadError);
+
+/// A FUSE filesystem of one file: an image's EROFS form, read on demand.
+pub struct ImageFileFs {
+    /// The image's layout.
+    image: Arc<ErofsImage>,
+    /// Reads file data.
+    loader: Arc<ChunkLoader>,
+    /// Runs reads that wait for chunks.
+    runtime: Handle,
+    /// Records first reads, when tracing.
+    trace: Option<Arc<Trace>>,
+    /// What was served.
+    stats: Arc<FsStats>,
+    /// Ask for FUSE over io_uring ([`MountConfig::io_uring`]).
+    io_uring: bool,
+}
+
+impl ImageFileFs {
+    /// A filesystem serving `image`, whose files' data `loader` reads.
+    pub fn new(image: Arc<ErofsImage>, loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Arc<Trace>>) -> Self {
+        ImageFileFs { image, loader, runtime, trace, stats: Arc::new(FsStats::new(Passthrough::Off)), io_uring: false }
+    }
+
+    /// What the filesystem served; live counters.
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
+    /// Mounts the filesystem at `dir`; the image file is then `dir/image.erofs`.
+    pub fn mount(mut self, dir: &Path, config: &MountConfig) -> io::Result<MountSession> {
+        self.io_uring = config.io_uring;
+        fuser::spawn_mount(self, dir, &fuse_config(config))
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            ROOT => (FileType::Directory, 0o555, 0, 2),
+            FILE => (FileType::RegularFile, 0o444, self.image.len(), 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: crate::erofs::BLOCK_SIZE as u32,
+            flags: 0,
+        })
+    }
+
+    /// The bytes `[offset, offset + size)` of the image when every chunk they need is local
+    /// (or, for a local image, can be read right away); `None` when they have to be waited for.
+    fn read_now(&self, offset: u64, size: u32) -> Option<Result<Vec<u8>, Failed>> {
+        let mut out = Vec::with_capacity(size as usize);
+        for piece in self.image.pieces(offset, u64::from(size)) {
+            match piece {
+                Piece::Bytes(bytes) => out.extend_from_slice(bytes),
+                Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
+                Piece::File { ino, offset, len } => {
+                    match self.loader.read_cached(ino, offset, len as u32).or_else(|| self.loader.read_now(ino, offset, len as u32))? {
+                        Ok(data) => out.extend_from_slice(&data),
+                        Err(e) => return Some(Err((ino, offset, e))),
+                    }
+                }
+            }
+        }
+        Some(Ok(out))
+    }
+}
+
+/// The bytes `[offset, offset + size)` of `image`, waiting for the chunks they need.
+async fn read_waiting(image: &ErofsImage, loader: &Arc<ChunkLoader>, offset: u64, size: u32) -> Result<Vec<u8>, Failed> {
+    let mut out = Vec::with_capacity(size as usize);
+    for piece in image.pieces(offset, u64::from(size)) {
+        match piece {
+            Piece::Bytes(bytes) => out.extend_from_slice(bytes),
+            Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
+            Piece::File { ino, offset, len } => {
+                out.extend_from_slice(&loader.read(ino, offset, len as u32).await.map_err(|e| (ino, offset, e))?)
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl fuser::Filesystem for ImageFileFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_max_write(MAX_READAHEAD);
+        if self.io_uring && config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
+            info!("FUSE over io_uring on: requests are served on the CPU that issued them");
+        }
+        // EROFS reads data with asynchronous direct I/O: let several be in flight.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent, name.as_bytes()) {
+            (ROOT, name) if name == IMAGE_FILE.as_bytes() => {
+                reply.entry(&DEFAULT_TTL, &self.attr(FILE).expect("the image file"), Generation(0))
+            }
+            (ROOT, _) => reply.error(Errno::ENOENT),
+            _ => reply.error(Errno::ENOTDIR),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&DEFAULT_TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match ino {
+            // Metadata pages stay cached (KEEP_CACHE); data reads come here as asked (DIRECT_IO).
+            FILE => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_DIRECT_IO),
+            ROOT => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        for piece in self.image.pieces(offset, u64::from(size)) {
+            if let Piece::File { ino, offset, len } = piece {
+                if let Some(trace) = &self.trace {
+                    trace.record(ino);
+                }
+                self.loader.note_read(ino, offset, len as u32);
+            }
+        }
+        let answer = |reply: ReplyData, stats: &FsStats, result: Result<Vec<u8>, Failed>| match result {
+            Ok(data) => {
+                stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
+            Err((ino, offset, e)) => reply.error(read_errno(ino, offset, &e)),
+        };
+        match self.read_now(offset, size) {
+            Some(result) => answer(reply, &self.stats, result),
+            None => {
+                let (image, loader, stats) = (self.image.clone(), self.loader.clone(), self.stats.clone());
+                self.runtime.spawn(async move { answer(reply, &stats, read_waiting(&image, &loader, offset, size).await) });
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match ino {
+            ROOT => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            _ => reply.error(Errno::ENOTDIR),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        if ino != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [(ROOT, FileType::Directory, "."), (ROOT, FileType::Directory, ".."), (FILE, FileType::RegularFile, IMAGE_FILE)];
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// Mounts `image_file` (an EROFS image) read-only with the kernel's EROFS at `target`. Needs
+/// root and Linux 6.12+ (EROFS mounts from a file).
+pub fn mount_erofs(image_file: &Path, target: &Path) -> io::Result<()> {
+    crate::overlay::mount_fs(image_file.as_os_str().as_bytes(), target, b"erofs", libc::MS_RDONLY | libc::MS_NOATIME, b"")
+}
