@@ -8,6 +8,7 @@
 //! FUSE mounts merged by overlayfs, so small files are opened without asking this process
 //! ([`shoal_fuse::overlay`]). Runs in the foreground until SIGTERM or SIGINT, then unmounts.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -155,8 +156,8 @@ pub struct MountArgs {
     #[arg(long, env = "SHOAL_NO_IO_URING")]
     no_io_uring: bool,
     /// Keep counters of what the filesystem served in FILE, as JSON, refreshed while mounted:
-    /// opens served by passthrough and by this process, read requests and bytes this process
-    /// answered, small files whose data went to the page cache with their open, files
+    /// the mode, opens served by passthrough and by this process, read requests of file data
+    /// and bytes this process answered (and, with EROFS, requests of its metadata), small files whose data went to the page cache with their open, files
     /// materialised, chunks fetched, requests taken over io_uring; and the FUSE mounts a
     /// container's overlayfs takes as lower layers (`lower_dirs`).
     #[arg(long, value_name = "FILE")]
@@ -593,6 +594,7 @@ impl Counters {
             "opens_left_to_kernel": sum(|fs| &fs.opens_left_to_kernel),
             "releases": sum(|fs| &fs.releases),
             "reads": sum(|fs| &fs.reads),
+            "metadata_reads": sum(|fs| &fs.metadata_reads),
             "read_bytes": sum(|fs| &fs.read_bytes),
             "stored_files": sum(|fs| &fs.stored_files),
             "materialised_files": local(|l| &l.files),
@@ -803,14 +805,30 @@ fn host_id(config: &Config) -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).unwrap_or_default()
 }
 
+/// The sysfs directory of the filesystem mounted at `mountpoint`'s backing device info, where
+/// its readahead is set: named by the filesystem (`erofs-27`) when the kernel says so
+/// (FS_IOC_GETFSSYSFSPATH, Linux 6.10+), else by its device number (`0:41`).
+fn bdi_dir(mountpoint: &Path) -> Option<PathBuf> {
+    let dir = std::fs::File::open(mountpoint).ok()?;
+    if let Some(name) = overlay::sysfs_name(&dir) {
+        // "erofs/erofs-27": the part after the filesystem type names the bdi.
+        let name = name.rsplit(|&b| b == b'/').next().unwrap_or(&name);
+        let named = Path::new("/sys/class/bdi").join(std::ffi::OsStr::from_bytes(name));
+        if named.is_dir() {
+            return Some(named);
+        }
+    }
+    let dev = dir.metadata().ok()?.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+    Some(PathBuf::from(format!("/sys/class/bdi/{major}:{minor}")))
+}
+
 /// Asks the kernel for 1 MiB readahead on the mount (the default is 128 KiB), so sequential
 /// reads arrive as whole chunks, unless it is that high already. Best effort: it needs root.
 fn raise_read_ahead(mountpoint: &Path) {
-    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
-    let dev = meta.dev();
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
-    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let Some(path) = bdi_dir(mountpoint).map(|dir| dir.join("read_ahead_kb")) else { return };
+    let path = path.display().to_string();
     let current = std::fs::read_to_string(&path).ok().and_then(|kb| kb.trim().parse::<u32>().ok());
     if current.is_some_and(|kb| kb >= READ_AHEAD_KB) {
         return;

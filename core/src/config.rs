@@ -313,7 +313,11 @@ impl Config {
             None => {}
         }
         let config: Config = figment
-            .merge(Env::prefixed("SHOAL_").ignore(&["config", "fault_corrupt_pieces", "no_passthrough"]).split("__"))
+            .merge(
+                Env::prefixed("SHOAL_")
+                    .ignore(&["config", "fault_corrupt_pieces", "no_passthrough", "mount_mode", "no_io_uring"])
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.check()?;

@@ -118,6 +118,8 @@ pub struct FsStats {
     pub releases: AtomicU64,
     /// Read requests this process answered.
     pub reads: AtomicU64,
+    /// Read requests for EROFS metadata (the image file's first blocks), not file data.
+    pub metadata_reads: AtomicU64,
     /// Bytes those reads returned.
     pub read_bytes: AtomicU64,
     /// Opens of small local files whose data was handed to the kernel's page cache at once.
@@ -134,6 +136,7 @@ impl FsStats {
             opens_left_to_kernel: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            metadata_reads: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
             stored_files: AtomicU64::new(0),
             passthrough: AtomicU8::new(passthrough as u8),

@@ -192,15 +192,18 @@ impl fuser::Filesystem for ImageFileFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let mut file_data = false;
         for piece in self.image.pieces(offset, u64::from(size)) {
             if let Piece::File { ino, offset, len } = piece {
+                file_data = true;
                 if let Some(trace) = &self.trace {
                     trace.record(ino);
                 }
                 self.loader.note_read(ino, offset, len as u32);
             }
         }
+        let counter = if file_data { &self.stats.reads } else { &self.stats.metadata_reads };
+        counter.fetch_add(1, Ordering::Relaxed);
         let answer = |reply: ReplyData, stats: &FsStats, result: Result<Vec<u8>, Failed>| match result {
             Ok(data) => {
                 stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);

@@ -82,6 +82,18 @@ pub fn unmount(target: &Path) -> io::Result<bool> {
     }
 }
 
+/// The sysfs name of the filesystem `file` is on (`ext4/vda`, `erofs/erofs-27`), when the
+/// kernel says (FS_IOC_GETFSSYSFSPATH, Linux 6.10+).
+pub fn sysfs_name(file: &std::fs::File) -> Option<Vec<u8>> {
+    /// `_IOR(0x15, 1, struct fs_sysfs_path)`: a length byte and 128 bytes of name.
+    const FS_IOC_GETFSSYSFSPATH: libc::c_ulong = 0x8081_1501;
+    let mut sysfs = [0u8; 129];
+    // SAFETY: the kernel writes at most 129 bytes into the buffer, which outlives the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(file), FS_IOC_GETFSSYSFSPATH, sysfs.as_mut_ptr()) };
+    (rc == 0).then(|| sysfs[1..1 + usize::from(sysfs[0]).min(128)].to_vec())
+}
+
 /// A path as overlayfs's `lowerdir` option reads it: `\`, `:` and `,` escaped with `\`.
 fn escape(path: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(path.len());

@@ -282,31 +282,46 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
     bytes[(bad.compressed_offset + u64::from(bad.compressed_len) / 2) as usize] ^= 0xff;
     std::fs::write(&stored, bytes).unwrap();
 
-    let cache = setup.path("cache");
-    let mut mount = Mount::start(&[setup.image("lazy/bad:v1"), s("--direct"), s("--cache-dir"), path_arg(&cache)]).await.unwrap();
-    let big = content("data/big.bin");
-    let file = std::fs::File::open(mount.path("data/big.bin")).unwrap();
-    let read_at = |offset: usize, len: usize| {
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, offset as u64).map(|()| buf)
-    };
-    assert_eq!(read_at(0, 4096).unwrap(), big[..4096], "the first chunk is intact");
-    assert_eq!(read_at(2 * MIB + 100, 4096).unwrap(), big[2 * MIB + 100..2 * MIB + 4196], "the third chunk is intact");
-    let err = read_at(MIB + 100, 100).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
-    assert_eq!(std::fs::read(mount.path("data/dup-a")).unwrap(), content("data/dup-a"));
-    assert!(!cached_chunks(&cache).contains(&hex::encode(bad.digest)), "the corrupt chunk must never be cached");
-    assert!(mount.log().contains("failed verification"), "{}", mount.log());
-    drop(file);
-    // A file of several chunks read whole is materialised; a file of one chunk is served from
-    // that chunk, never copied; the file with a bad chunk never is, and stays EIO.
+    // As the kernel's EROFS serves it (the default as root), and as one FUSE mount, which also
+    // materialises files.
+    for mode in ["erofs", "fuse"] {
+        let cache = setup.path(&format!("cache-{mode}"));
+        let args = [setup.image("lazy/bad:v1"), s("--direct"), s("--cache-dir"), path_arg(&cache), s("--mode"), s(mode)];
+        let mut mount = Mount::start(&args).await.unwrap();
+        let big = content("data/big.bin");
+        let file = std::fs::File::open(mount.path("data/big.bin")).unwrap();
+        let read_at = |offset: usize, len: usize| {
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, offset as u64).map(|()| buf)
+        };
+        assert_eq!(read_at(0, 4096).unwrap(), big[..4096], "{mode}: the first chunk is intact");
+        assert_eq!(read_at(2 * MIB + 100, 4096).unwrap(), big[2 * MIB + 100..2 * MIB + 4196], "{mode}: the third chunk is intact");
+        let err = read_at(MIB + 100, 100).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{mode}: {err}");
+        let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{mode}: {err}");
+        assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
+        assert_eq!(std::fs::read(mount.path("data/dup-a")).unwrap(), content("data/dup-a"));
+        assert!(!cached_chunks(&cache).contains(&hex::encode(bad.digest)), "{mode}: the corrupt chunk must never be cached");
+        assert!(mount.log().contains("failed verification"), "{}", mount.log());
+        drop(file);
+        if mode == "fuse" {
+            check_materialised_around_a_corrupt_chunk(&mut mount, &bootstrap, &cache).await;
+        }
+        let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{mode}, read again: {err}");
+        let status = mount.stop().await.unwrap();
+        assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+    }
+}
+
+/// A file of several chunks read whole is materialised; a file of one chunk is served from
+/// that chunk, never copied; the file with a bad chunk never is, and stays EIO.
+async fn check_materialised_around_a_corrupt_chunk(mount: &mut Mount, bootstrap: &Bootstrap, cache: &Path) {
     mount.wait_stats("a file materialised", |s| s["materialised_files"].as_u64() >= Some(1)).await.unwrap();
     let materialised = |path: &str| {
         let ino = bootstrap.resolve(path.as_bytes()).unwrap();
-        cache.join("files").join(hex::encode(file_key(&bootstrap, ino).unwrap()))
+        cache.join("files").join(hex::encode(file_key(bootstrap, ino).unwrap()))
     };
     assert!(materialised("data/dup-a").exists());
     assert!(!materialised("small/one.txt").exists(), "a file of one chunk is not copied");
@@ -319,8 +334,6 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
         mount.wait_stats("every open released", |s| s["releases"].as_u64() >= s["plain_opens"].as_u64().map(|p| p + 1)).await.unwrap();
     assert_eq!(stats["passthrough_opens"], 1, "only the second read of data/dup-a is passthrough: {stats}");
     assert!(!materialised("data/big.bin").exists());
-    let status = mount.stop().await.unwrap();
-    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,7 +491,7 @@ async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel
     let materialised = cache.join("files").join(hex::encode(key));
     let big = content("data/big.bin");
 
-    let mut mount = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--mode", "fuse"])).await.unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
     let first = mount
         .wait_stats("the file materialised after its first read", |s| {
@@ -511,7 +524,7 @@ async fn a_file_read_once_is_materialised_and_later_opens_are_read_by_the_kernel
     assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
 
     // A fresh mount over the same cache opens the materialised file from the start.
-    let mut again = Mount::start(&local_mount_args(&out, &cache, &[])).await.unwrap();
+    let mut again = Mount::start(&local_mount_args(&out, &cache, &["--mode", "fuse"])).await.unwrap();
     assert_eq!(std::fs::read(again.path("data/big.bin")).unwrap(), big);
     let stats = again.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
     assert_eq!((n(&stats, "passthrough_opens"), n(&stats, "reads"), n(&stats, "fetched_chunks")), (1, 0, 0), "{stats}");
@@ -532,10 +545,49 @@ fn mount_entries(path: &Path) -> Vec<(String, String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn by_default_small_files_open_without_asking_shoal_and_large_files_by_passthrough_in_one_merged_tree() {
+async fn by_default_the_kernels_erofs_serves_the_image_and_warm_reads_never_reach_shoal() {
     let setup = Setup::new().await;
     let out = setup.build_local();
     let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    // EROFS at the mount point, over an image file that a FUSE mount serves.
+    let entries = mount_entries(&mount.mountpoint);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].1, "erofs", "{entries:?}");
+    let image_file = PathBuf::from(&entries[0].0);
+    let fuse_dir = image_file.parent().unwrap().to_path_buf();
+    assert_eq!(mount_entries(&fuse_dir).first().map(|e| e.1.clone()), Some("fuse".into()), "{image_file:?} is on a FUSE mount");
+    let stats = mount.wait_stats("the first counters", |s| s["mode"].is_string()).await.unwrap();
+    assert_eq!((stats["mode"].as_str(), n(&stats, "mounts")), (Some("erofs"), 1), "{stats}");
+    assert_eq!(stats["lower_dirs"], serde_json::json!([mount.mountpoint.display().to_string()]), "{stats}");
+
+    // The whole tree, cold: file data came through shoal.
+    assert_mounted_as(&mount.mountpoint, &layers());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let cold = mount.stats();
+    assert!(n(&cold, "reads") > 0 && n(&cold, "metadata_reads") > 0 && n(&cold, "fetched_chunks") > 0, "{cold}");
+    // Again, warm: every lookup, listing, open, xattr and read is the kernel's alone.
+    assert_mounted_as(&mount.mountpoint, &layers());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let warm = mount.stats();
+    for counter in ["reads", "metadata_reads", "read_bytes", "plain_opens", "opens_left_to_kernel", "fetched_chunks"] {
+        assert_eq!(n(&warm, counter), n(&cold, counter), "{counter}: {warm}");
+    }
+    // Out of the page cache, a file is read through shoal again, from the local chunks.
+    drop_page_cache().unwrap();
+    assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), content("data/big.bin"));
+    let later = mount.wait_stats("the file read again", |s| n(s, "reads") > n(&cold, "reads")).await.unwrap();
+    assert_eq!(n(&later, "fetched_chunks"), n(&cold, "fetched_chunks"), "{later}");
+
+    assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
+    assert!(mount_entries(&mount.mountpoint).is_empty(), "EROFS unmounted");
+    assert!(mount_entries(&fuse_dir).is_empty() && !fuse_dir.exists(), "{fuse_dir:?} unmounted and removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_small_files_open_without_asking_shoal_and_large_files_by_passthrough_in_one_tree() {
+    let setup = Setup::new().await;
+    let out = setup.build_local();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &["--mode", "merged"])).await.unwrap();
     // An overlayfs over two FUSE mounts: small files and directories on top, large files below.
     let entries = mount_entries(&mount.mountpoint);
     assert_eq!(entries.len(), 1, "{entries:?}");
@@ -583,7 +635,7 @@ async fn by_default_small_files_open_without_asking_shoal_and_large_files_by_pas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_without_large_files_is_one_mount_whose_files_the_kernel_opens_without_asking() {
+async fn merged_an_image_without_large_files_is_one_mount_whose_files_the_kernel_opens_without_asking() {
     let setup = Setup::new().await;
     let small = vec![LayerSpec {
         entries: vec![
@@ -598,7 +650,7 @@ async fn an_image_without_large_files_is_one_mount_whose_files_the_kernel_opens_
     write_layout(&layout, "v1", &small).unwrap();
     let out = setup.path("small-out");
     shoal_build(&[format!("oci:{}:v1", layout.display()), s("--output-dir"), path_arg(&out)]).unwrap();
-    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &["--mode", "merged"])).await.unwrap();
     assert_eq!(mount_entries(&mount.mountpoint).first().map(|e| e.1.clone()), Some("fuse".into()), "one FUSE mount, no overlayfs");
     assert_mounted_as(&mount.mountpoint, &small);
     // Read twice over: only the very first open reached shoal.
@@ -628,7 +680,7 @@ async fn an_overlayfs_xattr_carried_by_the_image_hides_nothing_in_the_merged_tre
     let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
     let d = bootstrap.resolve(b"d").unwrap();
     assert_eq!(bootstrap.xattr(d, b"trusted.overlay.opaque"), Some(b"y".as_slice()), "the image carries it");
-    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &["--mode", "merged"])).await.unwrap();
     assert_eq!(n(&mount.wait_stats("the first counters", |s| s["mounts"].is_u64()).await.unwrap(), "mounts"), 2);
     assert_eq!(std::fs::read(mount.path("d/large")).unwrap(), random_bytes(3 * MIB, 30), "the large file is not hidden");
     assert_eq!(std::fs::read(mount.path("d/small")).unwrap(), random_bytes(100, 31));
@@ -638,25 +690,41 @@ async fn an_overlayfs_xattr_carried_by_the_image_hides_nothing_in_the_merged_tre
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_erofs_mount_leaves_nothing_the_next_mount_does_not_clear() {
+    killed_mount_is_cleared_by_the_next("erofs").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_merged_mount_leaves_nothing_the_next_mount_does_not_clear() {
+    killed_mount_is_cleared_by_the_next("merged").await;
+}
+
+/// A mount in `mode` (erofs or merged: FUSE mounts in a directory of their own) is killed; the
+/// next mount clears what it left.
+async fn killed_mount_is_cleared_by_the_next(mode: &str) {
     let setup = Setup::new().await;
     let out = setup.build_local();
-    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &["--mode", mode])).await.unwrap();
     let stats = mount.wait_stats("the first counters", |s| s["lower_dirs"].is_array()).await.unwrap();
-    let lowers: Vec<PathBuf> = stats["lower_dirs"].as_array().unwrap().iter().map(|d| PathBuf::from(d.as_str().unwrap())).collect();
-    let parts = lowers[0].parent().unwrap().to_path_buf();
+    assert_eq!(stats["mode"], mode, "{stats}");
+    let fuse_mounts: Vec<PathBuf> = match mode {
+        "merged" => stats["lower_dirs"].as_array().unwrap().iter().map(|d| PathBuf::from(d.as_str().unwrap())).collect(),
+        _ => vec![PathBuf::from(&mount_entries(&mount.mountpoint)[0].0).parent().unwrap().to_path_buf()],
+    };
+    let parts = fuse_mounts[0].parent().unwrap().to_path_buf();
     mount.kill();
-    // The merged tree fails cleanly (its FUSE mounts have no server: which error depends on
-    // where the kernel was with the connection, ECANCELED over io_uring), and is unmounted by hand.
+    // The image fails cleanly (its FUSE mounts have no server: which error depends on where the
+    // kernel was with the connection, ECANCELED over io_uring; EROFS says EIO), and is unmounted
+    // by hand.
     let err = std::fs::read(mount.path("small/one.txt")).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)), "{err}");
+    assert!(matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::EIO)), "{err}");
     assert!(Command::new("umount").arg("-l").arg(&mount.mountpoint).status().unwrap().success());
     assert!(parts.exists(), "the killed mount's FUSE mounts are left behind");
     // The next mount detaches and removes them, and serves the image.
-    let mut next = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &[])).await.unwrap();
+    let mut next = Mount::start(&local_mount_args(&out, &setup.path("cache-2"), &["--mode", mode])).await.unwrap();
     assert!(!parts.exists(), "{}", next.log());
-    for lower in &lowers {
-        assert!(mount_entries(lower).is_empty(), "{lower:?} detached");
+    for dir in &fuse_mounts {
+        assert!(mount_entries(dir).is_empty(), "{dir:?} detached");
     }
     assert_mounted_as(&next.mountpoint, &layers());
     assert!(next.stop().await.unwrap().success(), "{}", next.log());
@@ -673,7 +741,7 @@ async fn in_one_mount_a_small_local_file_is_handed_to_the_page_cache_at_open_and
     assert!(first.stop().await.unwrap().success(), "{}", first.log());
 
     // One mount, where every open reaches shoal (a merged mount's small files never do).
-    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--one-mount"])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--mode", "fuse"])).await.unwrap();
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
     let stats = mount.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
     assert_eq!((n(&stats, "stored_files"), n(&stats, "reads")), (1, 0), "its data came with the open: {stats}");
@@ -700,7 +768,7 @@ async fn while_a_file_is_open_through_shoal_new_opens_stay_there_until_it_is_clo
     let setup = Setup::new().await;
     let out = setup.build_local();
     let big = content("data/big.bin");
-    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &[])).await.unwrap();
+    let mut mount = Mount::start(&local_mount_args(&out, &setup.path("cache"), &["--mode", "fuse"])).await.unwrap();
     let mut held = std::fs::File::open(mount.path("data/big.bin")).unwrap();
     let mut data = Vec::new();
     held.read_to_end(&mut data).unwrap();
@@ -727,7 +795,10 @@ async fn without_passthrough_every_read_is_served_by_shoal_correctly_and_nothing
     let cache = setup.path("cache");
     let big = content("data/big.bin");
     // Set as the environment variable (shoal's configuration must not take it for one of its own).
-    let mut mount = Mount::start_with_env(&local_mount_args(&out, &cache, &[]), &[("SHOAL_NO_PASSTHROUGH", "true")]).await.unwrap();
+    let mut mount =
+        Mount::start_with_env(&local_mount_args(&out, &cache, &[]), &[("SHOAL_NO_PASSTHROUGH", "true"), ("SHOAL_MOUNT_MODE", "fuse")])
+            .await
+            .unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), big);
     let first = mount.wait_stats("the first read served", |s| s["read_bytes"].as_u64() >= Some(big.len() as u64)).await.unwrap();
     assert_eq!(first["passthrough"], "off", "{first}");
@@ -813,7 +884,9 @@ async fn over_io_uring_a_mount_serves_the_image_exactly_fetched_waited_for_and_b
     // another thread than the one serving the ring.
     let agent = Agent::start("").await.unwrap();
     let cache = setup.path("cache");
-    let mut mount = setup.mount_through(&agent, "ring/app:v1-shoal", &cache).await;
+    let args =
+        [setup.image("ring/app:v1-shoal"), s("--mirror"), agent.mirror(), s("--cache-dir"), path_arg(&cache), s("--mode"), s("fuse")];
+    let mut mount = Mount::start(&args).await.unwrap();
     assert!(mount.log().contains("FUSE over io_uring on"), "{}", mount.log());
     assert_mounted_as(&mount.mountpoint, &layers());
     let big = content("data/big.bin");
