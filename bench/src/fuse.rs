@@ -1,8 +1,9 @@
 //! The FUSE scenario: a tree of one big file and many small files, converted by `shoal build`
-//! and by `nydus-image create`, and read through `shoal mount` as deployed (small files and
-//! large files from two FUSE mounts merged by overlayfs, large files by kernel passthrough),
-//! through `shoal mount --one-mount` (one FUSE mount, passthrough), through `shoal mount
-//! --no-passthrough`, through `nydusd` (Nydus, RAFS v6 with its uncompressed local blob cache)
+//! and by `nydus-image create`, and read through `shoal mount` as deployed (the kernel's EROFS
+//! over an image file one FUSE mount serves), through `shoal mount --mode merged` (small files
+//! and large files from two FUSE mounts merged by overlayfs, large files by kernel passthrough),
+//! through `--mode fuse` (one FUSE mount, passthrough), through `--mode fuse --no-passthrough`,
+//! through `nydusd` (Nydus, RAFS v6 with its uncompressed local blob cache)
 //! and straight from the native directory, in the same run on the same disk.
 //! Nydus must be installed first (`cargo install --locked nydus-rs`, which needs cmake).
 //!
@@ -16,7 +17,7 @@
 //!
 //! A container never reads a lazy-loading mount directly: its runtime stacks an overlayfs with
 //! a writable layer on the image's tree. Each system's warm reads are also measured that way
-//! ([`ContainerRoot`]), Shoal's merged mount giving its two FUSE mounts as the lower layers.
+//! ([`ContainerRoot`]), a merged Shoal mount giving its two FUSE mounts as the lower layers.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -206,13 +207,15 @@ impl System for Native {
 /// How `shoal mount` serves the image.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ShoalMode {
-    /// The default: small files and large files from two FUSE mounts merged by overlayfs,
+    /// The default as root: the kernel's EROFS over an image file one FUSE mount serves.
+    Erofs,
+    /// `--mode merged`: small files and large files from two FUSE mounts merged by overlayfs,
     /// large files by passthrough once local.
     Merged,
-    /// `--one-mount`: one FUSE mount, every open asks shoal, passthrough once local.
+    /// `--mode fuse`: one FUSE mount, every open asks shoal, passthrough once local.
     OneMount,
-    /// `--no-passthrough`: one FUSE mount that the kernel opens files of without asking, every
-    /// read served by shoal or the page cache.
+    /// `--mode fuse --no-passthrough`: one FUSE mount that the kernel opens files of without
+    /// asking, every read served by shoal or the page cache.
     Plain,
 }
 
@@ -246,9 +249,10 @@ impl Shoal {
             self.cache.display().to_string(),
         ];
         match self.mode {
-            ShoalMode::Merged => {}
-            ShoalMode::OneMount => args.push("--one-mount".into()),
-            ShoalMode::Plain => args.push("--no-passthrough".into()),
+            ShoalMode::Erofs => args.extend(["--mode".into(), "erofs".into()]),
+            ShoalMode::Merged => args.extend(["--mode".into(), "merged".into()]),
+            ShoalMode::OneMount => args.extend(["--mode".into(), "fuse".into()]),
+            ShoalMode::Plain => args.extend(["--mode".into(), "fuse".into(), "--no-passthrough".into()]),
         }
         let mount = Mount::start(&args).await?;
         let root = mount.mountpoint.clone();
@@ -260,7 +264,8 @@ impl Shoal {
 impl System for Shoal {
     fn name(&self) -> &str {
         match self.mode {
-            ShoalMode::Merged => "shoal",
+            ShoalMode::Erofs => "shoal",
+            ShoalMode::Merged => "shoal-merged",
             ShoalMode::OneMount => "shoal-one-mount",
             ShoalMode::Plain => "shoal-plain",
         }
@@ -276,7 +281,8 @@ impl System for Shoal {
 
     async fn settle(&mut self, files: usize) -> anyhow::Result<()> {
         let Some(mount) = &self.mount else { bail!("{} is not mounted", self.name()) };
-        if self.mode == ShoalMode::Plain {
+        // Only passthrough modes materialise files.
+        if matches!(self.mode, ShoalMode::Erofs | ShoalMode::Plain) {
             return Ok(());
         }
         let started = Instant::now();
@@ -867,7 +873,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     // Shoal as deployed (io_uring on: see the README), in each of its ways of mounting.
     let _io_uring =
         shoal_tests::lazy::IoUringOn::new().map_err(|e| eprintln!("warning: {e}: Shoal's rows take requests through /dev/fuse")).ok();
-    for mode in [ShoalMode::Merged, ShoalMode::OneMount, ShoalMode::Plain] {
+    for mode in [ShoalMode::Erofs, ShoalMode::Merged, ShoalMode::OneMount, ShoalMode::Plain] {
         let mut shoal = Shoal::new(&image, work.path(), mode);
         let measured = measure(&mut shoal, &tree, args.runs, &expected, work.path()).await;
         let _ = shoal.stop().await;
@@ -999,16 +1005,18 @@ fn report(
          name order, one at a time. Chunks come from local blob files (`shoal mount --bootstrap --blobs`, nydusd's \
          localfs backend), so cold reads measure decompression and the filesystem, not a network. File data: {data}. \
          Shoal's rows take requests over FUSE over io_uring (the bench turns `enable_uring` on for them). \
-         `shoal` is the default mount: small files and directories from one FUSE mount (the kernel opens its files \
-         without asking), large files from another (passthrough once local), merged by overlayfs; `shoal-one-mount` \
-         serves everything from one FUSE mount with passthrough (`--one-mount`), so every open asks shoal; \
-         `shoal-plain` is one mount without passthrough (`--no-passthrough`).\n\n\
+         `shoal` is the default mount as root: the kernel's EROFS over an image file that one FUSE mount serves, read on \
+         demand (opens, listings and warm reads never reach shoal); `shoal-merged` (`--mode merged`): small files and \
+         directories from one FUSE mount (the kernel opens its files without asking), large files from another \
+         (passthrough once local), merged by overlayfs; `shoal-one-mount` (`--mode fuse`) serves everything from one \
+         FUSE mount with passthrough, so every open asks shoal; `shoal-plain` is one mount without passthrough \
+         (`--mode fuse --no-passthrough`).\n\n\
          The same {n} small files opened by their paths in name order, without listing a directory (as a program \
          loading its own files does); a listing walker instead takes each file's type from the listing, or from `lstat` \
          where the listing leaves it out:\n\n\
          | system | by path cold | by path local | by path warm |\n|---|---|---|---|\n{by_path_rows}\n\
          Warm reads as a container sees the tree: through an overlayfs with an empty writable layer over the system's \
-         tree, as containerd's overlayfs snapshotter mounts a container's root (Shoal's merged mount gives its two FUSE \
+         tree, as containerd's overlayfs snapshotter mounts a container's root (`shoal-merged` gives its two FUSE \
          mounts as the lower layers; the others their mount point; native its directory). Median of {runs} runs; \
          speed relative to native under the same overlayfs:\n\n\
          | system | big file warm | small files listed warm | small files by path warm |\n|---|---|---|---|\n{container_rows}\n\

@@ -19,7 +19,7 @@ fn a_tiny_fuse_run_reports_every_mode_and_the_container_view() {
 
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("fuse.json")).unwrap()).unwrap();
     assert_eq!(json["scenario"], "fuse");
-    for system in ["native", "shoal", "shoal-one-mount", "shoal-plain"] {
+    for system in ["native", "shoal", "shoal-merged", "shoal-one-mount", "shoal-plain"] {
         let s = &json["systems"][system];
         for measure in ["big_median_seconds", "small_median_seconds", "small_by_path_median_seconds"] {
             for state in ["cold", "local", "warm"] {
@@ -30,9 +30,11 @@ fn a_tiny_fuse_run_reports_every_mode_and_the_container_view() {
         let container = s["container_warm_seconds"]["small_by_path"].as_array().map(Vec::len);
         assert_eq!(container, Some(1), "{system}: {s}");
     }
-    // The default mount merged two FUSE mounts, and its large file was read by passthrough.
-    let stats = &json["systems"]["shoal"]["last_mount_stats"];
-    assert_eq!(stats["mounts"], 2, "{stats}");
+    // The default mount was EROFS; the merged one merged two FUSE mounts, and its large file
+    // was read by passthrough.
+    assert_eq!(json["systems"]["shoal"]["last_mount_stats"]["mode"], "erofs");
+    let stats = &json["systems"]["shoal-merged"]["last_mount_stats"];
+    assert_eq!((&stats["mode"], &stats["mounts"]), (&serde_json::json!("merged"), &serde_json::json!(2)), "{stats}");
     assert_eq!(stats["passthrough"], "on", "{stats}");
     assert_eq!(json["systems"]["shoal-plain"]["last_mount_stats"]["mounts"], 1);
     let md = std::fs::read_to_string(out.path().join("fuse.md")).unwrap();

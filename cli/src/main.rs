@@ -52,8 +52,9 @@ enum Command {
     /// its merged file tree plus chunk blobs, pushed as an ordinary OCI image (`<tag>-shoal`).
     #[command(after_help = build::EXAMPLES)]
     Build(build::BuildArgs),
-    /// Mount an image converted by `shoal build` read-only with FUSE; files are fetched chunk by
-    /// chunk as they are read, through the local agent's mirror. Runs until SIGTERM or SIGINT.
+    /// Mount an image converted by `shoal build` read-only (as root with the kernel's EROFS over
+    /// a FUSE-served image file, else with FUSE); files are fetched chunk by chunk as they are
+    /// read, through the local agent's mirror. Runs until SIGTERM or SIGINT.
     #[command(after_help = mount::EXAMPLES)]
     Mount(mount::MountArgs),
 }

@@ -101,25 +101,25 @@ impl ImageFileFs {
             flags: 0,
         })
     }
+}
 
-    /// The bytes `[offset, offset + size)` of the image when every chunk they need is local
-    /// (or, for a local image, can be read right away); `None` when they have to be waited for.
-    fn read_now(&self, offset: u64, size: u32) -> Option<Result<Vec<u8>, Failed>> {
-        let mut out = Vec::with_capacity(size as usize);
-        for piece in self.image.pieces(offset, u64::from(size)) {
-            match piece {
-                Piece::Bytes(bytes) => out.extend_from_slice(bytes),
-                Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
-                Piece::File { ino, offset, len } => {
-                    match self.loader.read_cached(ino, offset, len as u32).or_else(|| self.loader.read_now(ino, offset, len as u32))? {
-                        Ok(data) => out.extend_from_slice(&data),
-                        Err(e) => return Some(Err((ino, offset, e))),
-                    }
+/// The bytes `[offset, offset + size)` of `image` when every chunk they need is local (or, for
+/// a local image, can be read right away); `None` when they have to be waited for.
+fn read_now(image: &ErofsImage, loader: &Arc<ChunkLoader>, offset: u64, size: u32) -> Option<Result<Vec<u8>, Failed>> {
+    let mut out = Vec::with_capacity(size as usize);
+    for piece in image.pieces(offset, u64::from(size)) {
+        match piece {
+            Piece::Bytes(bytes) => out.extend_from_slice(bytes),
+            Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
+            Piece::File { ino, offset, len } => {
+                match loader.read_cached(ino, offset, len as u32).or_else(|| loader.read_now(ino, offset, len as u32))? {
+                    Ok(data) => out.extend_from_slice(&data),
+                    Err(e) => return Some(Err((ino, offset, e))),
                 }
             }
         }
-        Some(Ok(out))
     }
+    Some(Ok(out))
 }
 
 /// The bytes `[offset, offset + size)` of `image`, waiting for the chunks they need.
@@ -211,7 +211,7 @@ impl fuser::Filesystem for ImageFileFs {
             }
             Err((ino, offset, e)) => reply.error(read_errno(ino, offset, &e)),
         };
-        match self.read_now(offset, size) {
+        match read_now(&self.image, &self.loader, offset, size) {
             Some(result) => answer(reply, &self.stats, result),
             None => {
                 let (image, loader, stats) = (self.image.clone(), self.loader.clone(), self.stats.clone());
