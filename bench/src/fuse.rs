@@ -281,8 +281,8 @@ impl System for Shoal {
 
     async fn settle(&mut self, files: usize) -> anyhow::Result<()> {
         let Some(mount) = &self.mount else { bail!("{} is not mounted", self.name()) };
-        // Only passthrough modes materialise files.
-        if matches!(self.mode, ShoalMode::Erofs | ShoalMode::Plain) {
+        // Without passthrough, files are not materialised.
+        if self.mode == ShoalMode::Plain {
             return Ok(());
         }
         let started = Instant::now();

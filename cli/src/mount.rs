@@ -396,7 +396,7 @@ impl Mounted {
             mountpoint: mountpoint.to_path_buf(),
             sessions: Vec::new(),
             stats,
-            local: None,
+            local: Some(fs.materialiser()),
             parts: None,
             _lock: Some(lock),
         };

@@ -30,6 +30,7 @@ use tracing::info;
 use crate::erofs::{ErofsImage, Piece};
 use crate::fs::{fuse_config, read_errno, FsStats, MountConfig, MountSession, Passthrough, DEFAULT_TTL, MAX_BACKGROUND, MAX_READAHEAD};
 use crate::loader::{ChunkLoader, LoadError};
+use crate::materialise::Materialiser;
 use crate::trace::Trace;
 
 /// The image file's name in its FUSE mount.
@@ -50,6 +51,8 @@ pub struct ImageFileFs {
     image: Arc<ErofsImage>,
     /// Reads file data.
     loader: Arc<ChunkLoader>,
+    /// Makes large files whole once local, for reads that skip the chunk cache.
+    local: Arc<Materialiser>,
     /// Runs reads that wait for chunks.
     runtime: Handle,
     /// Records first reads, when tracing.
@@ -63,7 +66,13 @@ pub struct ImageFileFs {
 impl ImageFileFs {
     /// A filesystem serving `image`, whose files' data `loader` reads.
     pub fn new(image: Arc<ErofsImage>, loader: Arc<ChunkLoader>, runtime: Handle, trace: Option<Arc<Trace>>) -> Self {
-        ImageFileFs { image, loader, runtime, trace, stats: Arc::new(FsStats::new(Passthrough::Off)), io_uring: false }
+        let local = Arc::new(Materialiser::new(loader.bootstrap().clone(), loader.cache().clone(), runtime.clone()));
+        ImageFileFs { image, loader, local, runtime, trace, stats: Arc::new(FsStats::new(Passthrough::Off)), io_uring: false }
+    }
+
+    /// What the filesystem materialised.
+    pub fn materialiser(&self) -> Arc<Materialiser> {
+        self.local.clone()
     }
 
     /// What the filesystem served; live counters.
@@ -105,12 +114,20 @@ impl ImageFileFs {
 
 /// The bytes `[offset, offset + size)` of `image` when every chunk they need is local (or, for
 /// a local image, can be read right away); `None` when they have to be waited for.
-fn read_now(image: &ErofsImage, loader: &Arc<ChunkLoader>, offset: u64, size: u32) -> Option<Result<Vec<u8>, Failed>> {
+fn read_now(
+    image: &ErofsImage,
+    loader: &Arc<ChunkLoader>,
+    local: &Materialiser,
+    offset: u64,
+    size: u32,
+) -> Option<Result<Vec<u8>, Failed>> {
     let mut out = Vec::with_capacity(size as usize);
     for piece in image.pieces(offset, u64::from(size)) {
         match piece {
             Piece::Bytes(bytes) => out.extend_from_slice(bytes),
             Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
+            // A materialised copy was checked chunk by chunk as it was written.
+            Piece::File { ino, offset, len } if local.may_materialise(ino) && read_materialised(local, ino, offset, len, &mut out) => {}
             Piece::File { ino, offset, len } => {
                 match loader.read_cached(ino, offset, len as u32).or_else(|| loader.read_now(ino, offset, len as u32))? {
                     Ok(data) => out.extend_from_slice(&data),
@@ -120,6 +137,21 @@ fn read_now(image: &ErofsImage, loader: &Arc<ChunkLoader>, offset: u64, size: u3
         }
     }
     Some(Ok(out))
+}
+
+/// Appends `len` bytes at `offset` of large file `ino` from its materialised copy; whether it
+/// has one that held them.
+fn read_materialised(local: &Materialiser, ino: u64, offset: u64, len: u64, out: &mut Vec<u8>) -> bool {
+    let Some(file) = local.open(ino) else { return false };
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    match std::os::unix::fs::FileExt::read_exact_at(&file, &mut out[start..], offset) {
+        Ok(()) => true,
+        Err(_) => {
+            out.truncate(start);
+            false
+        }
+    }
 }
 
 /// The bytes `[offset, offset + size)` of `image`, waiting for the chunks they need.
@@ -193,6 +225,8 @@ impl fuser::Filesystem for ImageFileFs {
         reply: ReplyData,
     ) {
         let mut file_data = false;
+        // A large file read to its end has all its chunks local once this read is answered.
+        let mut read_to_end = None;
         for piece in self.image.pieces(offset, u64::from(size)) {
             if let Piece::File { ino, offset, len } = piece {
                 file_data = true;
@@ -200,22 +234,28 @@ impl fuser::Filesystem for ImageFileFs {
                     trace.record(ino);
                 }
                 self.loader.note_read(ino, offset, len as u32);
+                if offset + len == self.loader.bootstrap().getattr(ino).map_or(0, |a| a.size) {
+                    read_to_end = Some(ino);
+                }
             }
         }
         let counter = if file_data { &self.stats.reads } else { &self.stats.metadata_reads };
         counter.fetch_add(1, Ordering::Relaxed);
-        let answer = |reply: ReplyData, stats: &FsStats, result: Result<Vec<u8>, Failed>| match result {
+        let answer = move |reply: ReplyData, stats: &FsStats, local: &Arc<Materialiser>, result: Result<Vec<u8>, Failed>| match result {
             Ok(data) => {
                 stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                reply.data(&data)
+                reply.data(&data);
+                if let Some(ino) = read_to_end {
+                    local.offer(ino);
+                }
             }
             Err((ino, offset, e)) => reply.error(read_errno(ino, offset, &e)),
         };
-        match read_now(&self.image, &self.loader, offset, size) {
-            Some(result) => answer(reply, &self.stats, result),
+        match read_now(&self.image, &self.loader, &self.local, offset, size) {
+            Some(result) => answer(reply, &self.stats, &self.local, result),
             None => {
-                let (image, loader, stats) = (self.image.clone(), self.loader.clone(), self.stats.clone());
-                self.runtime.spawn(async move { answer(reply, &stats, read_waiting(&image, &loader, offset, size).await) });
+                let (image, loader, stats, local) = (self.image.clone(), self.loader.clone(), self.stats.clone(), self.local.clone());
+                self.runtime.spawn(async move { answer(reply, &stats, &local, read_waiting(&image, &loader, offset, size).await) });
             }
         }
     }

@@ -572,11 +572,14 @@ async fn by_default_the_kernels_erofs_serves_the_image_and_warm_reads_never_reac
     for counter in ["reads", "metadata_reads", "read_bytes", "plain_opens", "opens_left_to_kernel", "fetched_chunks"] {
         assert_eq!(n(&warm, counter), n(&cold, counter), "{counter}: {warm}");
     }
-    // Out of the page cache, a file is read through shoal again, from the local chunks.
+    // Large files read whole were made whole in the cache; out of the page cache, such a file
+    // is read through shoal again, from that copy, and nothing is fetched.
+    let materialised = mount.wait_stats("large files materialised", |s| n(s, "materialised_files") >= 2).await.unwrap();
     drop_page_cache().unwrap();
     assert_eq!(std::fs::read(mount.path("data/big.bin")).unwrap(), content("data/big.bin"));
     let later = mount.wait_stats("the file read again", |s| n(s, "reads") > n(&cold, "reads")).await.unwrap();
     assert_eq!(n(&later, "fetched_chunks"), n(&cold, "fetched_chunks"), "{later}");
+    assert_eq!(n(&later, "materialised_files"), n(&materialised, "materialised_files"), "{later}");
 
     assert!(mount.stop().await.unwrap().success(), "{}", mount.log());
     assert!(mount_entries(&mount.mountpoint).is_empty(), "EROFS unmounted");
