@@ -10,7 +10,7 @@
 //! Each way of serving the tree is a [`System`]; each is measured in three states:
 //! - **cold**: nothing local — a fresh mount with an empty chunk cache, page cache dropped;
 //! - **local**: what the cold read fetched is on local disk — a fresh mount over that cache,
-//!   page cache dropped (for Shoal with passthrough the files are materialised by then);
+//!   page cache dropped (for Shoal, but `shoal-plain`, large files are materialised by then);
 //! - **warm**: the same files read again, page cache warm.
 //!
 //! The native directory's cold and local states are the same: the files on disk, page cache dropped.

@@ -6,7 +6,8 @@
 //! opening, listing and reading anything warm never reaches this process, and a file's page
 //! cache is an ordinary one (large folios included), unlike a FUSE file's. A read of the image
 //! file that falls in a file's extent is a read of that file through the chunk loader: fetched,
-//! verified and cached as in [`crate::fs`].
+//! verified and cached as in [`crate::fs`]. A large file read to its end is materialised
+//! ([`crate::materialise`]), and later reads of it that miss the page cache come from that copy.
 //!
 //! The image file is opened with direct I/O, so the FUSE side keeps no second copy of file data
 //! and reads nothing ahead across files; EROFS's own readahead asks for what a sequential read
