@@ -62,10 +62,10 @@ const STORE_MAX: u64 = 128 << 10;
 const BLOCK_SIZE: u32 = 4096;
 
 /// The largest readahead asked of the kernel (it caps it at what it supports).
-pub(crate) const MAX_READAHEAD: u32 = 1 << 20;
+const MAX_READAHEAD: u32 = 1 << 20;
 
 /// Requests the kernel may have outstanding in the background (readahead).
-pub(crate) const MAX_BACKGROUND: u16 = 64;
+const MAX_BACKGROUND: u16 = 64;
 
 /// The file handle of opens served by this process.
 const PLAIN_FH: FileHandle = FileHandle(0);
@@ -431,6 +431,23 @@ pub(crate) fn fuse_config(config: &MountConfig) -> fuser::Config {
     fuse_config
 }
 
+/// What every Shoal FUSE mount asks of the kernel at init: 1 MiB reads and readahead, 64
+/// requests in the background, and FUSE over io_uring when `io_uring`.
+pub(crate) fn init_transfer(config: &mut KernelConfig, io_uring: bool) {
+    if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+        let _ = config.set_max_readahead(max);
+    }
+    let _ = config.set_max_background(MAX_BACKGROUND);
+    // Nothing is ever written; a small max_write also keeps io_uring entries at 1 MiB.
+    let _ = config.set_max_write(MAX_READAHEAD);
+    // FUSE over io_uring (Linux 6.14+, when the fuse module's enable_uring is on): each
+    // request is served by a thread on the CPU that made it, instead of being handed
+    // across CPUs, which is most of what an open costs.
+    if io_uring && config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
+        info!("FUSE over io_uring on: requests are served on the CPU that issued them");
+    }
+}
+
 /// Which of the image's files a mount shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
@@ -501,18 +518,7 @@ fn effective_uid() -> u32 {
 
 impl fuser::Filesystem for ShoalFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
-            let _ = config.set_max_readahead(max);
-        }
-        let _ = config.set_max_background(MAX_BACKGROUND);
-        // Nothing is ever written; a small max_write also keeps io_uring entries at 1 MiB.
-        let _ = config.set_max_write(MAX_READAHEAD);
-        // FUSE over io_uring (Linux 6.14+, when the fuse module's enable_uring is on): each
-        // request is served by a thread on the CPU that made it, instead of being handed
-        // across CPUs, which is most of what an open costs.
-        if self.io_uring && config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
-            info!("FUSE over io_uring on: requests are served on the CPU that issued them");
-        }
+        init_transfer(config, self.io_uring);
         // No FUSE_WRITEBACK_CACHE: the kernel turns passthrough off with it.
         if self.stats.passthrough() == Passthrough::On {
             let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();

@@ -26,10 +26,9 @@ use fuser::{
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, Request,
 };
 use tokio::runtime::Handle;
-use tracing::info;
 
 use crate::erofs::{ErofsImage, Piece};
-use crate::fs::{fuse_config, read_errno, FsStats, MountConfig, MountSession, Passthrough, DEFAULT_TTL, MAX_BACKGROUND, MAX_READAHEAD};
+use crate::fs::{fuse_config, init_transfer, read_errno, FsStats, MountConfig, MountSession, Passthrough, DEFAULT_TTL};
 use crate::loader::{ChunkLoader, LoadError};
 use crate::materialise::Materialiser;
 use crate::trace::Trace;
@@ -172,14 +171,7 @@ async fn read_waiting(image: &ErofsImage, loader: &Arc<ChunkLoader>, offset: u64
 
 impl fuser::Filesystem for ImageFileFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
-            let _ = config.set_max_readahead(max);
-        }
-        let _ = config.set_max_background(MAX_BACKGROUND);
-        let _ = config.set_max_write(MAX_READAHEAD);
-        if self.io_uring && config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
-            info!("FUSE over io_uring on: requests are served on the CPU that issued them");
-        }
+        init_transfer(config, self.io_uring);
         // EROFS reads data with asynchronous direct I/O: let several be in flight.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         Ok(())
