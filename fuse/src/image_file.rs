@@ -179,9 +179,10 @@ impl fuser::Filesystem for ImageFileFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent, name.as_bytes()) {
-            (ROOT, name) if name == IMAGE_FILE.as_bytes() => {
-                reply.entry(&DEFAULT_TTL, &self.attr(FILE).expect("the image file"), Generation(0))
-            }
+            (ROOT, name) if name == IMAGE_FILE.as_bytes() => match self.attr(FILE) {
+                Some(attr) => reply.entry(&DEFAULT_TTL, &attr, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
             (ROOT, _) => reply.error(Errno::ENOENT),
             _ => reply.error(Errno::ENOTDIR),
         }

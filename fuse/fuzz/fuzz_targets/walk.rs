@@ -1,6 +1,8 @@
-//! Calls every lookup of a decoded bootstrap and checks they agree with one another, so a
-//! bootstrap that passes validation but breaks an accessor shows up as a crash.
+//! Calls every lookup of a decoded bootstrap and checks they agree with one another, and lays
+//! it out as EROFS, so a bootstrap that passes validation but breaks an accessor or the EROFS
+//! view shows up as a crash.
 
+use shoal_fuse::erofs::{ErofsImage, Piece, BLOCK_SIZE};
 use shoal_fuse::format::{Bootstrap, FileKind};
 
 /// Inodes walked per input at most, to keep executions fast on huge inputs.
@@ -43,5 +45,24 @@ pub fn every_lookup(bootstrap: &Bootstrap) {
     }
     for ino in bootstrap.prefetch() {
         assert_eq!(bootstrap.getattr(ino).map(|attr| attr.kind), Some(FileKind::Regular));
+    }
+    if bootstrap.inode_count() <= MAX_INODES {
+        erofs_view(bootstrap);
+    }
+}
+
+/// Lays the bootstrap out as EROFS (what `shoal mount` does as root): it may refuse, never
+/// panic, and the image's pieces must cover it exactly, each file's extent holding the file.
+fn erofs_view(bootstrap: &Bootstrap) {
+    let Ok(image) = ErofsImage::build(bootstrap) else { return };
+    assert_eq!(image.len() % BLOCK_SIZE, 0);
+    let total: u64 = image.pieces(0, image.len()).iter().map(Piece::len).sum();
+    assert_eq!(total, image.len());
+    for extent in image.extents() {
+        assert_eq!(extent.start % BLOCK_SIZE, 0);
+        assert!(extent.start >= image.meta_len() && extent.start + extent.len <= image.len());
+        assert_eq!(bootstrap.getattr(extent.ino).map(|attr| attr.size), Some(extent.len));
+        let end = image.pieces(extent.start + extent.len - 1, 1);
+        assert_eq!(end, vec![Piece::File { ino: extent.ino, offset: extent.len - 1, len: 1 }]);
     }
 }
