@@ -1,8 +1,9 @@
 //! Lazy loading end to end with real parts: `shoal build` converts a multi-layer OCI image into
-//! a real registry, `shoal mount` serves it with FUSE (through a real agent's mirror, from the
-//! registry directly, or from local files), and the tests check what a reader sees, what the
+//! a real registry, `shoal mount` serves it (by default the kernel's EROFS over a FUSE-served
+//! image file; with `--mode merged` or `fuse`, FUSE itself) through a real agent's mirror, from
+//! the registry directly, or from local files, and the tests check what a reader sees, what the
 //! registry sent, what the chunk cache holds, and (through the mount's counters) whether reads
-//! were served by shoal or by the kernel from a materialised file (passthrough).
+//! were served by shoal or by the kernel alone (EROFS's page cache, or passthrough).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
