@@ -163,9 +163,11 @@ enum Data {
 }
 
 /// One inode's place in the image.
-struct Placed {
+struct Placed<'a> {
     /// The bootstrap inode.
     ino: u64,
+    /// A directory's entries, sorted ([`dir_entries`]); empty for other kinds.
+    entries: Vec<Entry<'a>>,
     /// Its attributes.
     attr: Attr,
     /// Its xattr body (header and entries), empty when it has none.
@@ -190,8 +192,12 @@ impl ErofsImage {
         for ino in order {
             let attr = bootstrap.getattr(ino).ok_or(ErofsError::Missing(ino))?;
             let xattrs = xattr_body(bootstrap, ino)?;
+            let entries = match attr.kind {
+                FileKind::Directory => dir_entries(bootstrap, ino)?,
+                _ => Vec::new(),
+            };
             let data_len = match attr.kind {
-                FileKind::Directory => dir_len(&dir_name_lens(bootstrap, ino)?),
+                FileKind::Directory => dir_len(&name_lens(&entries)),
                 FileKind::Symlink => bootstrap.readlink(ino).map_or(0, |target| target.len() as u64),
                 _ => 0,
             };
@@ -204,7 +210,7 @@ impl ErofsImage {
             }
             nids.insert(ino, pos / SLOT);
             let data = if inline { Data::Inline } else { Data::None };
-            placed.push(Placed { ino, attr, xattrs, data_len, data, offset: pos });
+            placed.push(Placed { ino, entries, attr, xattrs, data_len, data, offset: pos });
             pos = (pos + record).next_multiple_of(SLOT);
         }
         if nids[&ROOT_INO] > u64::from(u16::MAX) {
@@ -228,7 +234,7 @@ impl ErofsImage {
         write_superblock(&mut meta, nids[&ROOT_INO] as u16, count, blocks);
         for p in &placed {
             let data = match p.attr.kind {
-                FileKind::Directory => dir_blocks(bootstrap, p.ino, &nids)?,
+                FileKind::Directory => dir_blocks(&p.entries, &nids)?,
                 FileKind::Symlink => bootstrap.readlink(p.ino).unwrap_or_default().to_vec(),
                 _ => Vec::new(),
             };
@@ -331,7 +337,7 @@ fn write_superblock(meta: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
 }
 
 /// The 64-byte extended inode of `p`.
-fn inode(p: &Placed) -> [u8; INODE_SIZE] {
+fn inode(p: &Placed<'_>) -> [u8; INODE_SIZE] {
     let attr = &p.attr;
     let layout = if p.data == Data::Inline { FLAT_INLINE } else { FLAT_PLAIN };
     let size = match attr.kind {
@@ -410,9 +416,9 @@ fn dir_entries(bootstrap: &Bootstrap, ino: u64) -> Result<Vec<Entry<'_>>, ErofsE
     Ok(entries)
 }
 
-/// The lengths of directory `ino`'s entries' names, in order.
-fn dir_name_lens(bootstrap: &Bootstrap, ino: u64) -> Result<Vec<usize>, ErofsError> {
-    Ok(dir_entries(bootstrap, ino)?.iter().map(|(name, _, _)| name.len()).collect())
+/// The lengths of `entries`' names, in order.
+fn name_lens(entries: &[Entry<'_>]) -> Vec<usize> {
+    entries.iter().map(|(name, _, _)| name.len()).collect()
 }
 
 /// How entries with names of these lengths fill directory blocks: each block holds the
@@ -439,12 +445,10 @@ fn dir_len(name_lens: &[usize]) -> u64 {
     (blocks.len() as u64 - 1) * BLOCK_SIZE + last as u64
 }
 
-/// Directory `ino`'s blocks, the last one cut where its names end.
-fn dir_blocks(bootstrap: &Bootstrap, ino: u64, nids: &HashMap<u64, u64>) -> Result<Vec<u8>, ErofsError> {
-    let entries = dir_entries(bootstrap, ino)?;
-    let lens: Vec<usize> = entries.iter().map(|(name, _, _)| name.len()).collect();
+/// The blocks of a directory with `entries` (sorted), the last one cut where its names end.
+fn dir_blocks(entries: &[Entry<'_>], nids: &HashMap<u64, u64>) -> Result<Vec<u8>, ErofsError> {
     let mut out = Vec::new();
-    for (start, end) in dir_packing(&lens) {
+    for (start, end) in dir_packing(&name_lens(entries)) {
         let base = out.len();
         let in_block = &entries[start..end];
         let mut name_at = DIRENT_SIZE * in_block.len();
@@ -572,7 +576,7 @@ mod tests {
         let bootstrap = sample(1000);
         let image = ErofsImage::build(&bootstrap).unwrap();
         let entries = dir_entries(&bootstrap, 6).unwrap();
-        let lens: Vec<usize> = entries.iter().map(|(name, _, _)| name.len()).collect();
+        let lens = name_lens(&entries);
         let blocks = dir_packing(&lens);
         assert!(blocks.len() > 1);
         assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
