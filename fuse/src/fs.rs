@@ -417,7 +417,7 @@ pub(crate) fn fuse_config(config: &MountConfig) -> fuser::Config {
         MountOption::NoAtime,
     ];
     // An image's device nodes and set-uid programs must work in a container's root.
-    if effective_uid() == 0 {
+    if crate::overlay::is_root() {
         options.extend([MountOption::Dev, MountOption::Suid]);
     }
     if config.auto_unmount {
@@ -507,13 +507,6 @@ impl InodeSet {
             word.fetch_or(bit, Ordering::Relaxed);
         }
     }
-}
-
-/// The process's effective user id.
-#[allow(unsafe_code)]
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    unsafe { libc::geteuid() }
 }
 
 impl fuser::Filesystem for ShoalFs {

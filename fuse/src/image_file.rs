@@ -112,17 +112,11 @@ impl ImageFileFs {
     }
 }
 
-/// The bytes `[offset, offset + size)` of `image` when every chunk they need is local (or, for
-/// a local image, can be read right away); `None` when they have to be waited for.
-fn read_now(
-    image: &ErofsImage,
-    loader: &Arc<ChunkLoader>,
-    local: &Materialiser,
-    offset: u64,
-    size: u32,
-) -> Option<Result<Vec<u8>, Failed>> {
+/// The bytes of `pieces` when every chunk they need is local (or, for a local image, can be read
+/// right away); `None` when they have to be waited for.
+fn read_now(pieces: &[Piece<'_>], loader: &Arc<ChunkLoader>, local: &Materialiser, size: u32) -> Option<Result<Vec<u8>, Failed>> {
     let mut out = Vec::with_capacity(size as usize);
-    for piece in image.pieces(offset, u64::from(size)) {
+    for piece in pieces.iter().cloned() {
         match piece {
             Piece::Bytes(bytes) => out.extend_from_slice(bytes),
             Piece::Zeros(len) => out.resize(out.len() + len as usize, 0),
@@ -221,8 +215,9 @@ impl fuser::Filesystem for ImageFileFs {
         let mut file_data = false;
         // A large file read to its end has all its chunks local once this read is answered.
         let mut read_to_end = None;
-        for piece in self.image.pieces(offset, u64::from(size)) {
-            if let Piece::File { ino, offset, len } = piece {
+        let pieces = self.image.pieces(offset, u64::from(size));
+        for piece in &pieces {
+            if let Piece::File { ino, offset, len } = *piece {
                 file_data = true;
                 if let Some(trace) = &self.trace {
                     trace.record(ino);
@@ -245,7 +240,7 @@ impl fuser::Filesystem for ImageFileFs {
             }
             Err((ino, offset, e)) => reply.error(read_errno(ino, offset, &e)),
         };
-        match read_now(&self.image, &self.loader, &self.local, offset, size) {
+        match read_now(&pieces, &self.loader, &self.local, size) {
             Some(result) => answer(reply, &self.stats, &self.local, result),
             None => {
                 let (image, loader, stats, local) = (self.image.clone(), self.loader.clone(), self.stats.clone(), self.local.clone());
