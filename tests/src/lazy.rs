@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -575,9 +576,22 @@ pub fn cached_chunks(dir: &Path) -> HashSet<String> {
     shoal_fuse::cache::cached_chunks(dir).unwrap_or_default().iter().map(hex::encode).collect()
 }
 
+/// Taken shared by a test that counts on the page cache keeping what it read
+/// ([`keep_page_cache`]), and exclusively by [`drop_page_cache`].
+static PAGE_CACHE: RwLock<()> = RwLock::new(());
+
+/// Keeps the tests of this process from dropping the page cache until the guard goes: for a
+/// test that checks warm reads never reach its filesystem. Never call [`drop_page_cache`]
+/// while holding it.
+pub fn keep_page_cache() -> RwLockReadGuard<'static, ()> {
+    PAGE_CACHE.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Writes dirty pages and drops the kernel's clean page cache (all of it: root only), so the
 /// next read of a file goes to its filesystem.
 pub fn drop_page_cache() -> anyhow::Result<()> {
+    // Waits for the tests of this process that count on the page cache keeping what they read.
+    let _alone = PAGE_CACHE.write().unwrap_or_else(|p| p.into_inner());
     Command::new("sync").status().context("running sync")?;
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches (needs root)")?;
     Ok(())

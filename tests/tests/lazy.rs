@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use shoal_fuse::materialise::file_key;
 use shoal_fuse::Bootstrap;
 use shoal_tests::lazy::{
-    cached_chunks, compare_tree, dir, drop_page_cache, file, merged_tree, shoal_build, write_layout, Compression, Entry, IoUringOn,
-    LayerSpec, Meta, Mount,
+    cached_chunks, compare_tree, dir, drop_page_cache, file, keep_page_cache, merged_tree, shoal_build, write_layout, Compression, Entry,
+    IoUringOn, LayerSpec, Meta, Mount,
 };
 use shoal_tests::registry::run;
 use shoal_tests::{random_bytes, require, task_dir, Agent, Registry, Scheduler};
@@ -561,7 +561,9 @@ async fn by_default_the_kernels_erofs_serves_the_image_and_warm_reads_never_reac
     assert_eq!((stats["mode"].as_str(), n(&stats, "mounts")), (Some("erofs"), 1), "{stats}");
     assert_eq!(stats["lower_dirs"], serde_json::json!([mount.mountpoint.display().to_string()]), "{stats}");
 
-    // The whole tree, cold: file data came through shoal.
+    // The whole tree, cold: file data came through shoal. Other tests must not empty the page
+    // cache until the warm pass is counted.
+    let kept = keep_page_cache();
     assert_mounted_as(&mount.mountpoint, &layers());
     tokio::time::sleep(Duration::from_millis(600)).await;
     let cold = mount.stats();
@@ -573,6 +575,7 @@ async fn by_default_the_kernels_erofs_serves_the_image_and_warm_reads_never_reac
     for counter in ["reads", "metadata_reads", "read_bytes", "plain_opens", "opens_left_to_kernel", "fetched_chunks"] {
         assert_eq!(n(&warm, counter), n(&cold, counter), "{counter}: {warm}");
     }
+    drop(kept);
     // Large files read whole were made whole in the cache; out of the page cache, such a file
     // is read through shoal again, from that copy, and nothing is fetched.
     let materialised = mount.wait_stats("large files materialised", |s| n(s, "materialised_files") >= 2).await.unwrap();
@@ -746,9 +749,11 @@ async fn in_one_mount_a_small_local_file_is_handed_to_the_page_cache_at_open_and
 
     // One mount, where every open reaches shoal (a merged mount's small files never do).
     let mut mount = Mount::start(&local_mount_args(&out, &cache, &["--mode", "fuse"])).await.unwrap();
+    let kept = keep_page_cache();
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
     let stats = mount.wait_stats("the open released", |s| s["releases"].as_u64() >= Some(1)).await.unwrap();
     assert_eq!((n(&stats, "stored_files"), n(&stats, "reads")), (1, 0), "its data came with the open: {stats}");
+    drop(kept);
     // Opened again, it is not handed over twice; once the page cache lost it, reads fetch it
     // from shoal as usual.
     assert_eq!(std::fs::read(mount.path("small/one.txt")).unwrap(), content("small/one.txt"));
