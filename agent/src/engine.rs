@@ -91,6 +91,7 @@ struct EngineMetrics {
     peer_bytes_sent: Counter,
     peer_bytes_duplicate: Counter,
     peer_busy_refusals: Counter,
+    peer_refusals: Counter,
     peer_fetches_abandoned: Counter,
     peer_updates_sent: Counter,
     peer_updates_unneeded: Counter,
@@ -131,6 +132,8 @@ struct TaskState {
 pub struct Task {
     pub(crate) id: TaskId,
     pub(crate) digest: Digest,
+    /// The registry every byte of this task comes from; requests naming another never share it.
+    pub(crate) registry: String,
     pub(crate) layout: PieceLayout,
     pub(crate) file: Arc<TaskFile>,
     state: Mutex<TaskState>,
@@ -204,6 +207,12 @@ impl Task {
     pub(crate) fn origin(&self) -> Origin {
         self.state().origin.clone()
     }
+
+    /// Whether the registry answered this blob's digest without credentials (so it may be shared
+    /// with hosts that are not authenticated cluster members).
+    pub(crate) fn is_public(&self) -> bool {
+        self.file.is_public()
+    }
 }
 
 /// A task this host can serve pieces of to other hosts: downloading or complete.
@@ -239,6 +248,16 @@ impl Shared {
         (sourced.count() > 0).then(|| sourced.clone())
     }
 
+    /// The registry the task's bytes come from.
+    pub fn registry(&self) -> Option<String> {
+        self.file.registry()
+    }
+
+    /// Whether anyone may read the blob at its registry.
+    pub fn is_public(&self) -> bool {
+        self.file.is_public()
+    }
+
     /// Why the download failed, if it did.
     pub fn failure(&self) -> Option<String> {
         match &self.task.as_ref()?.state().status {
@@ -252,8 +271,20 @@ impl Shared {
 pub enum Opened {
     /// A task (complete or downloading) to read from.
     Task(Arc<Task>),
-    /// The store cannot hold this blob; read it straight from the origin.
-    Direct(StoreError),
+    /// Read this blob straight from the origin, without storing it.
+    Direct(DirectReason),
+}
+
+/// Why a blob is read straight from the origin instead of through the store.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectReason {
+    /// The store cannot hold it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store holds (or is downloading) the same digest from another registry: those bytes
+    /// are never served for this one, which gets its own fetch.
+    #[error("the store holds blob {digest} from registry {held}, not from {asked}; reading it from {asked} without storing it")]
+    OtherRegistry { digest: Digest, held: String, asked: String },
 }
 
 impl Engine {
@@ -278,6 +309,11 @@ impl Engine {
             "peer_busy_refusals",
             "Piece requests answered busy (no free upload slot, or a piece a seed has just sent)",
             m.peer_busy_refusals.clone(),
+        );
+        metrics.register(
+            "peer_refusals",
+            "Piece requests and subscriptions refused: a task not held here from the registry named, or a private blob asked for without mutual TLS",
+            m.peer_refusals.clone(),
         );
         metrics.register(
             "peer_fetches_abandoned",
@@ -351,60 +387,58 @@ impl Engine {
         self.store.complete(id).map(|file| Shared { file, task: None })
     }
 
-    /// The length of a blob already known locally (stored or downloading), if any.
-    pub fn known_len(&self, digest: &Digest) -> Option<u64> {
+    /// The length of a blob already known locally (stored or downloading) from `registry`, if any.
+    pub fn known_len(&self, registry: &str, digest: &Digest) -> Option<u64> {
         let id = TaskId::of_digest(digest);
         if let Some(t) = self.tasks().get(&id) {
-            return Some(t.len());
+            return (t.registry == registry).then(|| t.len());
         }
-        self.store.complete_len(&id)
+        let len = self.store.complete_len(&id)?;
+        self.store.complete(&id).filter(|f| f.registry().as_deref() == Some(registry)).map(|_| len)
     }
 
-    /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one
-    /// already downloading (singleflight), or a new one resuming whatever pieces are on disk.
-    pub async fn open(self: &Arc<Self>, origin: &Origin, len: u64) -> Opened {
+    /// The task holding `origin`'s blob, complete or downloading the whole blob, if this host has
+    /// one from the same registry; never creates one. (A `Range` read of anything else goes to the
+    /// origin: bytes fetched for a range are not verified, so they are never kept.)
+    pub fn existing(&self, origin: &Origin) -> Option<Arc<Task>> {
         let id = TaskId::of_digest(&origin.digest);
-        if let Some(t) = self.tasks().get(&id).cloned() {
-            t.state().origin = origin.clone();
-            return Opened::Task(t);
+        let running = self.tasks().get(&id).cloned();
+        if let Some(t) = running {
+            let usable = t.registry == origin.registry && t.state().driving;
+            return usable.then_some(t);
         }
-        let _opening = self.opening.lock().await;
-        if let Some(t) = self.tasks().get(&id).cloned() {
-            return Opened::Task(t);
+        let file = self.store.complete(&id).filter(|f| f.registry().as_deref() == Some(origin.registry.as_str()))?;
+        let layout = file.layout();
+        Some(Arc::new(self.new_task(id, origin, layout, file, true)))
+    }
+
+    /// Records that `task`'s registry answered its digest without credentials.
+    pub(crate) fn mark_public(&self, task: &Task) {
+        if let Err(e) = task.file.set_origin(&task.registry, true) {
+            warn!(task = %task.id, error = %e, "cannot record that the blob is public");
         }
-        let layout = PieceLayout::for_len(len);
-        let store = self.store.clone();
-        let open_id = id.clone();
-        let file = tokio::task::spawn_blocking(move || match store.complete(&open_id) {
-            Some(f) if f.layout() == layout => Ok(f),
-            // Stored under another piece size: cut anew (open_task does), not fetched again.
-            _ => {
-                let f = store.open_task(&open_id, layout)?;
-                if f.bitmap().count() > 0 && !f.is_complete() {
-                    // Resuming: pieces written before a crash may be torn.
-                    let dropped = f.verify_pieces()?;
-                    info!(task = %open_id, pieces = f.bitmap().count(), dropped, "resuming download from the store");
-                }
-                Ok(f)
-            }
-        })
-        .await;
-        let file = match file {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                warn!(task = %id, error = %e, "cannot store blob; serving it straight from the origin");
-                return Opened::Direct(e);
-            }
-            Err(e) => return Opened::Direct(StoreError::Io { path: "store".into(), source: std::io::Error::other(e) }),
-        };
-        let complete = file.is_complete();
-        let mut tasks = self.tasks();
-        if let Some(t) = tasks.get(&id).cloned() {
-            return Opened::Task(t);
+    }
+
+    /// Asks `task`'s registry, without credentials, whether anyone may read the blob; records a yes.
+    pub(crate) async fn probe_public(&self, task: &Task) -> bool {
+        if task.is_public() {
+            return true;
         }
-        let task = Arc::new(Task {
-            id: id.clone(),
+        let o = task.origin();
+        let mut head = Request::blob(&o.registry, &o.repository, &o.digest);
+        head.method = http::Method::HEAD;
+        let public = self.registry.send_anonymous(&head).await.is_ok_and(|r| r.status().is_success());
+        if public {
+            self.mark_public(task);
+        }
+        public
+    }
+
+    fn new_task(&self, id: TaskId, origin: &Origin, layout: PieceLayout, file: Arc<TaskFile>, complete: bool) -> Task {
+        Task {
+            id,
             digest: origin.digest.clone(),
+            registry: origin.registry.clone(),
             layout,
             state: Mutex::new(TaskState {
                 inflight: Bitmap::new(layout.count()),
@@ -417,7 +451,50 @@ impl Engine {
             reporter: Mutex::new(None),
             sourced: Mutex::new(Bitmap::new(layout.count())),
             sha: Mutex::new((0, sha2::Sha256::new())),
-        });
+        }
+    }
+
+    /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one
+    /// already downloading (singleflight), or a new one resuming whatever pieces are on disk.
+    pub async fn open(self: &Arc<Self>, origin: &Origin, len: u64) -> Opened {
+        let id = TaskId::of_digest(&origin.digest);
+        let other_registry = |held: &str| {
+            Opened::Direct(DirectReason::OtherRegistry { digest: origin.digest.clone(), held: held.into(), asked: origin.registry.clone() })
+        };
+        if let Some(t) = self.tasks().get(&id).cloned() {
+            if t.registry != origin.registry {
+                return other_registry(&t.registry);
+            }
+            t.state().origin = origin.clone();
+            return Opened::Task(t);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(t) = self.tasks().get(&id).cloned() {
+            if t.registry != origin.registry {
+                return other_registry(&t.registry);
+            }
+            return Opened::Task(t);
+        }
+        let layout = PieceLayout::for_len(len);
+        let store = self.store.clone();
+        let open_id = id.clone();
+        let registry = origin.registry.clone();
+        let file = tokio::task::spawn_blocking(move || open_file(&store, &open_id, layout, &registry)).await;
+        let file = match file {
+            Ok(Ok(Ok(f))) => f,
+            Ok(Ok(Err(held))) => return other_registry(&held),
+            Ok(Err(e)) => {
+                warn!(task = %id, error = %e, "cannot store blob; serving it straight from the origin");
+                return Opened::Direct(e.into());
+            }
+            Err(e) => return Opened::Direct(StoreError::Io { path: "store".into(), source: std::io::Error::other(e) }.into()),
+        };
+        let complete = file.is_complete();
+        let mut tasks = self.tasks();
+        if let Some(t) = tasks.get(&id).cloned() {
+            return Opened::Task(t);
+        }
+        let task = Arc::new(self.new_task(id.clone(), origin, layout, file, complete));
         if !complete {
             tasks.insert(id.clone(), task.clone());
             self.metrics.active_tasks.inc();
@@ -432,37 +509,39 @@ impl Engine {
         Opened::Task(task)
     }
 
-    /// A reader of `range` of the task's blob. Starts fetching what the range needs; when
-    /// `whole` is set, fetches the whole blob and holds back the last piece until the digest is checked,
-    /// so a client never receives a complete body with wrong content.
+    /// A reader of `range` of the task's blob. With `whole`, fetches the whole blob and holds back
+    /// the last piece until the digest is checked, so a client never receives a complete body with
+    /// wrong content. Without, the task must be complete or downloading whole ([`Engine::existing`]):
+    /// the reader waits for the pieces the range needs.
     pub fn reader(self: &Arc<Self>, task: Arc<Task>, range: Range<u64>, whole: bool) -> BlobReader {
-        let pieces = if whole { 0..task.layout.count() } else { task.layout.covering(range.clone()) };
-        self.ensure(&task, pieces, whole);
+        if whole {
+            self.start(&task);
+        }
         let rx = task.changed.subscribe();
         let origin = task.state().origin.clone();
         BlobReader { engine: self.clone(), source: Source::Task { task, rx }, origin, pos: range.start, end: range.end, whole }
     }
 
-    /// A reader straight from the origin, for blobs the store cannot hold.
+    /// A reader straight from the origin, for blobs the store cannot hold or must not keep.
     pub fn direct_reader(self: &Arc<Self>, origin: Origin, range: Range<u64>) -> BlobReader {
         BlobReader { engine: self.clone(), source: Source::Idle, origin, pos: range.start, end: range.end, whole: false }
     }
 
-    /// Claims the missing pieces of `pieces` nobody is fetching and starts fetches for them.
-    fn ensure(self: &Arc<Self>, task: &Arc<Task>, pieces: Range<u32>, whole: bool) {
+    /// Starts downloading the whole task (once): from peers when P2P is on, else from the origin.
+    pub fn start(self: &Arc<Self>, task: &Arc<Task>) {
         let runs = {
             let mut st = task.state();
-            if !matches!(st.status, Status::Running) || (st.driving && whole) {
+            if !matches!(st.status, Status::Running) || st.driving {
                 return;
             }
-            st.driving |= whole;
+            st.driving = true;
             let mut busy = task.file.bitmap();
-            for n in pieces.clone() {
+            for n in 0..task.layout.count() {
                 if st.inflight.has(n) {
                     busy.set(n);
                 }
             }
-            let runs = busy.missing_runs(pieces);
+            let runs = busy.missing_runs(0..task.layout.count());
             for run in &runs {
                 for n in run.clone() {
                     st.inflight.set(n);
@@ -470,7 +549,7 @@ impl Engine {
             }
             runs
         };
-        if let (true, Some(p2p)) = (whole, self.p2p.get()) {
+        if let Some(p2p) = self.p2p.get() {
             let (engine, task, p2p) = (self.clone(), task.clone(), p2p.clone());
             let span = tracing::info_span!("p2p", task = %task.id);
             tokio::spawn(async move { p2p.drive(engine, task).await }.instrument(span));
@@ -481,14 +560,9 @@ impl Engine {
         }
     }
 
-    /// Starts downloading the whole task in the background (a seed asked for it by a child).
-    pub fn start(self: &Arc<Self>, task: &Arc<Task>) {
-        self.ensure(task, 0..task.layout.count(), true);
-    }
-
     /// Opens the task for `origin`'s blob of `len` bytes and starts fetching all of it, for a
     /// child or a preheat job rather than a reader.
-    pub async fn fetch_ahead(self: &Arc<Self>, origin: &Origin, len: u64) -> Result<Arc<Task>, StoreError> {
+    pub async fn fetch_ahead(self: &Arc<Self>, origin: &Origin, len: u64) -> Result<Arc<Task>, DirectReason> {
         match self.open(origin, len).await {
             Opened::Task(task) => {
                 self.start(&task);
@@ -722,6 +796,11 @@ impl Engine {
         self.metrics.peer_busy_refusals.inc();
     }
 
+    /// Counts a request refused because the task is not served to the requester.
+    pub fn peer_refusal(&self) {
+        self.metrics.peer_refusals.inc();
+    }
+
     /// Counts piece fetches cancelled because another copy arrived first.
     pub fn peer_fetches_abandoned(&self, fetches: u64) {
         self.metrics.peer_fetches_abandoned.inc_by(fetches);
@@ -758,6 +837,43 @@ impl Engine {
         }
         task.notify();
     }
+}
+
+/// Opens (or creates) the store file of task `id` cut by `layout`, for `registry`'s blob: a
+/// complete one as is, an incomplete one re-checked piece by piece (pieces written before a crash
+/// may be torn). A stored task whose registry is unknown was kept by an older version: it starts
+/// over. `Ok(Err(held))` when the store holds the blob from registry `held`, not `registry`.
+fn open_file(store: &Store, id: &TaskId, layout: PieceLayout, registry: &str) -> Result<Result<Arc<TaskFile>, String>, StoreError> {
+    if let Some(f) = store.complete(id).filter(|f| f.layout() == layout) {
+        match f.registry() {
+            Some(held) if held == registry => return Ok(Ok(f)),
+            Some(held) => return Ok(Err(held)),
+            None => {
+                drop(f);
+                store.remove(id);
+            }
+        }
+    }
+    // Stored under another piece size: cut anew (open_task does), not fetched again.
+    let mut f = store.open_task(id, layout)?;
+    match f.registry() {
+        Some(held) if held != registry => return Ok(Err(held)),
+        Some(_) => {}
+        None if f.bitmap().count() > 0 => {
+            drop(f);
+            store.remove(id);
+            f = store.open_task(id, layout)?;
+        }
+        None => {}
+    }
+    if f.bitmap().count() > 0 && !f.is_complete() {
+        let dropped = f.verify_pieces()?;
+        info!(task = %id, pieces = f.bitmap().count(), dropped, "resuming download from the store");
+    }
+    if f.registry().is_none() {
+        f.set_origin(registry, false)?;
+    }
+    Ok(Ok(f))
 }
 
 /// Finishes the sha256 of a stored task whose first `off` bytes `hasher` has seen.

@@ -59,6 +59,8 @@ const ENDGAME_SLOWER: f64 = 2.5;
 enum FetchError {
     /// The parent has no free upload slot: not a failure, try later.
     Busy,
+    /// The parent does not serve this task to this host (see [`REFUSED_BACKOFF`]).
+    Refused(String),
     /// The parent could not be reached, or the connection broke (a congested link, a dead host):
     /// this child moves on, but the parent is not blamed cluster-wide.
     Unreachable(String),
@@ -69,8 +71,10 @@ enum FetchError {
 impl FetchError {
     fn of_peer(e: crate::peer::PeerError) -> FetchError {
         use crate::peer::{wire::WireError, PeerError};
+        use shoal_proto::peer::Refusal;
         match e {
-            PeerError::Refused { reason, .. } if reason == "busy" => FetchError::Busy,
+            PeerError::Refused { refusal: Refusal::Busy, .. } => FetchError::Busy,
+            PeerError::Refused { refusal: Refusal::NotFound | Refusal::Forbidden, reason, .. } => FetchError::Refused(reason),
             e @ (PeerError::Connect { .. } | PeerError::Wire { source: WireError::Read(_) | WireError::Write(_), .. }) => {
                 FetchError::Unreachable(e.to_string())
             }
@@ -80,6 +84,12 @@ impl FetchError {
 }
 /// How long a busy parent is left alone.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
+/// A parent that refused this download's task (it does not hold it from the same registry, or
+/// will not share a private blob without mutual TLS) is not asked again for this long, doubling
+/// with each refusal up to [`REFUSED_MAX`]: the scheduler may keep naming it, and asking again at
+/// once made tens of thousands of subscriptions a minute.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(1);
+const REFUSED_MAX: Duration = Duration::from_secs(30);
 /// Children a host takes per upload slot. Each child spreads its fetches over several parents and
 /// a parent turns requests beyond its slots away ("busy"), so a parent can feed more children
 /// than it has slots without slowing any piece down.
@@ -299,6 +309,12 @@ impl P2p {
 
     /// Downloads the rest of `task` (whose missing pieces the caller claimed) as the scheduler says.
     pub async fn drive(self: Arc<Self>, engine: Arc<Engine>, task: Arc<Task>) {
+        // Without mutual TLS no host can tell a cluster member from anyone else on the network:
+        // a private blob is then neither fetched from nor offered to peers.
+        if !self.peers.authenticated() && !engine.probe_public(&task).await {
+            info!(task = %task.id, "private blob and no cluster CA ([peer] ca_file): fetching it from the origin, not from peers");
+            return from_origin(&engine, &task, &HashSet::new()).await;
+        }
         let Some((events, mut commands)) = self.open(&task).await else {
             warn!(task = %task.id, "no scheduler answers; fetching from the origin");
             return from_origin(&engine, &task, &HashSet::new()).await;
@@ -374,6 +390,8 @@ impl P2p {
                             let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
                             d.on_failure(first_missing, &parent, reason, true, &events);
                         }
+                    } else if let ParentNews::Refused(reason) = news {
+                        d.refused(&parent, &reason, &events);
                     } else if let ParentNews::Update(update) = news {
                         d.on_update(&parent, update);
                     } else if ended && !complete && had_pieces {
@@ -394,6 +412,10 @@ impl P2p {
                     Ok((n, parent, _, Err(FetchError::Busy))) => {
                         d.forget_fetch(n, &parent);
                         d.busy_until.insert(parent, Instant::now() + BUSY_BACKOFF);
+                    }
+                    Ok((n, parent, _, Err(FetchError::Refused(reason)))) => {
+                        d.forget_fetch(n, &parent);
+                        d.refused(&parent, &reason, &events);
                     }
                     Ok((n, parent, _, Err(FetchError::Unreachable(reason)))) => d.on_failure(n, &parent, reason, true, &events),
                     Ok((n, parent, _, Err(FetchError::Bad(reason)))) => d.on_failure(n, &parent, reason, false, &events),
@@ -442,6 +464,8 @@ enum Mode {
 enum ParentNews {
     /// Pieces it has now.
     Update(shoal_proto::peer::PieceUpdate),
+    /// It will not serve this task, or its own download of it failed (see [`REFUSED_BACKOFF`]).
+    Refused(String),
     /// The subscription ended.
     Ended,
     /// It could not be reached.
@@ -478,6 +502,8 @@ struct Download {
     usual_fetch: Option<Duration>,
     /// Parents that answered "busy", left alone until then.
     busy_until: HashMap<String, Instant>,
+    /// Parents that refused the task: until when they are left alone, and the next backoff.
+    refused_until: HashMap<String, (Instant, Duration)>,
     /// The stripe of the task this host is fetching from the origin for the cluster, if any.
     stripe: Option<Range<u32>>,
     /// A stripe given while the last was finishing (its last digests reached the scheduler
@@ -515,6 +541,7 @@ impl Download {
             rates: HashMap::new(),
             usual_fetch: None,
             busy_until: HashMap::new(),
+            refused_until: HashMap::new(),
             stripe: None,
             next_stripe: None,
             stripe_end: Arc::new(AtomicU32::new(0)),
@@ -578,8 +605,12 @@ impl Download {
                         self.drop_parent(&id);
                     }
                 }
+                let now = Instant::now();
                 for parent in p.parents {
                     let Ok(addr) = parent.peer_addr.parse::<SocketAddr>() else { continue };
+                    if self.refused_until.get(&parent.host_id).is_some_and(|(until, _)| *until > now) {
+                        continue;
+                    }
                     if self.parents.insert(parent.host_id.clone(), (addr, parent.seed)).is_none() {
                         self.subscribe(parent.host_id, addr, parent.seed);
                     }
@@ -611,6 +642,28 @@ impl Download {
         }
     }
 
+    /// `parent` refused the task: dropped, left alone for a while (longer each time), and the
+    /// scheduler told so (as for a parent this host cannot reach: it is not blamed cluster-wide).
+    fn refused(&mut self, parent: &str, reason: &str, events: &Events) {
+        let now = Instant::now();
+        let backoff = self.refused_until.get(parent).map_or(REFUSED_BACKOFF, |(_, next)| *next);
+        self.refused_until.insert(parent.to_string(), (now + backoff, (backoff * 2).min(REFUSED_MAX)));
+        if backoff == REFUSED_BACKOFF {
+            info!(task = %self.task.id, %parent, %reason, "parent refused the task; leaving it alone");
+        } else {
+            debug!(task = %self.task.id, %parent, %reason, ?backoff, "parent refused the task again");
+        }
+        self.drop_parent(parent);
+        let first_missing = self.task.file.bitmap().missing_runs(0..self.task.layout.count()).first().map_or(0, |r| r.start);
+        let failed = pb::PieceFailed {
+            number: first_missing,
+            parent_host_id: parent.to_string(),
+            reason: format!("refused: {reason}"),
+            unreachable: true,
+        };
+        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
+    }
+
     /// Registers again: the scheduler answers with a new decision.
     fn ask_again(&self, events: &Events) {
         let _ = events.send(pb::PeerEvent { event: Some(Event::Register(self.p2p.register(&self.task))) });
@@ -618,25 +671,45 @@ impl Download {
 
     fn subscribe(&mut self, id: String, addr: SocketAddr, seed: bool) {
         let (p2p, task, tx) = (self.p2p.clone(), self.task.id.clone(), self.updates_tx.clone());
-        // A seed may not have the task yet: tell it where the blob comes from (and, as it fetches
-        // for us, with our client's credentials). Ordinary peers learn nothing of credentials.
-        let origin = seed.then(|| {
-            let o = self.task.origin();
-            shoal_proto::peer::SubscribePieces {
-                task_id: String::new(),
-                registry: o.registry,
-                repository: o.repository,
-                digest: o.digest.to_string(),
-                length: self.task.layout.len,
-                authorization: o.authorization.and_then(|a| a.to_str().ok().map(String::from)).unwrap_or_default(),
-            }
-        });
+        // Every parent learns which registry the blob comes from (it serves only a task fetched
+        // from the same one). A seed may not have the task yet: it learns where the blob is, and
+        // (checked below) the client's credentials.
+        let o = self.task.origin();
+        let mut request = shoal_proto::peer::SubscribePieces {
+            task_id: String::new(),
+            registry: o.registry,
+            repository: String::new(),
+            digest: String::new(),
+            length: 0,
+            authorization: String::new(),
+        };
+        if seed {
+            request.repository = o.repository;
+            request.digest = o.digest.to_string();
+            request.length = self.task.layout.len;
+        }
+        let authorization = seed.then(|| o.authorization.and_then(|a| a.to_str().ok().map(String::from))).flatten();
         let key = id.clone();
         let handle = self.subscriptions.spawn(async move {
-            match p2p.peers.subscribe(addr, &task, origin).await {
+            // The client's credentials go only to a host that proved, with a certificate from the
+            // cluster CA, that it is a seed; any other gets none (it fetches with its own).
+            if let Some(a) = authorization {
+                if p2p.peers.certified_seed(addr).await {
+                    request.authorization = a;
+                } else {
+                    debug!(parent = %id, "not a certified seed: the client's credentials are not sent");
+                }
+            }
+            match p2p.peers.subscribe(addr, &task, request).await {
                 Ok(mut sub) => {
                     while let Some(Ok(update)) = sub.next().await {
-                        if tx.send((id.clone(), ParentNews::Update(update))).await.is_err() {
+                        // A refusal, or the parent's own download of the task failed (a seed
+                        // that could not fetch it): either way it has nothing for this host.
+                        let news = match (update.refusal(), update.error.is_empty()) {
+                            (shoal_proto::peer::Refusal::None, true) => ParentNews::Update(update),
+                            _ => ParentNews::Refused(update.error),
+                        };
+                        if tx.send((id.clone(), news)).await.is_err() {
                             return;
                         }
                     }
@@ -960,7 +1033,8 @@ async fn fetch_piece(
     digest: &str,
 ) -> Result<bool, FetchError> {
     let range = task.layout.range(n);
-    let (_header, bytes) = peers.get_piece(addr, &task.id, n, range.end - range.start).await.map_err(FetchError::of_peer)?;
+    let (_header, bytes) =
+        peers.get_piece(addr, &task.id, &task.registry, n, range.end - range.start).await.map_err(FetchError::of_peer)?;
     let got = blake3::hash(&bytes).to_hex().to_string();
     if got != digest {
         return Err(FetchError::Bad(format!("piece {n} does not match its digest (got {got}, want {digest})")));

@@ -67,8 +67,12 @@ pub struct MirrorConfig {
     pub default_registry: Option<String>,
     /// When true, only registries listed under `[registry."<host>"]` may be reached through the mirror.
     pub only_configured_registries: bool,
-    /// How long a successful access check (client credentials may read a repository) is reused, in seconds.
+    /// How long a successful access check (these client credentials may read this digest in this
+    /// repository) is reused before the registry is asked again, in seconds.
     pub auth_cache_seconds: u64,
+    /// While a registry cannot be reached, how long (seconds) an access check it answered stays
+    /// good: clients keep getting what the registry let them read within this window, nothing else.
+    pub offline_grant_seconds: u64,
     /// How many manifests fetched by digest are kept in memory.
     pub manifest_cache_entries: usize,
 }
@@ -213,6 +217,13 @@ pub struct RegistryConfig {
     pub password: Option<String>,
 }
 
+impl RegistryConfig {
+    /// Whether requests without the client's own credentials carry configured ones.
+    pub fn has_credentials(&self) -> bool {
+        self.username.is_some()
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -242,6 +253,7 @@ impl Default for MirrorConfig {
             default_registry: None,
             only_configured_registries: false,
             auth_cache_seconds: 60,
+            offline_grant_seconds: 86_400,
             manifest_cache_entries: 1024,
         }
     }
@@ -423,8 +435,12 @@ listen = "127.0.0.1:65001"
 # default_registry = "docker.io"
 # When true, only registries listed under [registry."<host>"] may be reached through the mirror.
 only_configured_registries = false
-# Seconds a successful access check (these credentials may read this repository) is reused.
+# Seconds a successful access check (these credentials may read this digest in this repository)
+# is reused before the registry is asked again.
 auth_cache_seconds = 60
+# While a registry is unreachable, seconds an access check it answered stays good: clients keep
+# getting what it let them read within this window, and nothing else.
+offline_grant_seconds = 86400
 # Manifests fetched by digest kept in memory.
 manifest_cache_entries = 1024
 

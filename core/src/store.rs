@@ -71,12 +71,28 @@ pub struct TaskMeta {
     pub piece_blake3: Vec<String>,
     /// True once the whole task was checked against its digest.
     pub complete: bool,
+    /// The registry the task's bytes were fetched from (blob tasks). A request naming another
+    /// registry never gets them; a task without one (stored by an older version) is fetched anew.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// Whether that registry answered the blob's digest without credentials: only such tasks are
+    /// shared with peers that are not authenticated cluster members.
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl TaskMeta {
     fn new(task: TaskId, layout: PieceLayout) -> TaskMeta {
         let n = layout.count();
-        TaskMeta { task, layout, bitmap: Bitmap::new(n), piece_blake3: vec![String::new(); n as usize], complete: false }
+        TaskMeta {
+            task,
+            layout,
+            bitmap: Bitmap::new(n),
+            piece_blake3: vec![String::new(); n as usize],
+            complete: false,
+            registry: None,
+            public: false,
+        }
     }
 
     fn is_consistent(&self, id: &TaskId) -> bool {
@@ -406,6 +422,28 @@ impl TaskFile {
     /// Whether the task was verified complete.
     pub fn is_complete(&self) -> bool {
         self.meta().meta.complete
+    }
+
+    /// The registry the task's bytes come from, once recorded.
+    pub fn registry(&self) -> Option<String> {
+        self.meta().meta.registry.clone()
+    }
+
+    /// Whether the registry answered the blob's digest without credentials.
+    pub fn is_public(&self) -> bool {
+        self.meta().meta.public
+    }
+
+    /// Records where the task's bytes come from, and whether anyone may read them there, on disk
+    /// at once (a task's origin must never be lost while its bytes are kept).
+    pub fn set_origin(&self, registry: &str, public: bool) -> Result<(), StoreError> {
+        let mut m = self.meta();
+        if m.meta.registry.as_deref() == Some(registry) && m.meta.public == public {
+            return Ok(());
+        }
+        m.meta.registry = Some(registry.to_string());
+        m.meta.public = public;
+        self.flush_locked(&mut m)
     }
 
     /// blake3 of piece `n`, if present.

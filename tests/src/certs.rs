@@ -30,6 +30,11 @@ pub fn make_ca(dir: &Path, name: &str) -> anyhow::Result<()> {
 /// A certificate `<name>.pem`/`<name>.key` signed by CA `ca`, for `san` (`IP:127.0.0.1`,
 /// `DNS:shoal-peer`) and extended key usage `eku` (`serverAuth`, `serverAuth,clientAuth`).
 pub fn issue(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> anyhow::Result<()> {
+    issue_as(dir, ca, name, &format!("/CN={name}"), san, eku)
+}
+
+/// As [`issue`], with the certificate's whole subject (`/CN=node-1/OU=seed`).
+pub fn issue_as(dir: &Path, ca: &str, name: &str, subject: &str, san: &str, eku: &str) -> anyhow::Result<()> {
     let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
     run(Command::new("openssl").args([
         "req",
@@ -37,7 +42,7 @@ pub fn issue(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> anyhow::
         "rsa:2048",
         "-nodes",
         "-subj",
-        &format!("/CN={name}"),
+        subject,
         "-keyout",
         &d(&format!("{name}.key")),
         "-out",

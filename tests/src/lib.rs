@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod containerd;
+pub mod hostile;
 pub mod lazy;
 pub mod netns;
 pub mod registry;

@@ -316,6 +316,35 @@ async fn a_corrupt_chunk_in_the_registry_is_eio_for_reads_needing_it_and_the_res
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_read_through_the_agent_heals_once_the_registry_is_repaired() {
+    let setup = Setup::new().await;
+    let out = setup.path("out");
+    shoal_build(&[setup.source(), setup.image("lazy/heal:v1"), s("--output-dir"), path_arg(&out)]).unwrap();
+    let bootstrap = Bootstrap::decode(&std::fs::read(out.join("bootstrap")).unwrap()).unwrap();
+    let ino = bootstrap.resolve(b"data/big.bin").unwrap();
+    let bad = *bootstrap.chunks_of(ino).unwrap().nth(1).unwrap().chunk;
+    let blob = bootstrap.blobs()[bad.blob as usize].digest();
+    let stored = setup.registry.blob_data_path(&blob);
+    let good = std::fs::read(&stored).unwrap();
+    let mut damaged = good.clone();
+    damaged[(bad.compressed_offset + u64::from(bad.compressed_len) / 2) as usize] ^= 0xff;
+    std::fs::write(&stored, &damaged).unwrap();
+
+    let agent = Agent::start("").await.unwrap();
+    let mut mount = setup.mount_through(&agent, "lazy/heal:v1", &setup.path("cache")).await;
+    let big = content("data/big.bin");
+    let err = std::fs::read(mount.path("data/big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    // The registry is repaired: the same mount, through the same agent, reads the true bytes.
+    std::fs::write(&stored, &good).unwrap();
+    let healed = std::fs::read(mount.path("data/big.bin"));
+    assert!(healed.as_ref().is_ok_and(|b| *b == big), "still {:?} after the registry was repaired:\n{}", healed.err(), agent.log());
+    let status = mount.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+}
+
 /// A file of several chunks read whole is materialised; a file of one chunk is served from
 /// that chunk, never copied; the file with a bad chunk never is, and stays EIO.
 async fn check_materialised_around_a_corrupt_chunk(mount: &mut Mount, bootstrap: &Bootstrap, cache: &Path) {

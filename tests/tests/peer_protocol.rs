@@ -4,6 +4,7 @@
 use shoal_agent::peer::tls::ClusterTls;
 use shoal_agent::peer::{PeerClient, PeerError};
 use shoal_core::{Digest, TaskId};
+use shoal_proto::peer::{Refusal, SubscribePieces};
 use shoal_tests::{certs, digest_of, free_port, random_bytes, Agent, Registry};
 
 /// Blobs this small are cut into pieces of the smallest size.
@@ -38,7 +39,7 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
 
-    let mut sub = client.subscribe(addr, &task, None).await.unwrap();
+    let mut sub = client.subscribe(addr, &task, SubscribePieces { registry: registry.host(), ..Default::default() }).await.unwrap();
     let first = sub.next().await.unwrap().unwrap();
     assert_eq!(first.numbers, (0..6).collect::<Vec<u32>>());
     assert!(first.done);
@@ -48,17 +49,17 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     for n in [0u32, 2, 5] {
         let start = n as usize * PIECE;
         let end = (start + PIECE).min(blob.len());
-        let (header, bytes) = client.get_piece(addr, &task, n, (end - start) as u64).await.unwrap();
+        let (header, bytes) = client.get_piece(addr, &task, &registry.host(), n, (end - start) as u64).await.unwrap();
         assert_eq!(&bytes[..], &blob[start..end], "piece {n}");
         assert_eq!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "piece {n}");
         assert_eq!(header.offset, start as u64);
     }
     let unknown = TaskId::of_digest(&Digest::of(b"unknown"));
-    let err = client.get_piece(addr, &unknown, 0, 1).await.unwrap_err();
-    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason.contains("not found")), "{err}");
-    let err = client.get_piece(addr, &task, 99, 1).await.unwrap_err();
-    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason.contains("not present")), "{err}");
-    let err = client.get_piece(addr, &task, 1, 10).await.unwrap_err();
+    let err = client.get_piece(addr, &unknown, &registry.host(), 0, 1).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotFound, .. }), "{err}");
+    let err = client.get_piece(addr, &task, &registry.host(), 99, 1).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotPresent, .. }), "{err}");
+    let err = client.get_piece(addr, &task, &registry.host(), 1, 10).await.unwrap_err();
     assert!(matches!(err, PeerError::Length { .. }), "a wrong length is caught before reading");
 
     // The agent counts the piece bytes it sent and the one connection (the slot of a piece is
@@ -96,7 +97,7 @@ async fn a_lying_peer_sends_bytes_that_do_not_match_the_digest() {
     let digest = registry.push_blob("team/liar", &blob).await.unwrap();
     let (_agent, addr) = agent_with_blob(&registry, "team/liar", &digest, "", &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await;
     let client = PeerClient::new(None).unwrap();
-    let (header, bytes) = client.get_piece(addr, &task_of(&digest), 1, PIECE as u64).await.unwrap();
+    let (header, bytes) = client.get_piece(addr, &task_of(&digest), &registry.host(), 1, PIECE as u64).await.unwrap();
     assert_ne!(&bytes[..], &blob[PIECE..], "the fault switch must corrupt the bytes");
     assert_eq!(header.blake3, blake3::hash(&blob[PIECE..]).to_hex().as_str(), "the header still names the true digest");
     assert_ne!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "so a receiver's check fails");
@@ -130,13 +131,19 @@ async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
     let task = task_of(&digest);
 
     let member = PeerClient::new(Some(&tls("cluster", "member"))).unwrap();
-    let (_, bytes) = member.get_piece(addr, &task, 0, PIECE as u64).await.unwrap();
+    let (_, bytes) = member.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[..]);
 
     let stranger = PeerClient::new(Some(&tls("other", "stranger"))).unwrap();
-    assert!(stranger.get_piece(addr, &task, 0, PIECE as u64).await.is_err(), "a certificate from another CA must be refused");
+    assert!(
+        stranger.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.is_err(),
+        "a certificate from another CA must be refused"
+    );
     let anonymous = PeerClient::new(None).unwrap();
-    assert!(anonymous.get_piece(addr, &task, 0, PIECE as u64).await.is_err(), "a host without a certificate must be refused");
+    assert!(
+        anonymous.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.is_err(),
+        "a host without a certificate must be refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,18 +155,104 @@ async fn a_seed_holding_a_whole_task_sends_a_piece_again_only_after_a_while() {
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
 
-    let (_, bytes) = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
     // Another child asking for the piece just sent is turned away (it gets it from the first),
     // while the seed's other pieces still go out.
-    let err = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap_err();
-    assert!(matches!(&err, PeerError::Refused { reason, .. } if reason == "busy"), "{err}");
-    let (_, bytes) = client.get_piece(addr, &task, 3, PIECE as u64).await.unwrap();
+    let err = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Busy, .. }), "{err}");
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 3, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[3 * PIECE..]);
     // Later it is sent again, for a child that cannot get it elsewhere.
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
-    let (_, bytes) = client.get_piece(addr, &task, 2, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap();
     assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
     let metrics = seed.metrics().await.unwrap();
     assert!(metrics.contains("shoal_peer_busy_refusals_total 1\n"), "the one refusal is counted:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_mutual_tls_a_private_blob_is_never_served_to_peers() {
+    let private = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    let secret = random_bytes(2 * PIECE, 34);
+    let digest = private.push_blob("private/app", &secret).await.unwrap();
+    let public = Registry::start(None).await.unwrap();
+    let open = random_bytes(2 * PIECE, 35);
+    let open_digest = public.push_blob("team/open", &open).await.unwrap();
+    let port = free_port();
+    let agent = Agent::start(&format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n")).await.unwrap();
+    let body = reqwest::Client::new()
+        .get(agent.blob_url(&private, "private/app", &digest))
+        .basic_auth("alice", Some("s3cret"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(digest_of(&body), digest, "alice reads her blob through the mirror");
+    agent.wait_stored(&digest).await.unwrap();
+    let body = reqwest::get(agent.blob_url(&public, "team/open", &open_digest)).await.unwrap().bytes().await.unwrap();
+    assert_eq!(digest_of(&body), open_digest);
+    agent.wait_stored(&open_digest).await.unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = PeerClient::new(None).unwrap();
+
+    // Anyone who reaches the peer port asks for the private pieces: refused, no byte sent.
+    let err = client.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Forbidden, .. }), "{err}");
+    let mut sub =
+        client.subscribe(addr, &task_of(&digest), SubscribePieces { registry: private.host(), ..Default::default() }).await.unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    assert_eq!(first.refusal(), Refusal::Forbidden, "{first:?}");
+    assert!(first.numbers.is_empty() && !first.done, "a refused subscription names no piece: {first:?}");
+
+    // A public blob is served, but only to a request naming the registry it came from.
+    let (_, bytes) = client.get_piece(addr, &task_of(&open_digest), &public.host(), 1, PIECE as u64).await.unwrap();
+    assert_eq!(&bytes[..], &open[PIECE..]);
+    let err = client.get_piece(addr, &task_of(&open_digest), "registry.attacker.example", 1, PIECE as u64).await.unwrap_err();
+    assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotFound, .. }), "{err}");
+
+    let metrics = agent.metrics().await.unwrap();
+    assert_eq!(shoal_tests::metric_value(&metrics, "shoal_peer_refusals_total"), Some(3.0), "{metrics}");
+    assert_eq!(shoal_tests::metric_value(&metrics, "shoal_peer_bytes_sent_total"), Some(PIECE as f64), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_private_pieces_go_to_members_and_only_a_seed_certificate_proves_a_seed() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    certs::make_ca(d, "cluster").unwrap();
+    certs::issue(d, "cluster", "server", "DNS:shoal-peer", "serverAuth,clientAuth").unwrap();
+    certs::issue(d, "cluster", "member", "DNS:shoal-peer", "serverAuth,clientAuth").unwrap();
+    certs::issue_as(d, "cluster", "seed", "/CN=seed-1/OU=seed", "DNS:shoal-peer", "serverAuth,clientAuth").unwrap();
+    let tls = |name: &str| ClusterTls {
+        ca_file: d.join("cluster.pem"),
+        cert_file: d.join(format!("{name}.pem")),
+        key_file: d.join(format!("{name}.key")),
+    };
+    let peer_tls = |name: &str| {
+        let t = tls(name);
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            t.ca_file.display(),
+            t.cert_file.display(),
+            t.key_file.display()
+        )
+    };
+    let private = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    let secret = random_bytes(PIECE, 36);
+    let digest = private.push_blob("private/app", &secret).await.unwrap();
+    let credentials = format!("[registry.\"{}\"]\nusername = \"alice\"\npassword = \"s3cret\"\n", private.host());
+    let (_agent, addr) = agent_with_blob(&private, "private/app", &digest, &format!("{}{credentials}", peer_tls("server")), &[]).await;
+    let (_seed, seed_addr) =
+        agent_with_blob(&private, "private/app", &digest, &format!("seed = true\n{}{credentials}", peer_tls("seed")), &[]).await;
+
+    let member = PeerClient::new(Some(&tls("member"))).unwrap();
+    let (_, bytes) = member.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64).await.unwrap();
+    assert_eq!(&bytes[..], &secret[..], "a cluster member gets the private piece");
+    assert!(!member.certified_seed(addr).await, "a host whose certificate does not name it a seed is not trusted as one");
+    assert!(member.certified_seed(seed_addr).await, "a certificate with OU=seed proves a seed");
+    let anonymous = PeerClient::new(None).unwrap();
+    assert!(!anonymous.certified_seed(seed_addr).await, "without mutual TLS no host is a certified seed");
 }

@@ -9,10 +9,19 @@ use shoal_core::registry::{header_len, Request};
 use shoal_core::{Digest, TaskId};
 use tracing::warn;
 
+use super::access::Freshness;
 use super::route::{byte_range, ByteRange};
 use super::{upstream_refusal, ApiError, Call, Mirror};
 use crate::engine::{BlobReader, Opened, Origin};
 use crate::serve::{empty, Body};
+
+/// What the origin said of a client's access to a blob.
+enum Checked {
+    /// It may read it; the blob is this long, and anyone may read it (`public`) or not.
+    Allowed { len: u64, public: bool },
+    /// The origin's refusal, passed back as is.
+    Refused(Response<Body>),
+}
 
 impl Mirror {
     pub(super) async fn blob(&self, call: &Call, repository: String, digest: Digest) -> Result<Response<Body>, ApiError> {
@@ -23,47 +32,71 @@ impl Mirror {
             authorization: call.authorization.clone(),
         };
         let auth = call.authorization.as_ref();
-        let allowed = self.access.allowed(&call.registry, &repository, auth);
-        let known = if allowed { self.engine.known_len(&digest) } else { None };
-        let len = match known {
-            Some(len) => len,
-            None => {
-                // Ask the origin whether this client may read the blob, and how long it is.
-                let mut head = Request::blob(&call.registry, &repository, &digest);
-                head.method = Method::HEAD;
-                head.authorization = call.authorization.clone();
-                let problem = match self.engine.registry().send(&head).await {
-                    Ok(resp) if resp.status().is_success() => {
-                        self.access.grant(&call.registry, &repository, auth);
-                        match header_len(&resp).filter(|_| resp.status() == reqwest::StatusCode::OK) {
-                            Some(len) => return self.serve_blob(call, origin, len).await,
-                            None => return Err(ApiError::upstream(format!("origin gave no length for blob {digest}"))),
-                        }
-                    }
-                    Ok(resp) if !resp.status().is_server_error() => return Ok(upstream_refusal(resp, call.head).await),
-                    Ok(resp) => format!("blob {digest} from {}: {}", call.registry, resp.status()),
-                    Err(e) => e.to_string(),
-                };
-                // The origin cannot be reached. A client already allowed to read the repository
-                // (or a public one, see the recorded manifests) may still get what the cluster holds.
-                let cluster_len = match (allowed, self.engine.p2p()) {
-                    (true, Some(p2p)) => p2p.task_len(&TaskId::of_digest(&digest)).await,
-                    _ => None,
-                };
-                match cluster_len {
-                    Some(len) => {
-                        warn!(%digest, error = %problem, "origin unreachable; fetching the blob from the cluster");
-                        len
-                    }
-                    None => return Err(ApiError::upstream(problem)),
-                }
-            }
+        let known = match self.access.allowed(&call.registry, &repository, &digest, auth, Freshness::Online) {
+            true => self.engine.known_len(&call.registry, &digest),
+            false => None,
         };
-        self.serve_blob(call, origin, len).await
+        let (len, public) = match known {
+            Some(len) => (len, false),
+            None => match self.check(call, &repository, &digest).await? {
+                Checked::Allowed { len, public } => (len, public),
+                Checked::Refused(resp) => return Ok(resp),
+            },
+        };
+        self.serve_blob(call, origin, len, public).await
     }
 
-    /// Answers with `len` bytes of `origin`'s blob (or the requested range) from the engine.
-    async fn serve_blob(&self, call: &Call, origin: Origin, len: u64) -> Result<Response<Body>, ApiError> {
+    /// Asks the origin (a `HEAD` of the digest in the named repository, with the client's
+    /// credentials) whether this client may read the blob, and how long it is. While the origin
+    /// cannot be reached, a grant it gave this client for this digest recently still counts.
+    async fn check(&self, call: &Call, repository: &str, digest: &Digest) -> Result<Checked, ApiError> {
+        let auth = call.authorization.as_ref();
+        let mut head = Request::blob(&call.registry, repository, digest);
+        head.method = Method::HEAD;
+        head.authorization = call.authorization.clone();
+        let problem = match self.engine.registry().send(&head).await {
+            Ok(resp) if resp.status().is_success() => {
+                self.access.grant(&call.registry, repository, digest, auth);
+                // Without any credentials (the client's or the configured ones) the answer says
+                // anyone may read the blob.
+                let public = auth.is_none() && !self.config.registry(&call.registry).has_credentials();
+                return match header_len(&resp).filter(|_| resp.status() == reqwest::StatusCode::OK) {
+                    Some(len) => Ok(Checked::Allowed { len, public }),
+                    None => Err(ApiError::upstream(format!("origin gave no length for blob {digest}"))),
+                };
+            }
+            Ok(resp) if !resp.status().is_server_error() => {
+                self.access.revoke(&call.registry, repository, digest, auth);
+                return Ok(Checked::Refused(upstream_refusal(resp, call.head).await));
+            }
+            Ok(resp) => format!("blob {digest} from {}: {}", call.registry, resp.status()),
+            Err(e) => e.to_string(),
+        };
+        if !self.access.allowed(&call.registry, repository, digest, auth, Freshness::Offline) {
+            return Err(ApiError::upstream(format!(
+                "{problem} (this client's access to {repository}@{digest} cannot be checked while the registry is down)"
+            )));
+        }
+        // The origin let this client read this digest recently: what this host or the cluster
+        // holds may go to it.
+        let mut len = self.engine.known_len(&call.registry, digest);
+        if let (None, Some(p2p)) = (len, self.engine.p2p()) {
+            len = p2p.task_len(&TaskId::of_digest(digest)).await;
+        }
+        match len {
+            Some(len) => {
+                warn!(%digest, error = %problem, "origin unreachable; serving the blob from this host or the cluster");
+                Ok(Checked::Allowed { len, public: false })
+            }
+            None => Err(ApiError::upstream(problem)),
+        }
+    }
+
+    /// Answers with `len` bytes of `origin`'s blob (or the requested range). A whole blob goes
+    /// through the engine's task (stored, shared, checked against its digest before its last byte
+    /// is sent); a range comes from a task complete or downloading whole here, else straight from
+    /// the origin, never kept: bytes fetched for a range cannot be checked against the digest.
+    async fn serve_blob(&self, call: &Call, origin: Origin, len: u64, public: bool) -> Result<Response<Body>, ApiError> {
         let digest = origin.digest.clone();
         let range = byte_range(call.headers.get(RANGE).and_then(|v| v.to_str().ok()), len);
         let (status, bytes) = match range {
@@ -84,12 +117,23 @@ impl Mirror {
         if call.head || bytes.is_empty() {
             return resp.body(empty()).map_err(|e| ApiError::upstream(e.to_string()));
         }
-        let whole = status == StatusCode::OK;
-        let reader = match self.engine.open(&origin, len).await {
-            Opened::Task(task) => self.engine.reader(task, bytes, whole),
-            Opened::Direct(e) => {
-                warn!(%digest, error = %e, "streaming blob from the origin without storing it");
-                self.engine.direct_reader(origin, bytes)
+        let reader = if status == StatusCode::OK {
+            match self.engine.open(&origin, len).await {
+                Opened::Task(task) => {
+                    if public {
+                        self.engine.mark_public(&task);
+                    }
+                    self.engine.reader(task, bytes, true)
+                }
+                Opened::Direct(e) => {
+                    warn!(%digest, error = %e, "streaming blob from the origin without storing it");
+                    self.engine.direct_reader(origin, bytes)
+                }
+            }
+        } else {
+            match self.engine.existing(&origin) {
+                Some(task) => self.engine.reader(task, bytes, false),
+                None => self.engine.direct_reader(origin, bytes),
             }
         };
         resp.body(reader_body(reader)).map_err(|e| ApiError::upstream(e.to_string()))

@@ -8,6 +8,7 @@ use http::{Method, Response};
 use shoal_core::registry::{Request, Target, MANIFEST_ACCEPT};
 use shoal_core::Digest;
 
+use super::access::Freshness;
 use super::route::ManifestRef;
 use super::{upstream_refusal, ApiError, CachedManifest, Call, Mirror};
 use crate::serve::{empty, full, Body};
@@ -20,8 +21,7 @@ impl Mirror {
     pub(super) async fn manifest(&self, call: &Call, repository: String, reference: ManifestRef) -> Result<Response<Body>, ApiError> {
         let auth = call.authorization.as_ref();
         if let ManifestRef::Digest(d) = &reference {
-            let cached = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
-            if let Some(m) = cached.filter(|_| self.access.allowed(&call.registry, &repository, auth)) {
+            if let Some(m) = self.cached_manifest(call, &repository, d, Freshness::Online) {
                 return respond(d, m.media_type, m.body, call.head);
             }
         }
@@ -38,14 +38,16 @@ impl Mirror {
             Ok(resp) if !resp.status().is_server_error() => resp,
             Ok(resp) => {
                 let problem = format!("manifest {repository}:{reference} from {}: {}", call.registry, resp.status());
-                return self.recorded_manifest(call, &repository, &reference, problem).await;
+                return self.offline_manifest(call, &repository, &reference, problem).await;
             }
-            Err(e) => return self.recorded_manifest(call, &repository, &reference, e.to_string()).await,
+            Err(e) => return self.offline_manifest(call, &repository, &reference, e.to_string()).await,
         };
         if !resp.status().is_success() {
+            if let ManifestRef::Digest(d) = &reference {
+                self.access.revoke(&call.registry, &repository, d, auth);
+            }
             return Ok(upstream_refusal(resp, call.head).await);
         }
-        self.access.grant(&call.registry, &repository, auth);
         let media_type = resp.headers().get(CONTENT_TYPE).cloned();
         let header_digest =
             resp.headers().get("Docker-Content-Digest").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<Digest>().ok());
@@ -55,6 +57,11 @@ impl Mirror {
                 if let Some(v) = resp.headers().get(&name) {
                     out = out.header(name, v);
                 }
+            }
+            // Only a digest the client named is granted on a HEAD: the registry's header is
+            // not checked against any bytes here.
+            if let ManifestRef::Digest(d) = &reference {
+                self.access.grant(&call.registry, &repository, d, auth);
             }
             if let Some(d) = header_digest.or(match &reference {
                 ManifestRef::Digest(d) => Some(d.clone()),
@@ -74,14 +81,43 @@ impl Mirror {
                 )));
             }
         }
+        self.access.grant(&call.registry, &repository, &digest, auth);
         let cached = CachedManifest { media_type: media_type.clone(), body: body.clone() };
-        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put(digest.clone(), cached);
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put((call.registry.clone(), digest.clone()), cached);
         respond(&digest, media_type, body, false)
     }
 
+    /// The manifest `digest` of `call`'s registry, if kept here and this client may read it there.
+    fn cached_manifest(&self, call: &Call, repository: &str, digest: &Digest, fresh: Freshness) -> Option<CachedManifest> {
+        if !self.access.allowed(&call.registry, repository, digest, call.authorization.as_ref(), fresh) {
+            return None;
+        }
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(&(call.registry.clone(), digest.clone())).cloned()
+    }
+
+    /// The origin cannot be reached (`problem`): answer from what this host kept, or from the
+    /// manifests a preheat recorded in the cluster, but only to a client the origin let read that
+    /// manifest digest within the offline window. A recorded manifest tells which digest a tag
+    /// named; it never grants access by itself.
+    async fn offline_manifest(
+        &self,
+        call: &Call,
+        repository: &str,
+        reference: &ManifestRef,
+        problem: String,
+    ) -> Result<Response<Body>, ApiError> {
+        if let ManifestRef::Digest(d) = reference {
+            if let Some(m) = self.cached_manifest(call, repository, d, Freshness::Offline) {
+                warn!(registry = %call.registry, %repository, %reference, error = %problem, "origin unreachable; serving the manifest kept here");
+                return respond(d, m.media_type, m.body, call.head);
+            }
+        }
+        self.recorded_manifest(call, repository, reference, problem).await
+    }
+
     /// The origin cannot be reached (`problem`): answer from the manifests a preheat recorded in the
-    /// cluster. A public image may go to anyone; a private one only to a client the origin
-    /// recently let read the repository.
+    /// cluster, to a client the origin let read that manifest digest within the offline window
+    /// (whatever the preheat said of the image being public).
     async fn recorded_manifest(
         &self,
         call: &Call,
@@ -104,27 +140,28 @@ impl Mirror {
             )));
         }
         let auth = call.authorization.as_ref();
-        if m.public {
-            self.access.grant(&call.registry, repository, None);
-        } else if auth.is_none() {
-            // Clients send credentials only when challenged; the registry cannot challenge now.
-            let refusal = ApiError::unauthorized(format!("{repository} is private; send the credentials the registry accepted before"));
-            let mut resp = super::error_response(&refusal, call.head);
-            let challenge = format!("Basic realm=\"{}\"", call.registry);
-            if let Ok(v) = http::HeaderValue::from_str(&challenge) {
-                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        if !self.access.allowed(&call.registry, repository, &digest, auth, Freshness::Offline) {
+            if auth.is_none() {
+                // Clients send credentials only when challenged; the registry cannot challenge now.
+                let refusal = ApiError::unauthorized(format!(
+                    "{repository}:{reference} cannot be checked while the registry is down; send the credentials the registry accepted before"
+                ));
+                let mut resp = super::error_response(&refusal, call.head);
+                let challenge = format!("Basic realm=\"{}\"", call.registry);
+                if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+                    resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+                }
+                return Ok(resp);
             }
-            return Ok(resp);
-        } else if !self.access.allowed(&call.registry, repository, auth) {
             return Err(ApiError::upstream(format!(
-                "{problem}; the cluster holds {repository}:{reference}, but the repository is private and this client's access cannot be checked while the registry is down"
+                "{problem}; the cluster holds {repository}:{reference}, but this client's access cannot be checked while the registry is down (the registry did not let it read this manifest within [mirror] offline_grant_seconds)"
             )));
         }
         warn!(registry = %call.registry, %repository, %reference, error = %problem, "origin unreachable; serving the manifest a preheat recorded");
         let media_type = http::HeaderValue::from_str(&m.media_type).ok().filter(|_| !m.media_type.is_empty());
         let body = Bytes::from(m.body);
         let cached = CachedManifest { media_type: media_type.clone(), body: body.clone() };
-        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put(digest.clone(), cached);
+        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).put((call.registry.clone(), digest.clone()), cached);
         respond(&digest, media_type, body, call.head)
     }
 }

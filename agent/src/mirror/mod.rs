@@ -49,7 +49,8 @@ pub struct Mirror {
     engine: Arc<Engine>,
     config: Arc<Config>,
     access: AccessCache,
-    manifests: Mutex<LruCache<Digest, CachedManifest>>,
+    /// Manifests by (registry, digest): one registry's answer never serves another's clients.
+    manifests: Mutex<LruCache<(String, Digest), CachedManifest>>,
     requests: Family<RequestLabels, Counter>,
 }
 
@@ -73,7 +74,10 @@ impl Mirror {
         let entries = std::num::NonZeroUsize::new(config.mirror.manifest_cache_entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         Mirror {
             engine,
-            access: AccessCache::new(Duration::from_secs(config.mirror.auth_cache_seconds)),
+            access: AccessCache::new(
+                Duration::from_secs(config.mirror.auth_cache_seconds),
+                Duration::from_secs(config.mirror.offline_grant_seconds),
+            ),
             config,
             manifests: Mutex::new(LruCache::new(entries)),
             requests,

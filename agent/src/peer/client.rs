@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_core::TaskId;
-use shoal_proto::peer::{peer_request::Request, GetPiece, PeerRequest, PieceHeader, PieceUpdate, SubscribePieces};
+use shoal_proto::peer::{peer_request::Request, GetPiece, PeerRequest, PieceHeader, PieceUpdate, Refusal, SubscribePieces};
 
 use super::tls::{self, ClusterTls, TlsError};
 use super::wire::{self, WireError};
@@ -22,7 +22,7 @@ pub enum PeerError {
     #[error("peer {addr}: cannot connect: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("peer {addr}: {reason}")]
-    Refused { addr: SocketAddr, reason: String },
+    Refused { addr: SocketAddr, refusal: Refusal, reason: String },
     #[error("peer {addr}: {source}")]
     Wire { addr: SocketAddr, source: WireError },
     #[error("peer {addr}: sent {got} bytes for piece {piece}, expected {expected}")]
@@ -54,6 +54,8 @@ pub struct PeerClient {
     links: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Link>>>>>,
     /// Where connections this client opens go to be served too (the host's peer server).
     serve: Option<tokio::sync::mpsc::UnboundedSender<quinn::Connection>>,
+    /// Whether every host at the other end is authenticated by the cluster CA (mutual TLS).
+    authenticated: bool,
 }
 
 impl PeerClient {
@@ -62,7 +64,7 @@ impl PeerClient {
         let mut endpoint = super::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None)
             .map_err(|e| TlsError::Quic(format!("cannot open a UDP socket for the peer client: {e}")))?;
         endpoint.set_default_client_config(tls::client_config(cluster)?);
-        Ok(PeerClient { endpoint, links: Arc::default(), serve: None })
+        Ok(PeerClient { endpoint, links: Arc::default(), serve: None, authenticated: cluster.is_some() })
     }
 
     /// A client on the peer server's own endpoint: the connections it opens are handed to `serve`
@@ -74,7 +76,7 @@ impl PeerClient {
         serve: tokio::sync::mpsc::UnboundedSender<quinn::Connection>,
     ) -> Result<PeerClient, TlsError> {
         endpoint.set_default_client_config(tls::client_config(cluster)?);
-        Ok(PeerClient { endpoint, links: Arc::default(), serve: Some(serve) })
+        Ok(PeerClient { endpoint, links: Arc::default(), serve: Some(serve), authenticated: cluster.is_some() })
     }
 
     /// A connection another host opened to this one: requests to that host use it, unless one is
@@ -132,18 +134,43 @@ impl PeerClient {
         Ok((send, recv))
     }
 
+    /// Whether hosts at the other end are authenticated cluster members (mutual TLS is on).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Whether the host at `addr` holds a certificate from the cluster CA naming it a seed
+    /// (see [`tls::is_seed`]); never without mutual TLS.
+    pub async fn certified_seed(&self, addr: SocketAddr) -> bool {
+        if !self.authenticated {
+            return false;
+        }
+        match self.connection(addr).await {
+            Ok(conn) => tls::is_seed(&conn),
+            Err(_) => false,
+        }
+    }
+
     /// Fetches piece `n` of `task`: the sender's header and the bytes (not yet checked).
     ///
     /// Once the bytes are here the stream is dropped without reading its end: the STOP_SENDING
     /// that QUIC then sends is what tells the parent at once that its upload slot is free (an
     /// acknowledgement of the last bytes may wait for more packets).
-    pub async fn get_piece(&self, addr: SocketAddr, task: &TaskId, n: u32, expected_len: u64) -> Result<(PieceHeader, Bytes), PeerError> {
-        let (_send, mut recv) = self.open(addr, Request::GetPiece(GetPiece { task_id: task.to_string(), number: n })).await?;
+    pub async fn get_piece(
+        &self,
+        addr: SocketAddr,
+        task: &TaskId,
+        registry: &str,
+        n: u32,
+        expected_len: u64,
+    ) -> Result<(PieceHeader, Bytes), PeerError> {
+        let get = GetPiece { task_id: task.to_string(), number: n, registry: registry.into() };
+        let (_send, mut recv) = self.open(addr, Request::GetPiece(get)).await?;
         let header: PieceHeader = wire::read(&mut recv).await.map_err(|source| PeerError::Wire { addr, source })?;
-        if !header.error.is_empty() {
+        if header.refusal() != Refusal::None || !header.error.is_empty() {
             // A refusal is the whole answer; reading its end saves the parent a STOP_SENDING.
             wire::read_end(&mut recv).await;
-            return Err(PeerError::Refused { addr, reason: header.error });
+            return Err(PeerError::Refused { addr, refusal: header.refusal(), reason: header.error });
         }
         if header.length != expected_len || header.number != n {
             return Err(PeerError::Length { addr, piece: n, got: header.length, expected: expected_len });
@@ -153,10 +180,10 @@ impl PeerClient {
         Ok((header, Bytes::from(buf)))
     }
 
-    /// Subscribes to the pieces `task` has and gets. `origin` lets a seed fetch a task it lacks.
-    pub async fn subscribe(&self, addr: SocketAddr, task: &TaskId, origin: Option<SubscribePieces>) -> Result<Subscription, PeerError> {
-        let req = origin.unwrap_or_default();
-        let req = SubscribePieces { task_id: task.to_string(), ..req };
+    /// Subscribes to the pieces `task` has and gets; `request` names the blob's registry (and,
+    /// for a seed, where to fetch a task it lacks).
+    pub async fn subscribe(&self, addr: SocketAddr, task: &TaskId, request: SubscribePieces) -> Result<Subscription, PeerError> {
+        let req = SubscribePieces { task_id: task.to_string(), ..request };
         let (_send, recv) = self.open(addr, Request::Subscribe(req)).await?;
         Ok(Subscription { addr, recv })
     }

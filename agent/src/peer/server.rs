@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shoal_core::TaskId;
-use shoal_proto::peer::{peer_request::Request, PeerRequest, PieceHeader, PieceUpdate};
+use shoal_proto::peer::{peer_request::Request, PeerRequest, PieceHeader, PieceUpdate, Refusal};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::tls::{self, ClusterTls, TlsError};
 use super::wire;
 use super::{PeerClient, PeerTraffic};
-use crate::engine::Engine;
+use crate::engine::{Engine, Shared};
 use crate::ratelimit::RateLimiter;
 
 /// How long a source holds a new piece back from all but the one subscriber it was handed to.
@@ -121,8 +121,15 @@ impl PeerServer {
             started: Default::default(),
         });
         let subscribers = Arc::new(Subscribers::default());
-        let serving =
-            Serving { engine, uploads, subscribers, traffic: self.traffic.clone(), corrupt: config.corrupt_pieces, seed: config.seed };
+        let serving = Serving {
+            engine,
+            uploads,
+            subscribers,
+            traffic: self.traffic.clone(),
+            corrupt: config.corrupt_pieces,
+            seed: config.seed,
+            authenticated: config.cluster_tls.is_some(),
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -159,6 +166,8 @@ struct Serving {
     traffic: PeerTraffic,
     corrupt: bool,
     seed: bool,
+    /// Every requester was authenticated by the cluster CA (mutual TLS).
+    authenticated: bool,
 }
 
 impl Serving {
@@ -169,7 +178,7 @@ impl Serving {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let s = self.clone();
             tokio::spawn(async move {
-                match serve_stream(&s.engine, &s.uploads, &s.subscribers, s.corrupt, s.seed, send, recv).await {
+                match serve_stream(&s, send, recv).await {
                     // The child stopped reading: it ended a subscription to a parent it dropped,
                     // or gave up on a piece. Routine, not an error.
                     Ok(()) | Err(wire::WireError::Write(quinn::WriteError::Stopped(_))) => {}
@@ -215,29 +224,55 @@ impl Uploads {
     }
 }
 
-async fn serve_stream(
-    engine: &Arc<Engine>,
-    uploads: &Uploads,
-    subscribers: &Subscribers,
-    corrupt: bool,
-    seed: bool,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<(), wire::WireError> {
+/// The task a request names, if this host may serve it to the requester: held here, fetched
+/// from the registry the request names, and public unless the requester is an authenticated
+/// cluster member. Otherwise the refusal.
+fn servable(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
+    let refused = refusal(serving, task_id, registry);
+    if refused.is_err() {
+        serving.engine.peer_refusal();
+    }
+    refused
+}
+
+fn refusal(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
+    let Some(shared) = TaskId::parse(task_id).and_then(|id| serving.engine.shared(&id)) else {
+        return Err((Refusal::NotFound, "task not found".into()));
+    };
+    if shared.registry().as_deref() != Some(registry) {
+        return Err((Refusal::NotFound, format!("task not found from registry {registry:?}")));
+    }
+    if !serving.authenticated && !shared.is_public() {
+        return Err((Refusal::Forbidden, "private blob: shared only over mutual TLS with the cluster CA".into()));
+    }
+    Ok(shared)
+}
+
+async fn serve_stream(serving: &Serving, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), wire::WireError> {
+    let (engine, uploads, subscribers, corrupt, seed) =
+        (&serving.engine, &serving.uploads, &serving.subscribers, serving.corrupt, serving.seed);
     let req: PeerRequest = wire::read(&mut recv).await?;
     // A request is the whole of its stream (the client finishes it at once).
     wire::read_end(&mut recv).await;
     match req.request {
         Some(Request::GetPiece(g)) => {
-            let refuse = |error: &str| PieceHeader { number: g.number, error: error.into(), ..Default::default() };
-            let Some(shared) = TaskId::parse(&g.task_id).and_then(|id| engine.shared(&id)) else {
-                wire::write(&mut send, &refuse("task not found")).await?;
-                finish(send);
-                return Ok(());
+            let refuse = |refusal: Refusal, error: &str| PieceHeader {
+                number: g.number,
+                error: error.into(),
+                refusal: refusal as i32,
+                ..Default::default()
+            };
+            let shared = match servable(serving, &g.task_id, &g.registry) {
+                Ok(shared) => shared,
+                Err((refusal, reason)) => {
+                    wire::write(&mut send, &refuse(refusal, &reason)).await?;
+                    finish(send);
+                    return Ok(());
+                }
             };
             let file = shared.file();
             let (Some(blake3), true) = (file.piece_blake3(g.number), file.has_piece(g.number)) else {
-                wire::write(&mut send, &refuse("piece not present")).await?;
+                wire::write(&mut send, &refuse(Refusal::NotPresent, "piece not present")).await?;
                 finish(send);
                 return Ok(());
             };
@@ -249,13 +284,19 @@ async fn serve_stream(
             let permit = uploads.slots.try_acquire().ok();
             let Some(_permit) = permit.filter(|_| !(seed && shared.is_complete()) || uploads.may_resend(file.id(), g.number)) else {
                 engine.peer_busy_refusal();
-                wire::write(&mut send, &refuse("busy")).await?;
+                wire::write(&mut send, &refuse(Refusal::Busy, "busy")).await?;
                 finish(send);
                 return Ok(());
             };
             let range = file.layout().range(g.number);
-            let header =
-                PieceHeader { number: g.number, offset: range.start, length: range.end - range.start, blake3, error: String::new() };
+            let header = PieceHeader {
+                number: g.number,
+                offset: range.start,
+                length: range.end - range.start,
+                blake3,
+                error: String::new(),
+                refusal: Refusal::None as i32,
+            };
             wire::write(&mut send, &header).await?;
             // Under a rate cap, pieces go out paced in small writes, so the bytes leave at the
             // cap instead of queueing in the link's buffer.
@@ -291,12 +332,16 @@ async fn serve_stream(
         }
         Some(Request::Subscribe(s)) => {
             if seed {
-                start_for_child(engine, &s).await;
+                start_for_child(serving, &s).await;
             }
-            let Some(shared) = TaskId::parse(&s.task_id).and_then(|id| engine.shared(&id)) else {
-                wire::write(&mut send, &PieceUpdate { error: "task not found".into(), ..Default::default() }).await?;
-                finish(send);
-                return Ok(());
+            let shared = match servable(serving, &s.task_id, &s.registry) {
+                Ok(shared) => shared,
+                Err((refusal, reason)) => {
+                    let refused = PieceUpdate { error: reason, refusal: refusal as i32, ..Default::default() };
+                    wire::write(&mut send, &refused).await?;
+                    finish(send);
+                    return Ok(());
+                }
             };
             let file = shared.file();
             let len = file.layout().len;
@@ -341,7 +386,8 @@ async fn serve_stream(
                     }
                     // "Done" tells the child every piece is here: not before the held ones are out.
                     let done = complete && sent.is_full();
-                    let update = PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default() };
+                    let update =
+                        PieceUpdate { numbers, done, task_length: len, error: failed.unwrap_or_default(), refusal: Refusal::None as i32 };
                     let last = update.done || !update.error.is_empty();
                     if !update.numbers.is_empty() || last || sent.count() == 0 {
                         wire::write(&mut send, &update).await?;
@@ -383,8 +429,11 @@ async fn serve_stream(
     }
 }
 
-/// A seed asked for a task it lacks starts fetching it, so the child can follow.
-async fn start_for_child(engine: &Arc<Engine>, s: &shoal_proto::peer::SubscribePieces) {
+/// A seed asked for a task it lacks starts fetching it, so the child can follow. A client's
+/// credentials are used only from an authenticated cluster member; otherwise the seed fetches
+/// with its own (configured) ones, or none.
+async fn start_for_child(serving: &Serving, s: &shoal_proto::peer::SubscribePieces) {
+    let engine = &serving.engine;
     let Some(id) = TaskId::parse(&s.task_id) else { return };
     if engine.shared(&id).is_some() {
         return;
@@ -400,7 +449,7 @@ async fn start_for_child(engine: &Arc<Engine>, s: &shoal_proto::peer::SubscribeP
         registry: s.registry.clone(),
         repository: s.repository.clone(),
         digest,
-        authorization: http::HeaderValue::from_str(&s.authorization).ok().filter(|_| !s.authorization.is_empty()),
+        authorization: http::HeaderValue::from_str(&s.authorization).ok().filter(|_| serving.authenticated && !s.authorization.is_empty()),
     };
     info!(task = %id, registry = %origin.registry, "seed fetching a task for a child");
     if let Err(e) = engine.fetch_ahead(&origin, s.length).await {

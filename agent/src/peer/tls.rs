@@ -11,10 +11,13 @@ use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-/// The ALPN id of the peer protocol. Version 2: pieces follow the 64 KiB minimum of
-/// [`shoal_core::piece::MIN_PIECE_SIZE`], so a host of version 1 numbers them otherwise and the
-/// two must not trade pieces (their handshake fails and each fetches elsewhere).
-pub const ALPN: &[u8] = b"shoal-peer/2";
+/// The ALPN id of the peer protocol. Version 3: requests name the blob's registry and refusals
+/// are typed; a host of version 2 would serve any registry's task (their handshake fails and each
+/// fetches elsewhere).
+pub const ALPN: &[u8] = b"shoal-peer/3";
+/// The organisational unit (`OU`) in the subject of a cluster certificate that makes its host a
+/// seed, trusted with clients' registry credentials (`openssl req -subj "/CN=node-1/OU=seed"`).
+pub const SEED_UNIT: &str = "seed";
 /// The name peers present and expect in certificates.
 pub const SERVER_NAME: &str = "shoal-peer";
 
@@ -29,6 +32,20 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("QUIC TLS setup: {0}")]
     Quic(String),
+}
+
+/// Whether the host at the other end of `conn` presented a certificate naming it a seed (see
+/// [`SEED_UNIT`]). Only meaningful under mutual TLS, where the cluster CA verified that certificate.
+pub fn is_seed(conn: &quinn::Connection) -> bool {
+    let Some(identity) = conn.peer_identity() else { return false };
+    let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else { return false };
+    certs.first().is_some_and(|c| certificate_units(c).iter().any(|u| u == SEED_UNIT))
+}
+
+/// The organisational units in a certificate's subject.
+fn certificate_units(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    parsed.subject().iter_organizational_unit().filter_map(|u| u.as_str().ok().map(String::from)).collect()
 }
 
 /// Where a cluster's mutual-TLS material lives.

@@ -71,8 +71,13 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_oversized_frames_are_refused() {
-        let m =
-            PeerRequest { request: Some(shoal_proto::peer::peer_request::Request::GetPiece(GetPiece { task_id: "t".into(), number: 7 })) };
+        let m = PeerRequest {
+            request: Some(shoal_proto::peer::peer_request::Request::GetPiece(GetPiece {
+                task_id: "t".into(),
+                number: 7,
+                registry: "r".into(),
+            })),
+        };
         let f = encode(&m);
         let len = frame_len([f[0], f[1], f[2], f[3]]).unwrap();
         assert_eq!(len, f.len() - 4);

@@ -181,8 +181,20 @@ impl RegistryClient {
     /// failures and 5xx/429 answers with exponential backoff. Any HTTP answer is returned, including
     /// 401 (with its challenge) and 404: the caller decides what they mean.
     pub async fn send(&self, req: &Request) -> Result<reqwest::Response, RegistryError> {
-        let http = self.http(&req.registry)?;
         let reg = self.registry(&req.registry);
+        self.send_as(req, reg).await
+    }
+
+    /// Sends `req` with no credentials at all: neither the client's nor the configured ones
+    /// (an anonymous token where the registry hands those out). A success means anyone may read it.
+    pub async fn send_anonymous(&self, req: &Request) -> Result<reqwest::Response, RegistryError> {
+        let reg = Registry { credentials: None, ..self.registry(&req.registry) };
+        let req = Request { authorization: None, ..req.clone() };
+        self.send_as(&req, reg).await
+    }
+
+    async fn send_as(&self, req: &Request, reg: Registry) -> Result<reqwest::Response, RegistryError> {
+        let http = self.http(&req.registry)?;
         let url = format!("{}{}", reg.base, req.path());
         if let Some(client_auth) = &req.authorization {
             return self.send_retrying(&http, req, &url, Some(client_auth.clone())).await;

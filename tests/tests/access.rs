@@ -1,0 +1,133 @@
+//! Private stays private, planted bytes never stick: what the mirror holds from one registry and
+//! repository, tried as a hostile local client would (another repository, another registry, a
+//! registry that says yes to everything, a planted range).
+
+use shoal_tests::hostile::HostileRegistry;
+use shoal_tests::{digest_of, random_bytes, Agent, Registry};
+
+const KIB: usize = 1 << 10;
+
+/// GET of `url`, with `alice`'s or no credentials and an optional range: status and body.
+async fn get(url: &str, user: Option<(&str, &str)>, range: Option<&str>) -> (u16, Vec<u8>) {
+    // Manifests are asked for as containerd does (the registry hides OCI manifests from `*/*`).
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let mut req = reqwest::Client::new().get(url).header("Accept", accept);
+    if let Some((u, p)) = user {
+        req = req.basic_auth(u, Some(p));
+    }
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    // A body cut short (the stream aborted) counts as no body.
+    (status, resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
+}
+
+fn url(agent: &Agent, registry_host: &str, repo: &str, what: &str) -> String {
+    format!("{}/v2/{repo}/{what}?ns={}", agent.mirror(), registry_host.replace(':', "%3A"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_private_blob_goes_to_no_other_repository_registry_or_credential() {
+    let private = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    let secret = random_bytes(300 * KIB, 71);
+    let digest = private.push_blob("private/app", &secret).await.unwrap();
+    let public = Registry::start(None).await.unwrap();
+    let open = random_bytes(10 * KIB, 72);
+    let open_digest = public.push_blob("pub/app", &open).await.unwrap();
+    let hostile = HostileRegistry::start(secret.len() as u64, 0x5a).await.unwrap();
+    let agent = Agent::start("").await.unwrap();
+    let blob = |host: &str, repo: &str, d: &str| url(&agent, host, repo, &format!("blobs/{d}"));
+
+    let (status, body) = get(&blob(&private.host(), "private/app", &digest), Some(("alice", "s3cret")), None).await;
+    assert_eq!((status, digest_of(&body)), (200, digest.clone()), "alice reads her blob");
+    agent.wait_stored(&digest).await.unwrap();
+    // Anyone may read the public repository: the mirror knows that now.
+    let (status, body) = get(&blob(&public.host(), "pub/app", &open_digest), None, None).await;
+    assert_eq!((status, digest_of(&body)), (200, open_digest.clone()));
+
+    // The private digest asked for under the public repository and registry, anonymously.
+    let (status, body) = get(&blob(&public.host(), "pub/app", &digest), None, None).await;
+    assert_ne!(body, secret, "the public registry never had the blob: status {status}");
+    assert_eq!(status, 404, "the public registry's answer is passed back");
+    // Under the private registry without credentials, or with credentials it does not accept.
+    let (status, body) = get(&blob(&private.host(), "private/app", &digest), None, None).await;
+    assert_eq!(status, 401);
+    assert_ne!(body, secret);
+    let (status, body) = get(&blob(&private.host(), "private/app", &digest), Some(("mallory", "guess")), None).await;
+    assert_eq!(status, 401);
+    assert_ne!(body, secret);
+    // A registry that says yes to every digest gets its own fetch, never the cached bytes: whole
+    // or in part, before or after a whole pull from it.
+    for range in [None, Some("bytes=0-1023"), None, Some("bytes=1000-2000")] {
+        let (status, body) = get(&blob(&hostile.host(), "any/repo", &digest), None, range).await;
+        assert!(status == 200 || status == 206, "{status}");
+        assert!(!body.is_empty() && body.iter().all(|&b| b == 0x5a), "only the lying registry's own bytes ({status}, {range:?})");
+    }
+    assert!(hostile.requests() >= 4, "every request went to the lying registry");
+    let (status, body) = get(&blob(&private.host(), "private/app", &digest), Some(("alice", "s3cret")), None).await;
+    assert_eq!((status, body == secret), (200, true), "alice still reads the true blob");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_private_manifest_goes_to_no_other_repository_registry_or_credential() {
+    let private = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    private.push_image("private/app", "v1", &[("/secret.txt", b"for alice only\n".to_vec())]).await.unwrap();
+    let public = Registry::start(None).await.unwrap();
+    public.push_image("pub/app", "v1", &[("/open.txt", b"for everyone\n".to_vec())]).await.unwrap();
+    let hostile = HostileRegistry::start(4 * KIB as u64, b'{').await.unwrap();
+    let agent = Agent::start("").await.unwrap();
+    let manifest = |host: &str, repo: &str, r: &str| url(&agent, host, repo, &format!("manifests/{r}"));
+
+    let (status, body) = get(&manifest(&private.host(), "private/app", "v1"), Some(("alice", "s3cret")), None).await;
+    assert_eq!(status, 200);
+    let digest = digest_of(&body);
+    let (status, by_digest) = get(&manifest(&private.host(), "private/app", &digest), Some(("alice", "s3cret")), None).await;
+    assert_eq!((status, &by_digest), (200, &body), "kept by digest for alice: {}", String::from_utf8_lossy(&by_digest));
+    assert_eq!(get(&manifest(&public.host(), "pub/app", "v1"), None, None).await.0, 200);
+
+    for (host, repo, user) in [
+        (public.host(), "pub/app", None),
+        (private.host(), "private/app", None),
+        (private.host(), "private/app", Some(("mallory", "guess"))),
+        (hostile.host(), "any/repo", None),
+    ] {
+        let (status, got) = get(&manifest(&host, repo, &digest), user, None).await;
+        assert_ne!(got, body, "{host} {repo} {user:?}: the private manifest leaked ({status})");
+        assert_ne!(status, 200, "{host} {repo} {user:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_planted_through_a_range_request_reach_no_other_reader() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(400 * KIB, 73);
+    let digest = registry.push_blob("team/app", &blob).await.unwrap();
+    let hostile = HostileRegistry::start(blob.len() as u64, 0xee).await.unwrap();
+    let agent = Agent::start("").await.unwrap();
+    let at = |host: &str| url(&agent, host, "team/app", &format!("blobs/{digest}"));
+
+    // The attacker's registry answers a range first: its bytes go to its own client only.
+    let (status, planted) = get(&at(&hostile.host()), None, Some("bytes=0-65535")).await;
+    assert_eq!(status, 206);
+    assert!(planted.iter().all(|&b| b == 0xee));
+    // Readers through the real registry get the true bytes, in part and whole, first time.
+    for range in ["bytes=0-65535", "bytes=100-200000", "bytes=-1000"] {
+        let (status, got) = get(&at(&registry.host()), None, Some(range)).await;
+        assert_eq!(status, 206, "{range}");
+        let want = match range {
+            "bytes=0-65535" => &blob[..65536],
+            "bytes=100-200000" => &blob[100..200_001],
+            _ => &blob[blob.len() - 1000..],
+        };
+        assert!(got == want, "{range}: planted bytes reached a reader of the real registry");
+    }
+    let (status, whole) = get(&at(&registry.host()), None, None).await;
+    assert_eq!((status, digest_of(&whole)), (200, digest.clone()), "the first whole pull succeeds");
+    agent.wait_stored(&digest).await.unwrap();
+    let (status, got) = get(&at(&registry.host()), None, Some("bytes=0-65535")).await;
+    assert_eq!((status, got == blob[..65536]), (206, true), "ranges of the stored, verified blob");
+    let metrics = agent.metrics().await.unwrap();
+    assert_eq!(shoal_tests::metric_value(&metrics, "shoal_tasks_failed_total"), Some(0.0), "no download failed a digest check:\n{metrics}");
+}
