@@ -29,6 +29,8 @@ pub enum StartError {
     Advertise { scheduler: String, reason: String },
     #[error("cannot listen on {addr} for the {what}: {source} (is another agent running? change [{section}] listen)")]
     Bind { what: &'static str, section: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("[peer] scheduler_token_file: {0}")]
+    SchedulerToken(shoal_core::bearer::TokenError),
 }
 
 /// The local IP that routes to `scheduler` (`host:port`): what other hosts will reach us at.
@@ -102,6 +104,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 None => route_ip(&p.schedulers[0]).await?,
             };
             let advertise = std::net::SocketAddr::new(ip, bound.port());
+            let token =
+                shoal_core::bearer::BearerToken::read_optional(p.scheduler_token_file.as_deref()).map_err(StartError::SchedulerToken)?;
+            crate::schedulers::set_host_credential(crate::schedulers::Credential::new(token.as_ref()));
             let p2p_config = crate::p2p::P2pConfig {
                 host_id: p.host_id.clone().unwrap_or_else(|| advertise.to_string()),
                 advertise,

@@ -1,32 +1,99 @@
-//! The scheduler replicas a host talks to: one lazily connected gRPC client per replica, and the
-//! rendezvous order in which a key (a task, an image) maps onto them, so that every host picks
-//! the same replica for a key, and the same next one when that replica fails.
+//! The scheduler replicas a host talks to: one lazily connected gRPC client per replica, each
+//! presenting the host's bearer token, and the rendezvous order in which a key (a task, an
+//! image) maps onto them, so that every host picks the same replica for a key, and the same
+//! next one when that replica fails.
 
+use std::sync::RwLock;
 use std::time::Duration;
 
+use shoal_core::bearer::BearerToken;
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::scheduler_client::SchedulerClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::debug;
+
+/// A client of one scheduler replica, presenting a [`Credential`] with every call.
+pub type Client = SchedulerClient<InterceptedService<Channel, Credential>>;
+
+/// What a caller presents to the scheduler: `authorization: Bearer <token>` on every request,
+/// or nothing (for a scheduler without token files, such as `shoal up`'s).
+#[derive(Clone, Default)]
+pub struct Credential(Option<MetadataValue<Ascii>>);
+
+impl Credential {
+    /// Presents `token`, or nothing.
+    pub fn new(token: Option<&BearerToken>) -> Credential {
+        // A BearerToken is visible ASCII, always a valid header value.
+        let value = token.and_then(|t| MetadataValue::try_from(format!("Bearer {}", t.secret())).ok()).map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        Credential(value)
+    }
+
+    /// A client of `channel` presenting this credential.
+    pub fn client(&self, channel: Channel) -> Client {
+        SchedulerClient::with_interceptor(channel, self.clone())
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Credential(bearer token)" } else { "Credential(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The credential of this host (`[peer] scheduler_token_file`), which [`Schedulers::new`]
+/// presents. Set once at start, before any [`Schedulers`] is made; a process is one host.
+static HOST_CREDENTIAL: RwLock<Option<Credential>> = RwLock::new(None);
+
+/// Makes `credential` the one every later [`Schedulers::new`] presents.
+pub fn set_host_credential(credential: Credential) {
+    *HOST_CREDENTIAL.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
+}
+
+fn host_credential() -> Credential {
+    HOST_CREDENTIAL.read().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+}
 
 /// One scheduler replica.
 pub struct Replica {
     /// Its `host:port`.
     pub addr: String,
     /// The connected client, once connected; dropped after a failure.
-    client: tokio::sync::Mutex<Option<SchedulerClient<Channel>>>,
+    client: tokio::sync::Mutex<Option<Client>>,
 }
 
 /// Every replica of the cluster's scheduler.
 pub struct Schedulers {
     /// In configured order.
     replicas: Vec<Replica>,
+    /// What every call presents.
+    credential: Credential,
 }
 
 impl Schedulers {
-    /// The replicas at `addrs` (`host:port`); none is contacted until used.
+    /// The replicas at `addrs` (`host:port`), called with this host's credential (see
+    /// [`set_host_credential`]); none is contacted until used.
     pub fn new(addrs: &[String]) -> Schedulers {
-        Schedulers { replicas: addrs.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect() }
+        Schedulers::with_credential(addrs, host_credential())
+    }
+
+    /// The replicas at `addrs` (`host:port`), called with `credential`.
+    pub fn with_credential(addrs: &[String], credential: Credential) -> Schedulers {
+        let replicas = addrs.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
+        Schedulers { replicas, credential }
     }
 
     /// Every replica, in configured order.
@@ -48,7 +115,7 @@ impl Schedulers {
     }
 
     /// A client of replica `r`, connecting first if needed.
-    pub async fn client(&self, r: &Replica) -> Result<SchedulerClient<Channel>, String> {
+    pub async fn client(&self, r: &Replica) -> Result<Client, String> {
         let mut slot = r.client.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
@@ -58,7 +125,7 @@ impl Schedulers {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10));
         let channel = endpoint.connect().await.map_err(|e| format!("scheduler {}: {e}", r.addr))?;
-        let c = SchedulerClient::new(channel);
+        let c = self.credential.client(channel);
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -70,7 +137,7 @@ impl Schedulers {
 
     /// Calls `rpc` on `key`'s replica, or on the next ones in order when one fails; `what`
     /// names the call in logs and errors.
-    async fn call<T, F>(&self, key: &str, what: &str, rpc: impl Fn(SchedulerClient<Channel>) -> F) -> Result<T, String>
+    async fn call<T, F>(&self, key: &str, what: &str, rpc: impl Fn(Client) -> F) -> Result<T, String>
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
@@ -138,5 +205,17 @@ mod tests {
             firsts.insert(order(&a, &key)[0].clone());
         }
         assert_eq!(firsts.len(), 3, "keys spread over every replica");
+    }
+
+    #[test]
+    fn a_credential_adds_the_bearer_header_and_hides_it() {
+        use tonic::service::Interceptor;
+        let token = BearerToken::parse("host-token-0123456789").unwrap();
+        let mut with = Credential::new(Some(&token));
+        let req = with.call(tonic::Request::new(())).unwrap();
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer host-token-0123456789");
+        assert!(!format!("{with:?} {:?}", req.metadata()).contains("host-token"), "the token must not show in debug output");
+        let req = Credential::new(None).call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("authorization").is_none());
     }
 }

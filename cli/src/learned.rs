@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_agent::schedulers::Schedulers;
+use shoal_agent::schedulers::{Credential, Schedulers};
 use shoal_fuse::loader::ChunkLoader;
 use shoal_fuse::trace::Trace;
 use shoal_fuse::{Bootstrap, FileKind};
@@ -37,10 +37,11 @@ pub struct ClusterTrace {
 }
 
 impl ClusterTrace {
-    /// Learning for `image` (its bootstrap's digest) on `host`, through `schedulers`.
-    pub fn new(schedulers: &[String], image: String, host: String) -> Option<ClusterTrace> {
+    /// Learning for `image` (its bootstrap's digest) on `host`, through `schedulers`, called
+    /// with `credential`.
+    pub fn new(schedulers: &[String], credential: Credential, image: String, host: String) -> Option<ClusterTrace> {
         (!schedulers.is_empty()).then(|| ClusterTrace {
-            schedulers: Schedulers::new(schedulers),
+            schedulers: Schedulers::with_credential(schedulers, credential),
             image,
             host,
             warned: AtomicBool::new(false),

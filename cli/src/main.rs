@@ -181,7 +181,8 @@ async fn up(args: DaemonArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {scheduler_addr} for the embedded scheduler (change [scheduler] listen)"))?;
     tracing::info!(addr = %scheduler_addr, "embedded scheduler listening");
-    let scheduler = tokio::spawn(shoal_scheduler::service::serve(listener, limits(&config), shutdown.clone()));
+    let access = shoal_scheduler::service::access(&config.scheduler)?;
+    let scheduler = tokio::spawn(shoal_scheduler::service::serve(listener, limits(&config), access, shutdown.clone()));
     let agent = shoal_agent::run(config, shutdown.clone()).await;
     shutdown.cancel();
     let _ = scheduler.await;
@@ -209,7 +210,8 @@ async fn scheduler(args: DaemonArgs) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    shoal_scheduler::service::run(config.scheduler.listen, limits(&config), shutdown).await?;
+    let access = shoal_scheduler::service::access(&config.scheduler)?;
+    shoal_scheduler::service::run(config.scheduler.listen, limits(&config), access, shutdown).await?;
     Ok(())
 }
 

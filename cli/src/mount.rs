@@ -221,7 +221,10 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     let cluster = if args.no_cluster_trace {
         None
     } else {
-        ClusterTrace::new(&schedulers(&args, &config), bootstrap_digest.to_string(), host_id(&config)).map(Arc::new)
+        let token = shoal_core::bearer::BearerToken::read_optional(config.peer.scheduler_token_file.as_deref())
+            .context("[peer] scheduler_token_file (the token this host presents to the scheduler; or pass --no-cluster-trace)")?;
+        let credential = shoal_agent::schedulers::Credential::new(token.as_ref());
+        ClusterTrace::new(&schedulers(&args, &config), credential, bootstrap_digest.to_string(), host_id(&config)).map(Arc::new)
     };
     let trace = match &args.trace {
         Some(path) => Some(Trace::create(path, &bootstrap).with_context(|| format!("creating the trace file {}", path.display()))?),

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use shoal_agent::schedulers::{Client, Credential};
+use shoal_core::bearer::BearerToken;
 use shoal_core::config::Config;
 use shoal_core::reference::Reference;
 use shoal_core::registry::{RegistryClient, Request};
 use shoal_proto::scheduler as pb;
-use shoal_proto::scheduler::scheduler_client::SchedulerClient;
 
 use futures_util::{FutureExt, StreamExt};
 
@@ -32,6 +33,10 @@ pub struct PreheatArgs {
     /// Scheduler replicas to ask (the first that answers runs the job). Default: [peer] schedulers.
     #[arg(long)]
     scheduler: Vec<String>,
+    /// A file holding the scheduler's preheat token (the token of its [scheduler]
+    /// preheat_token_file). Needed when the scheduler has token files.
+    #[arg(long, env = "SHOAL_PREHEAT_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
     /// Config file, for registry credentials and TLS settings used to read the manifests.
     #[arg(long, short, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
@@ -60,6 +65,8 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     if schedulers.is_empty() {
         bail!("no scheduler to ask: pass --scheduler host:port or set [peer] schedulers");
     }
+    let token = BearerToken::read_optional(args.token_file.as_deref()).context("--token-file")?;
+    let credential = Credential::new(token.as_ref());
     let registry = Arc::new(RegistryClient::new(Arc::new(config.clone())));
     let mut blobs: Vec<pb::Origin> = Vec::new();
     let mut manifests = Vec::<pb::Manifest>::new();
@@ -111,7 +118,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         imports.push((r.clone(), import::ImportImage { name: r.to_string(), manifests: to_import }));
         manifests.extend(fetched);
     }
-    let (mut client, addr) = connect(&schedulers).await?;
+    let (mut client, addr) = connect(&schedulers, &credential).await?;
     let job = client
         .preheat(pb::PreheatRequest { blobs: blobs.clone(), scope: args.scope.clone(), manifests })
         .await
@@ -133,8 +140,11 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     loop {
-        let status =
-            client.job_status(pb::JobStatusRequest { job_id: job.clone() }).await.map_err(|e| anyhow!("{}", e.message()))?.into_inner();
+        let status = client
+            .job_status(pb::JobStatusRequest { job_id: job.clone() })
+            .await
+            .map_err(|e| anyhow!("scheduler {addr}: {}", e.message()))?
+            .into_inner();
         let (mut done, mut total) = (0, 0);
         for (bar, p) in per_blob.iter().zip(&status.blobs) {
             bar.set_length(p.hosts_total as u64);
@@ -189,14 +199,14 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(schedulers: &[String]) -> anyhow::Result<(SchedulerClient<tonic::transport::Channel>, String)> {
+async fn connect(schedulers: &[String], credential: &Credential) -> anyhow::Result<(Client, String)> {
     let mut last = None;
     for addr in schedulers {
         let endpoint = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .context("scheduler address")?
             .connect_timeout(Duration::from_secs(3));
         match endpoint.connect().await {
-            Ok(ch) => return Ok((SchedulerClient::new(ch), addr.clone())),
+            Ok(ch) => return Ok((credential.client(ch), addr.clone())),
             Err(e) => last = Some(format!("{addr}: {e}")),
         }
     }

@@ -135,6 +135,10 @@ pub struct PeerConfig {
     pub key_file: Option<PathBuf>,
     /// Scheduler replicas (`host:port`). Empty: no peer-to-peer downloads, blobs come from origins.
     pub schedulers: Vec<String>,
+    /// A file holding the bearer token this host presents to the scheduler: the token of the
+    /// scheduler's `agent_token_file`, or of its `seed_token_file` on a seed. Needed when the
+    /// scheduler has token files; without it the scheduler must be open (as `shoal up`'s is).
+    pub scheduler_token_file: Option<PathBuf>,
     /// This host's id in the cluster. Default: the advertised `ip:port` of the peer server.
     pub host_id: Option<String>,
     /// The IP other hosts reach this one at. Default: the local address that routes to the first scheduler.
@@ -159,6 +163,7 @@ impl Default for PeerConfig {
             cert_file: None,
             key_file: None,
             schedulers: Vec::new(),
+            scheduler_token_file: None,
             host_id: None,
             advertise_ip: None,
             zone: String::new(),
@@ -185,6 +190,19 @@ pub struct SchedulerConfig {
     pub max_back_to_source: usize,
     /// Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
     pub enough_peers: usize,
+    /// A file holding the bearer token of agents: it lets a host announce itself (not as a seed),
+    /// download peer to peer, take preheat work and share access traces. When any of the three
+    /// token files is set, every call needs a token, and the role of a missing file is refused.
+    /// When none is set, anyone who reaches `listen` may do anything, including announce a fake
+    /// seed that is then sent clients' registry credentials: keep such a scheduler on loopback.
+    pub agent_token_file: Option<PathBuf>,
+    /// A file holding the bearer token of seeds: everything an agent may, and announcing a host
+    /// as a seed. Only hosts holding it are ever chosen as seeds.
+    pub seed_token_file: Option<PathBuf>,
+    /// A file holding the bearer token of preheat callers (`shoal preheat --token-file`): start
+    /// preheat jobs (with the manifests agents then serve while a registry is down), follow
+    /// them, and read what the cluster knows of a task. Nothing else.
+    pub preheat_token_file: Option<PathBuf>,
 }
 
 impl Default for SchedulerConfig {
@@ -195,6 +213,9 @@ impl Default for SchedulerConfig {
             max_depth: 6,
             max_back_to_source: 4,
             enough_peers: 2,
+            agent_token_file: None,
+            seed_token_file: None,
+            preheat_token_file: None,
         }
     }
 }
@@ -486,6 +507,9 @@ upload_rate_limit = 0
 # key_file = "/etc/shoal/peer-key.pem"
 # Scheduler replicas; empty means no peer-to-peer downloads (blobs come from the origins).
 schedulers = []
+# A file holding the bearer token this host presents to the scheduler: the scheduler's agent
+# token, or its seed token on a seed. Needed when the scheduler has token files.
+# scheduler_token_file = "/etc/shoal/tokens/agent"
 # This host's id in the cluster. Default: the advertised ip:port of the peer server.
 # host_id = "node-1"
 # The IP other hosts reach this one at. Default: the local address that routes to the first scheduler.
@@ -509,6 +533,14 @@ max_depth = 6
 max_back_to_source = 4
 # Once this many ordinary peers hold useful pieces, seeds are not chosen as parents.
 enough_peers = 2
+# Files each holding one bearer token (make one with `head -c 32 /dev/urandom | base64`). Agents
+# may announce themselves, download peer to peer and take preheat work; seeds may also announce
+# as seeds; preheat callers may only start and follow preheat jobs. When any file is set, every
+# call needs a token. When none is, anyone who reaches `listen` may do anything, including pose
+# as a seed and be sent clients' registry credentials: keep such a scheduler on loopback.
+# agent_token_file = "/etc/shoal/tokens/agent"
+# seed_token_file = "/etc/shoal/tokens/seed"
+# preheat_token_file = "/etc/shoal/tokens/preheat"
 
 # Per-registry settings, keyed by the host containerd uses for the image.
 # [registry."docker.io"]

@@ -1,6 +1,7 @@
 //! What every Shoal process shares: digests and task ids, piece math, the OCI registry client,
 //! the content store, configuration and the metrics registry.
 
+pub mod bearer;
 pub mod config;
 pub mod digest;
 pub mod metrics;

@@ -3,8 +3,10 @@
 //!
 //! The core is sans-IO: [`Cluster`] is plain data driven by announcements and a caller-supplied
 //! clock (milliseconds), so every scheduling decision is tested deterministically. The gRPC service
-//! that feeds it lives beside it and stays thin.
+//! that feeds it lives beside it and stays thin; who may call what is decided by [`auth`], plain
+//! functions of a call's token, method and named host.
 
+pub mod auth;
 pub mod cluster;
 pub mod hosts;
 pub mod jobs;

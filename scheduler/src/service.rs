@@ -1,5 +1,6 @@
 //! The scheduler's gRPC service: a thin shell feeding announcements into [`Cluster`] and sending
-//! its decisions back, plus the piece digests sources report, to every peer of the task.
+//! its decisions back, plus the piece digests sources report, to every peer of the task. Every
+//! call passes [`Guarded`] first, which lets it through only as [`Access`] allows.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Access, Caller, Refusal, Role};
 use crate::cluster::{Cluster, ClusterError, Decision};
 use crate::hosts::{HostId, HostInfo};
 use crate::jobs::{Job, JobState};
@@ -31,6 +33,9 @@ const MANIFEST_BUDGET: usize = 64 << 20;
 const TRACE_BUDGET: usize = 64 << 20;
 /// How long a peer told to wait should wait before registering again.
 const WAIT_MS: u32 = 200;
+/// Refused calls are logged as a warning at most this often (a misconfigured host retries
+/// every few seconds); the others are debug lines, counted in the next warning.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// What the peer streams of a task are told besides their own decisions.
 #[derive(Clone, Debug)]
@@ -146,6 +151,17 @@ impl Service {
         pb::PeerCommand { command: Some(command) }
     }
 
+    /// Whether host `id` is known as a seed.
+    fn is_seed(&self, id: &str) -> bool {
+        self.cluster().hosts().get(&HostId(id.to_string())).is_some_and(|h| h.info.seed)
+    }
+
+    /// Refuses a call acting for host `id` when that host is a seed and the caller may not act
+    /// for seeds.
+    fn act_for<T>(&self, req: &Request<T>, id: &str) -> Result<(), Status> {
+        caller(req)?.may_act_for(id, self.is_seed(id)).map_err(refused)
+    }
+
     /// Every digest known for `task`.
     fn known_digests(&self, task: &TaskId) -> pb::PeerCommand {
         let c = self.cluster();
@@ -153,6 +169,20 @@ impl Service {
         let digests =
             (0..count).filter_map(|n| c.piece_digest(task, n).map(|d| pb::PieceDigest { number: n, blake3: d.to_string() })).collect();
         pb::PeerCommand { command: Some(pb::peer_command::Command::Digests(pb::PieceDigests { digests })) }
+    }
+}
+
+/// Who made `req`, as [`Guarded`] found. A request that did not pass it is refused.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions().get::<Caller>().copied().ok_or_else(|| Status::internal("the call did not pass the scheduler's access check"))
+}
+
+/// The gRPC status of a refusal: `Unauthenticated` when no valid token came, else `PermissionDenied`.
+fn refused(r: Refusal) -> Status {
+    if r.unauthenticated() {
+        Status::unauthenticated(r.to_string())
+    } else {
+        Status::permission_denied(r.to_string())
     }
 }
 
@@ -180,10 +210,12 @@ impl std::ops::Deref for Api {
 #[tonic::async_trait]
 impl Scheduler for Api {
     async fn announce_host(&self, req: Request<pb::AnnounceHostRequest>) -> Result<Response<pb::AnnounceHostResponse>, Status> {
+        let caller = caller(&req)?;
         let h = req.into_inner().host.ok_or_else(|| bad("host is required"))?;
         if h.id.is_empty() {
             return Err(bad("host id is empty"));
         }
+        caller.may_announce(&h.id, h.seed, self.is_seed(&h.id)).map_err(refused)?;
         let addr: SocketAddr = h.peer_addr.parse().map_err(|_| bad(format!("peer_addr {:?} is not ip:port", h.peer_addr)))?;
         let info = HostInfo { id: HostId(h.id), addr, upload_slots: h.upload_slots.max(1), zone: h.zone, idc: h.idc, seed: h.seed };
         debug!(host = %info.id, seed = info.seed, "host announced");
@@ -193,6 +225,7 @@ impl Scheduler for Api {
     }
 
     async fn leave_host(&self, req: Request<pb::LeaveHostRequest>) -> Result<Response<pb::LeaveHostResponse>, Status> {
+        self.act_for(&req, &req.get_ref().host_id)?;
         let id = HostId(req.into_inner().host_id);
         info!(host = %id, "host left");
         self.cluster().leave_host(&id);
@@ -202,11 +235,13 @@ impl Scheduler for Api {
     type AnnouncePeerStream = CommandStream;
 
     async fn announce_peer(&self, req: Request<Streaming<pb::PeerEvent>>) -> Result<Response<CommandStream>, Status> {
+        let caller = caller(&req)?;
         let mut events = req.into_inner();
         let first = events.message().await?.ok_or_else(|| bad("empty stream"))?;
         let Some(pb::peer_event::Event::Register(reg)) = first.event else {
             return Err(bad("the first event of a peer stream must be Register"));
         };
+        caller.may_act_for(&reg.host_id, self.is_seed(&reg.host_id)).map_err(refused)?;
         let task = task_id(&reg.task_id)?;
         let host = HostId(reg.host_id.clone());
         let decision = {
@@ -362,6 +397,7 @@ impl Scheduler for Api {
     type WatchJobsStream = Pin<Box<dyn Stream<Item = Result<pb::HostJob, Status>> + Send>>;
 
     async fn watch_jobs(&self, req: Request<pb::WatchJobsRequest>) -> Result<Response<Self::WatchJobsStream>, Status> {
+        self.act_for(&req, &req.get_ref().host_id)?;
         let host = HostId(req.into_inner().host_id);
         if host.0.is_empty() {
             return Err(bad("host id is empty"));
@@ -372,6 +408,7 @@ impl Scheduler for Api {
     }
 
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Response<pb::ReportJobResponse>, Status> {
+        self.act_for(&req, &req.get_ref().host_id)?;
         let r = req.into_inner();
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let job = jobs.get_mut(&r.job_id).ok_or_else(|| Status::not_found(format!("no preheat job {:?}", r.job_id)))?;
@@ -457,6 +494,84 @@ impl Service {
     }
 }
 
+/// The scheduler API behind its access check: each call goes on, with its [`Caller`] in the
+/// request's extensions for the handlers' host checks, or is answered with the refusal before
+/// any handler (or any of its request body) is touched.
+#[derive(Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    access: Arc<Access>,
+    refusals: Arc<RefusalLog>,
+}
+
+impl<S> Guarded<S> {
+    /// `inner`, let through as `access` allows.
+    pub fn new(inner: S, access: Access) -> Guarded<S> {
+        Guarded { inner, access: Arc::new(access), refusals: Arc::new(RefusalLog::default()) }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Guarded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S> tonic::codegen::Service<HttpRequest> for Guarded<S>
+where
+    S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, std::convert::Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
+        let authorization = req.headers().get(tonic::codegen::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        match self.access.admit(req.uri().path(), authorization) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(req))
+            }
+            Err(refusal) => {
+                let from = req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|c| c.remote_addr());
+                self.refusals.note(req.uri().path(), from, &refusal);
+                let status = refused(refusal);
+                Box::pin(async move { Ok(status.into_http()) })
+            }
+        }
+    }
+}
+
+/// Refused calls, logged without flooding: a warning at most every [`REFUSAL_WARN_EVERY`],
+/// debug lines in between.
+#[derive(Default)]
+struct RefusalLog {
+    /// When the last warning went out, and calls refused since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn note(&self, path: &str, from: Option<SocketAddr>, refusal: &Refusal) {
+        let from = from.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if state.0.is_none_or(|last| now.duration_since(last) >= REFUSAL_WARN_EVERY) {
+            let since = std::mem::take(&mut state.1);
+            *state = (Some(now), 0);
+            warn!(%from, call = path, refused_since_last_warning = since, "scheduler call refused: {refusal}");
+        } else {
+            state.1 += 1;
+            debug!(%from, call = path, "scheduler call refused: {refusal}");
+        }
+    }
+}
+
 /// Why the scheduler could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -464,10 +579,49 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("scheduler server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("[scheduler] {field}: {source}")]
+    Token { field: &'static str, source: shoal_core::bearer::TokenError },
+    #[error(transparent)]
+    SharedToken(#[from] crate::auth::SharedToken),
 }
 
-/// Serves the scheduler API on `listener` until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, limits: Limits, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// The access the scheduler config asks for: a token per role whose file is set, or an open API
+/// when none is.
+pub fn access(config: &shoal_core::config::SchedulerConfig) -> Result<Access, ServeError> {
+    let files =
+        [(Role::Agent, &config.agent_token_file), (Role::Seed, &config.seed_token_file), (Role::Preheat, &config.preheat_token_file)];
+    let mut tokens = Vec::new();
+    for (role, file) in files {
+        let Some(path) = file else { continue };
+        let token =
+            shoal_core::bearer::BearerToken::read(path).map_err(|source| ServeError::Token { field: role.token_field(), source })?;
+        tokens.push((role, token));
+    }
+    Ok(Access::new(tokens)?)
+}
+
+/// Serves the scheduler API on `listener` until `shutdown`, to callers as `access` allows.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    access: Access,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().ok();
+    if access.is_open() {
+        match addr {
+            Some(a) if a.ip().is_loopback() => info!(addr = %a, "scheduler API open to every local caller (no [scheduler] token files)"),
+            _ => warn!(
+                addr = ?addr,
+                "scheduler API open to anyone who reaches it: any caller can announce a fake seed (which is then sent \
+                 clients' registry credentials) or preheat forged manifests; set [scheduler] agent_token_file, \
+                 seed_token_file and preheat_token_file, or listen on loopback only"
+            ),
+        }
+    } else {
+        let roles: Vec<&str> = access.roles().iter().map(|r| r.name()).collect();
+        info!(addr = ?addr, roles = ?roles, "scheduler API needs a bearer token");
+    }
     let service = Service::new(limits);
     let expiry = service.clone();
     let stop = shutdown.clone();
@@ -482,17 +636,17 @@ pub async fn serve(listener: tokio::net::TcpListener, limits: Limits, shutdown: 
     });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(SchedulerServer::new(Api(service)))
+        .add_service(Guarded::new(SchedulerServer::new(Api(service)), access))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
 }
 
-/// Binds `addr` and serves until `shutdown`.
-pub async fn run(addr: SocketAddr, limits: Limits, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// Binds `addr` and serves until `shutdown`, to callers as `access` allows.
+pub async fn run(addr: SocketAddr, limits: Limits, access: Access, shutdown: CancellationToken) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     info!(%addr, "scheduler listening");
-    serve(listener, limits, shutdown).await
+    serve(listener, limits, access, shutdown).await
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::peer_command::Command;
 use shoal_proto::scheduler::peer_event::Event;
 use shoal_proto::scheduler::scheduler_client::SchedulerClient;
+use shoal_scheduler::auth::{Access, Role};
 use shoal_scheduler::parents::Limits;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,7 +17,7 @@ async fn start() -> (SchedulerClient<tonic::transport::Channel>, CancellationTok
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(shoal_scheduler::service::serve(listener, Limits::default(), shutdown.clone()));
+    tokio::spawn(shoal_scheduler::service::serve(listener, Limits::default(), Access::open(), shutdown.clone()));
     let client = SchedulerClient::connect(format!("http://{addr}")).await.unwrap();
     (client, shutdown)
 }
@@ -153,5 +154,85 @@ async fn malformed_announcements_are_refused_with_a_reason() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let bad_task = c.stat_task(pb::StatTaskRequest { task_id: "../etc".into() }).await.unwrap_err();
     assert_eq!(bad_task.code(), tonic::Code::InvalidArgument);
+    shutdown.cancel();
+}
+
+const AGENT_TOKEN: &str = "agent-token-in-process-0123";
+const SEED_TOKEN: &str = "seed-token-in-process-0123";
+
+type Authed = SchedulerClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(&'static str);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
+        Ok(req)
+    }
+}
+
+/// A scheduler with an agent and a seed token, and a client holding each.
+async fn start_with_tokens() -> (Authed, Authed, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = |t| shoal_core::bearer::BearerToken::parse(t).unwrap();
+    let access = Access::new([(Role::Agent, token(AGENT_TOKEN)), (Role::Seed, token(SEED_TOKEN))]).unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shoal_scheduler::service::serve(listener, Limits::default(), access, shutdown.clone()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    (
+        SchedulerClient::with_interceptor(channel.clone(), Bearer(AGENT_TOKEN)),
+        SchedulerClient::with_interceptor(channel, Bearer(SEED_TOKEN)),
+        shutdown,
+    )
+}
+
+fn denied<T>(r: Result<T, tonic::Status>) -> bool {
+    matches!(r, Err(s) if s.code() == tonic::Code::PermissionDenied)
+}
+
+fn host(id: &str, seed: bool) -> pb::AnnounceHostRequest {
+    pb::AnnounceHostRequest {
+        host: Some(pb::Host { id: id.into(), peer_addr: "127.0.0.1:1001".into(), upload_slots: 2, seed, ..Default::default() }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_can_neither_announce_a_seed_nor_act_for_one_the_seed_token_announced() {
+    let (mut agent, mut seed, shutdown) = start_with_tokens().await;
+    agent.announce_host(host("node-1", false)).await.expect("an agent announces itself");
+    let refused = agent.announce_host(host("fake-seed", true)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("seed_token_file"), "{}", refused.message());
+    seed.announce_host(host("seed-1", true)).await.expect("a seed announces itself as one");
+
+    // Re-announcing the seed's id would demote it or put another address in its place; leaving,
+    // watching its preheat work or reporting for it would stand in for it.
+    assert!(denied(agent.announce_host(host("seed-1", false)).await));
+    assert!(denied(agent.leave_host(pb::LeaveHostRequest { host_id: "seed-1".into() }).await));
+    assert!(denied(agent.watch_jobs(pb::WatchJobsRequest { host_id: "seed-1".into() }).await));
+    let report = pb::ReportJobRequest { job_id: "j".into(), host_id: "seed-1".into(), digest: "d".into(), ok: true, error: String::new() };
+    assert!(denied(agent.report_job(report).await));
+    let task = TaskId::of_digest(&Digest::of(b"blob"));
+    let (tx, rx) = mpsc::channel(1);
+    let register = pb::Register { task_id: task.to_string(), host_id: "seed-1".into(), length: 1 << 20, origin: None };
+    tx.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await.unwrap();
+    assert!(denied(agent.announce_peer(ReceiverStream::new(rx)).await));
+
+    // The seed is still a seed: a peer of the task is sent to it as a parent marked seed.
+    let (tx, rx) = mpsc::channel(1);
+    let register = pb::Register { task_id: task.to_string(), host_id: "node-1".into(), length: 1 << 20, origin: None };
+    tx.send(pb::PeerEvent { event: Some(Event::Register(register)) }).await.unwrap();
+    let mut commands = agent.announce_peer(ReceiverStream::new(rx)).await.expect("an agent registers its own download").into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), commands.message()).await.unwrap().unwrap().unwrap();
+    match first.command.unwrap() {
+        Command::Parents(p) => assert!(p.parents.iter().any(|p| p.host_id == "seed-1" && p.seed), "{p:?}"),
+        other => panic!("the seed should be the parent: {other:?}"),
+    }
+    // The seed itself may still do everything for its id.
+    seed.announce_host(host("seed-1", true)).await.unwrap();
+    seed.leave_host(pb::LeaveHostRequest { host_id: "seed-1".into() }).await.unwrap();
     shutdown.cancel();
 }

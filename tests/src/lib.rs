@@ -320,6 +320,9 @@ impl Drop for Agent {
     }
 }
 
+/// The roles a scheduler started with [`Scheduler::start_with_tokens`] has tokens for.
+pub const TOKEN_ROLES: [&str; 3] = ["agent", "seed", "preheat"];
+
 /// A `shoal scheduler` process.
 pub struct Scheduler {
     pub port: u16,
@@ -334,21 +337,53 @@ impl Scheduler {
         Scheduler::start_on("127.0.0.1".parse()?).await
     }
 
+    /// Starts a scheduler on a free loopback port whose API needs a bearer token: one per role
+    /// of [`TOKEN_ROLES`], in files [`Scheduler::token_file`] names. It also writes a `wrong`
+    /// token file, holding a well-formed token that is none of them.
+    pub async fn start_with_tokens() -> anyhow::Result<Scheduler> {
+        let dir = tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?;
+        let mut config = String::from("[scheduler]\n");
+        let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        for (i, role) in TOKEN_ROLES.into_iter().chain(["wrong"]).enumerate() {
+            let path = dir.path().join(format!("{role}.token"));
+            // Distinct per role and per run, as `head -c 32 /dev/urandom | base64` would be.
+            let secret = hex::encode(random_bytes(16, run ^ std::process::id() as u64 ^ i as u64));
+            std::fs::write(&path, format!("{role}-{secret}\n"))?;
+            if role != "wrong" {
+                config.push_str(&format!("{role}_token_file = \"{}\"\n", path.display()));
+            }
+        }
+        std::fs::write(dir.path().join("shoal.toml"), config)?;
+        Scheduler::spawn("127.0.0.1".parse()?, dir).await
+    }
+
     /// Starts a scheduler listening on `ip` (a lab's gateway).
     pub async fn start_on(ip: std::net::Ipv4Addr) -> anyhow::Result<Scheduler> {
-        let dir = tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?;
+        Scheduler::spawn(ip, tempfile::Builder::new().prefix("shoal-scheduler-").tempdir()?).await
+    }
+
+    /// Starts `shoal scheduler` on `ip`, with `dir/shoal.toml` as its config if there is one.
+    async fn spawn(ip: std::net::Ipv4Addr, dir: tempfile::TempDir) -> anyhow::Result<Scheduler> {
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("scheduler.log"))?;
-        let child = Command::new(shoal_bin())
-            .args(["scheduler", "--listen", &format!("{ip}:{port}")])
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(["scheduler", "--listen", &format!("{ip}:{port}")]);
+        let config = dir.path().join("shoal.toml");
+        if config.exists() {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
             .env("RUST_LOG", "info,shoal_scheduler=debug")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting shoal scheduler")?;
-        let s = Scheduler { port, ip, dir, child: Some(child) };
+        let mut s = Scheduler { port, ip, dir, child: Some(child) };
         let start = Instant::now();
         while std::net::TcpStream::connect((ip, port)).is_err() {
+            if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("scheduler exited with {status}:\n{}", s.log());
+            }
             if start.elapsed() > Duration::from_secs(20) {
                 bail!("scheduler did not start:\n{}", s.log());
             }
@@ -357,12 +392,25 @@ impl Scheduler {
         Ok(s)
     }
 
-    /// `<ip>:<port>`.
+    /// The file holding this scheduler's token of `role` (`agent`, `seed`, `preheat`), or
+    /// (`wrong`) a token it does not accept. Only for [`Scheduler::start_with_tokens`].
+    pub fn token_file(&self, role: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{role}.token"));
+        assert!(path.exists(), "no {role} token: start the scheduler with Scheduler::start_with_tokens");
+        path
+    }
+
+    /// The token of `role`, as [`Scheduler::token_file`] holds it.
+    pub fn token(&self, role: &str) -> String {
+        std::fs::read_to_string(self.token_file(role)).unwrap_or_default().trim().to_string()
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// `<ip>:<port>`.
     pub fn addr(&self) -> String {
         format!("{}:{}", self.ip, self.port)
     }
@@ -405,6 +453,11 @@ pub fn lab_p2p_config(schedulers: &[&Scheduler], registry: &Registry) -> String 
 pub fn p2p_config(schedulers: &[&Scheduler]) -> String {
     let list: Vec<String> = schedulers.iter().map(|s| format!("\"{}\"", s.addr())).collect();
     format!("[peer]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nschedulers = [{}]\n", free_port(), list.join(", "))
+}
+
+/// [`p2p_config`] presenting the token in `token_file` to the schedulers.
+pub fn p2p_config_with_token(schedulers: &[&Scheduler], token_file: &std::path::Path) -> String {
+    format!("{}scheduler_token_file = \"{}\"\n", p2p_config(schedulers), token_file.display())
 }
 
 /// The task id (store directory name) of a digest.

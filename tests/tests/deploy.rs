@@ -18,21 +18,50 @@ fn kubernetes_manifests_pass_the_api_schema() {
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn the_config_map_holds_a_config_the_agent_accepts() {
-    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/shoal-agent.yaml")).unwrap();
-    let mut lines = yaml.lines().skip_while(|l| !l.trim_start().starts_with("shoal.toml: |")).skip(1);
+/// The text of the ConfigMap entry `key` (`shoal.toml: |` and the lines indented under it).
+fn config_map_entry(yaml: &str, key: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| l.trim_start() != format!("{key}: |")).skip(1);
     let mut toml = String::new();
     for l in lines.by_ref().take_while(|l| l.starts_with("    ")) {
         toml.push_str(&l[4..]);
         toml.push('\n');
     }
-    assert!(toml.contains("[mirror]"), "no shoal.toml found in the ConfigMap");
+    toml
+}
+
+/// What `shoal <role> --check-config` makes of `toml`.
+fn checked_config(role: &str, toml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("shoal.toml"), &toml).unwrap();
-    let out = Command::new(shoal_bin()).args(["agent", "--check-config", "--config"]).arg(dir.path().join("shoal.toml")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("quota = \"50GiB\""));
+    std::fs::write(dir.path().join("shoal.toml"), toml).unwrap();
+    let out = Command::new(shoal_bin()).args([role, "--check-config", "--config"]).arg(dir.path().join("shoal.toml")).output().unwrap();
+    assert!(out.status.success(), "{role}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_config_map_holds_a_config_the_agent_accepts() {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/shoal-agent.yaml")).unwrap();
+    let toml = config_map_entry(&yaml, "shoal.toml");
+    assert!(toml.contains("[mirror]"), "no shoal.toml found in the ConfigMap");
+    let checked = checked_config("agent", &toml);
+    assert!(checked.contains("quota = \"50GiB\""));
+    assert!(checked.contains("scheduler_token_file = \"/etc/shoal-tokens/agent\""), "{checked}");
+}
+
+#[test]
+fn the_scheduler_needs_the_tokens_the_secret_mounts() {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/shoal-agent.yaml")).unwrap();
+    let checked = checked_config("scheduler", &config_map_entry(&yaml, "scheduler.toml"));
+    for role in ["agent", "seed", "preheat"] {
+        assert!(checked.contains(&format!("{role}_token_file = \"/etc/shoal-tokens/{role}\"")), "{checked}");
+        assert!(yaml.contains(&format!("\n  {role}: ")), "the Secret has no {role} token");
+    }
+    assert!(yaml.contains("mountPath: /etc/shoal-tokens") && yaml.contains("secretName: shoal-scheduler-tokens"));
+    // The shipped tokens are placeholders the scheduler refuses, never a token anyone could copy.
+    for line in yaml.lines().skip_while(|l| !l.starts_with("stringData:")).skip(1).take(3) {
+        let token = line.split_once(':').map(|(_, v)| v.trim()).unwrap_or_default();
+        assert!(token.len() < shoal_core::bearer::MIN_TOKEN_LEN, "{line:?} is long enough to be accepted");
+    }
 }
 
 #[test]
