@@ -106,7 +106,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             let advertise = std::net::SocketAddr::new(ip, bound.port());
             let token =
                 shoal_core::bearer::BearerToken::read_optional(p.scheduler_token_file.as_deref()).map_err(StartError::SchedulerToken)?;
-            crate::schedulers::set_host_credential(crate::schedulers::Credential::new(token.as_ref()));
             let p2p_config = crate::p2p::P2pConfig {
                 host_id: p.host_id.clone().unwrap_or_else(|| advertise.to_string()),
                 advertise,
@@ -115,6 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 zone: p.zone.clone(),
                 idc: p.idc.clone(),
                 seed: p.seed,
+                credential: crate::schedulers::Credential::new(token.as_ref()),
             };
             info!(host = %p2p_config.host_id, %advertise, schedulers = ?p.schedulers, "peer-to-peer downloads on");
             let p2p = crate::p2p::P2p::new(p2p_config, server.client());

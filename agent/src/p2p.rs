@@ -119,6 +119,8 @@ pub struct P2pConfig {
     pub zone: String,
     pub idc: String,
     pub seed: bool,
+    /// What this host presents to the scheduler (`[peer] scheduler_token_file`).
+    pub credential: crate::schedulers::Credential,
 }
 
 /// Peer-to-peer state shared by every download of this host.
@@ -132,7 +134,7 @@ pub struct P2p {
 impl P2p {
     /// P2P for this host.
     pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
-        let schedulers = Schedulers::new(&config.schedulers);
+        let schedulers = Schedulers::new(&config.schedulers, config.credential.clone());
         Arc::new(P2p { config, schedulers, peers })
     }
 

@@ -3,7 +3,6 @@
 //! image) maps onto them, so that every host picks the same replica for a key, and the same
 //! next one when that replica fails.
 
-use std::sync::RwLock;
 use std::time::Duration;
 
 use shoal_core::bearer::BearerToken;
@@ -54,19 +53,6 @@ impl tonic::service::Interceptor for Credential {
     }
 }
 
-/// The credential of this host (`[peer] scheduler_token_file`), which [`Schedulers::new`]
-/// presents. Set once at start, before any [`Schedulers`] is made; a process is one host.
-static HOST_CREDENTIAL: RwLock<Option<Credential>> = RwLock::new(None);
-
-/// Makes `credential` the one every later [`Schedulers::new`] presents.
-pub fn set_host_credential(credential: Credential) {
-    *HOST_CREDENTIAL.write().unwrap_or_else(|p| p.into_inner()) = Some(credential);
-}
-
-fn host_credential() -> Credential {
-    HOST_CREDENTIAL.read().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
-}
-
 /// One scheduler replica.
 pub struct Replica {
     /// Its `host:port`.
@@ -84,14 +70,8 @@ pub struct Schedulers {
 }
 
 impl Schedulers {
-    /// The replicas at `addrs` (`host:port`), called with this host's credential (see
-    /// [`set_host_credential`]); none is contacted until used.
-    pub fn new(addrs: &[String]) -> Schedulers {
-        Schedulers::with_credential(addrs, host_credential())
-    }
-
-    /// The replicas at `addrs` (`host:port`), called with `credential`.
-    pub fn with_credential(addrs: &[String], credential: Credential) -> Schedulers {
+    /// The replicas at `addrs` (`host:port`), called with `credential`; none is contacted until used.
+    pub fn new(addrs: &[String], credential: Credential) -> Schedulers {
         let replicas = addrs.iter().map(|a| Replica { addr: a.clone(), client: tokio::sync::Mutex::new(None) }).collect();
         Schedulers { replicas, credential }
     }
@@ -193,10 +173,10 @@ mod tests {
     #[test]
     fn every_host_orders_the_replicas_of_a_key_alike_and_keys_spread() {
         let addrs: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:8002")).collect();
-        let a = Schedulers::new(&addrs);
+        let a = Schedulers::new(&addrs, Credential::default());
         let mut reversed = addrs.clone();
         reversed.reverse();
-        let b = Schedulers::new(&reversed);
+        let b = Schedulers::new(&reversed, Credential::default());
         let order = |s: &Schedulers, key: &str| s.for_key(key).iter().map(|r| r.addr.clone()).collect::<Vec<_>>();
         let mut firsts = std::collections::HashSet::new();
         for key in (0..50).map(|i| format!("sha256:{i}")) {

@@ -41,7 +41,7 @@ impl ClusterTrace {
     /// with `credential`.
     pub fn new(schedulers: &[String], credential: Credential, image: String, host: String) -> Option<ClusterTrace> {
         (!schedulers.is_empty()).then(|| ClusterTrace {
-            schedulers: Schedulers::with_credential(schedulers, credential),
+            schedulers: Schedulers::new(schedulers, credential),
             image,
             host,
             warned: AtomicBool::new(false),

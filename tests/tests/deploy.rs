@@ -46,6 +46,14 @@ fn the_config_map_holds_a_config_the_agent_accepts() {
     let checked = checked_config("agent", &toml);
     assert!(checked.contains("quota = \"50GiB\""));
     assert!(checked.contains("scheduler_token_file = \"/etc/shoal-tokens/agent\""), "{checked}");
+    // Pods on a node cannot send the agent to registries of their choosing, and every registry the
+    // init container points containerd at is one the agent accepts.
+    assert!(checked.contains("only_configured_registries = true"), "{checked}");
+    let hosts = yaml.lines().find_map(|l| l.trim().strip_prefix("value: \"").filter(|v| v.contains("docker.io="))).unwrap();
+    for entry in hosts.trim_end_matches('"').split_whitespace() {
+        let host = entry.split('=').next().unwrap();
+        assert!(checked.contains(&format!("[registry.\"{host}\"]")), "{host} is written to hosts.toml but not configured:\n{checked}");
+    }
 }
 
 #[test]
