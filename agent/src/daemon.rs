@@ -16,7 +16,15 @@ use crate::engine::Engine;
 use crate::mirror::Mirror;
 use crate::peer::tls::ClusterTls;
 use crate::peer::{PeerServer, PeerServerConfig};
-use crate::serve::serve;
+use crate::serve::{serve, ConnectionLimits};
+
+/// The admin endpoint answers a metrics scraper, probes and `shoal status`: a few short requests.
+const ADMIN_LIMITS: ConnectionLimits = ConnectionLimits {
+    header_read_timeout: std::time::Duration::from_secs(10),
+    max_header_size: 16 << 10,
+    max_connections: 64,
+    max_connections_per_client: 64,
+};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +78,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     {
         let mirror = mirror.clone();
         let handler = Arc::new(move |req| mirror.clone().handle(req));
-        servers.spawn(serve(listener, "mirror", handler, shutdown.clone()));
+        let limits = ConnectionLimits {
+            header_read_timeout: config.mirror.header_read_timeout(),
+            max_header_size: usize::try_from(config.mirror.max_header_size.0).unwrap_or(usize::MAX),
+            max_connections: config.mirror.max_connections,
+            max_connections_per_client: config.mirror.max_connections_per_client,
+        };
+        servers.spawn(serve(listener, "mirror", handler, limits, metrics.clone(), shutdown.clone()));
     }
     if config.admin.enabled {
         let addr = config.admin.listen;
@@ -79,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         info!(%addr, "admin endpoint listening (/metrics, /healthz, /status)");
         let admin = Arc::new(Admin { engine: engine.clone(), metrics: metrics.clone(), mirror: listen.to_string() });
         let handler = Arc::new(move |req| admin.clone().handle(req));
-        servers.spawn(serve(listener, "admin", handler, shutdown.clone()));
+        servers.spawn(serve(listener, "admin", handler, ADMIN_LIMITS, metrics.clone(), shutdown.clone()));
     }
     if config.peer.enabled {
         let p = &config.peer;

@@ -75,6 +75,20 @@ pub struct MirrorConfig {
     pub offline_grant_seconds: u64,
     /// How many manifests fetched by digest are kept in memory.
     pub manifest_cache_entries: usize,
+    /// Seconds a client has to send a whole request head (request line and headers), counted
+    /// from when the mirror starts waiting for it. Slow or stalled clients are disconnected, and
+    /// so are keep-alive connections idle this long (clients reconnect as they need).
+    pub header_read_timeout_seconds: u64,
+    /// Largest request head (request line and headers) accepted, at least 8KiB; a larger one is
+    /// answered 431 and the connection closed. Registry requests need a few KiB (a bearer token
+    /// is the largest part). Bounds what one connection can make the agent hold.
+    pub max_header_size: ByteSize,
+    /// Most connections open at once; further connections are closed at once (503).
+    pub max_connections: usize,
+    /// Most connections open at once from one client IP address. Everything on the node
+    /// (containerd, kubelet, lazy mounts) connects from 127.0.0.1 and shares this cap: 64
+    /// concurrent image pulls take about 256 (containerd's 3 layer downloads and a manifest each).
+    pub max_connections_per_client: usize,
 }
 
 /// Admin endpoint settings.
@@ -276,7 +290,18 @@ impl Default for MirrorConfig {
             auth_cache_seconds: 60,
             offline_grant_seconds: 86_400,
             manifest_cache_entries: 1024,
+            header_read_timeout_seconds: 10,
+            max_header_size: ByteSize(32 << 10),
+            max_connections: 1024,
+            max_connections_per_client: 512,
         }
+    }
+}
+
+impl MirrorConfig {
+    /// The header read timeout as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
     }
 }
 
@@ -361,6 +386,15 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         let s = &self.store;
         let p = &self.peer;
+        let m = &self.mirror;
+        if m.header_read_timeout_seconds == 0 || m.max_connections == 0 || m.max_connections_per_client == 0 {
+            return Err(ConfigError::Check(
+                "[mirror] header_read_timeout_seconds, max_connections and max_connections_per_client must be at least 1".into(),
+            ));
+        }
+        if m.max_header_size.0 < 8 << 10 {
+            return Err(ConfigError::Check(format!("[mirror] max_header_size ({}) must be at least 8KiB", m.max_header_size)));
+        }
         if [&p.ca_file, &p.cert_file, &p.key_file].iter().filter(|f| f.is_some()).count() % 3 != 0 {
             return Err(ConfigError::Check("[peer] mutual TLS needs all of ca_file, cert_file and key_file (or none of them)".into()));
         }
@@ -464,6 +498,17 @@ auth_cache_seconds = 60
 offline_grant_seconds = 86400
 # Manifests fetched by digest kept in memory.
 manifest_cache_entries = 1024
+# Seconds a client has to send a whole request head (request line and headers); slow or stalled
+# clients, and keep-alive connections idle this long, are disconnected.
+header_read_timeout_seconds = 10
+# Largest request head accepted (at least 8KiB); larger ones get 431 and the connection closes.
+max_header_size = "32KiB"
+# Most connections open at once; further ones are closed at once with a 503.
+max_connections = 1024
+# Most connections open at once from one client address. Everything on the node (containerd,
+# kubelet, lazy mounts) connects from 127.0.0.1 and shares this: 64 concurrent image pulls take
+# about 256 (containerd's 3 layer downloads and a manifest each).
+max_connections_per_client = 512
 
 [admin]
 # Serve the admin endpoint at all.
@@ -587,6 +632,17 @@ mod tests {
             assert_eq!(c.registry("127.0.0.1:5000").username.as_deref(), Some("u"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn mirror_limits_that_would_refuse_every_request_are_rejected() {
+        let mut c = Config::default();
+        c.mirror.max_header_size = ByteSize(4 << 10);
+        assert!(c.check().unwrap_err().to_string().contains("max_header_size"));
+        let mut c = Config::default();
+        c.mirror.max_connections_per_client = 0;
+        assert!(c.check().is_err());
+        assert!(Config::default().check().is_ok());
     }
 
     #[test]

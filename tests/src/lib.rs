@@ -1,7 +1,7 @@
-//! Fixtures for end-to-end tests: a real `docker-registry` (optionally with htpasswd auth) whose
-//! access log tells what the origin sent, Shoal agents as real processes, and real containerd
-//! instances pulling through them. Every fixture cleans up after itself when dropped, even when the
-//! test fails.
+//! Fixtures for end-to-end tests: a real `docker-registry` (optionally with htpasswd auth, or token
+//! auth scoped per repository with a token server in the test) whose access log tells what the
+//! origin sent, Shoal agents as real processes, and real containerd instances pulling through them.
+//! Every fixture cleans up after itself when dropped, even when the test fails.
 
 pub mod certs;
 pub mod containerd;
@@ -9,6 +9,7 @@ pub mod hostile;
 pub mod lazy;
 pub mod netns;
 pub mod registry;
+pub mod token_registry;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -20,17 +21,18 @@ use sha2::Digest as _;
 
 pub use containerd::Containerd;
 pub use registry::Registry;
+pub use token_registry::TokenRegistry;
+
+/// The value of the sample `name` (a counter's or gauge's, no labels) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.split(' ').next() == Some(name)).and_then(|l| l.split(' ').nth(1)?.parse().ok())
+}
 
 /// A port nobody listens on right now.
 ///
 /// Ports come from below the kernel's ephemeral range (so an outgoing connection cannot take one
 /// between here and the server binding it), free for both TCP and UDP (peer servers are QUIC),
 /// and never twice from one process.
-/// The value of the sample `name` (a counter's or gauge's, no labels) in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find(|l| l.split(' ').next() == Some(name)).and_then(|l| l.split(' ').nth(1)?.parse().ok())
-}
-
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());

@@ -18,6 +18,18 @@ pub struct Hit {
     pub bytes: u64,
 }
 
+/// The `auth.token` section of a registry that trusts a token server.
+pub(crate) struct TokenAuth {
+    /// The token endpoint clients are sent to (`http://127.0.0.1:<port>/token`).
+    pub realm: String,
+    /// The `service` (the tokens' audience) the registry names in its challenges.
+    pub service: String,
+    /// The issuer the tokens must name.
+    pub issuer: String,
+    /// PEM certificate(s) the tokens' `x5c` chains must lead to.
+    pub root_pem: String,
+}
+
 /// A registry process with its own storage.
 pub struct Registry {
     pub dir: tempfile::TempDir,
@@ -84,6 +96,23 @@ impl Registry {
         netns: Option<String>,
         proxy_of: Option<String>,
     ) -> anyhow::Result<Registry> {
+        Registry::start_configured(credentials, None, tls, ip, netns, proxy_of).await
+    }
+
+    /// Starts a registry on loopback that accepts only bearer tokens from the token server
+    /// described by `token` (see [`crate::token_registry`]).
+    pub(crate) async fn start_token_auth(token: &TokenAuth) -> anyhow::Result<Registry> {
+        Registry::start_configured(None, Some(token), false, std::net::Ipv4Addr::LOCALHOST, None, None).await
+    }
+
+    async fn start_configured(
+        credentials: Option<(&str, &str)>,
+        token_auth: Option<&TokenAuth>,
+        tls: bool,
+        ip: std::net::Ipv4Addr,
+        netns: Option<String>,
+        proxy_of: Option<String>,
+    ) -> anyhow::Result<Registry> {
         require("docker-registry");
         let dir = tempfile::Builder::new().prefix("shoal-registry-").tempdir()?;
         let port = free_port();
@@ -103,6 +132,17 @@ impl Registry {
             let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output()?;
             std::fs::write(dir.path().join("htpasswd"), out.stdout)?;
             auth = format!("auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n", dir.path().join("htpasswd").display());
+        }
+        if let Some(token) = token_auth {
+            let bundle = dir.path().join("token-signer.pem");
+            std::fs::write(&bundle, &token.root_pem)?;
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                bundle.display()
+            );
         }
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n{tls_config}{auth}{proxy}",
@@ -205,6 +245,19 @@ impl Registry {
     /// Builds an image with umoci (busybox in the first layer, then one layer per file) and pushes
     /// it as `repo:tag` with skopeo.
     pub async fn push_image(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
+        let credentials = self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        self.push_image_as(repo, tag, files, credentials).await
+    }
+
+    /// [`Registry::push_image`] with `credentials` given to skopeo (it follows Basic and Bearer
+    /// challenges alike).
+    pub(crate) async fn push_image_as(
+        &self,
+        repo: &str,
+        tag: &str,
+        files: &[(&str, Vec<u8>)],
+        credentials: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
         for tool in ["umoci", "skopeo", "busybox"] {
             require(tool);
         }
@@ -223,7 +276,7 @@ impl Registry {
         run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/busybox"]))?;
         let mut copy = Command::new("skopeo");
         copy.args(["copy", "-q", "--dest-tls-verify=false"]);
-        if let Some((u, p)) = &self.credentials {
+        if let Some((u, p)) = credentials {
             copy.arg("--dest-creds").arg(format!("{u}:{p}"));
         }
         copy.arg(format!("oci:{image}")).arg(format!("docker://{}/{repo}:{tag}", self.host()));
