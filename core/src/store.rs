@@ -16,13 +16,15 @@
 //! garbage, so a resumed task re-checks its pieces against their blake3 ([`TaskFile::verify_pieces`]);
 //! only completion is synced (data, then metadata), so a task marked complete on disk is complete.
 //!
-//! Layout: `<data_dir>/tasks/<task id>/data` and `<data_dir>/tasks/<task id>/meta.json`.
+//! Layout: `<data_dir>/tasks/<task id>/data` and `<data_dir>/tasks/<task id>/meta.json`. Blobs of
+//! private images live here, so every directory is 0700 and every file 0600 whatever the umask
+//! (an older store's modes are put right at open).
 //! All methods do blocking file I/O: async callers run them on the blocking pool.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -39,6 +41,10 @@ use crate::piece::{Bitmap, PieceLayout};
 const FLUSH_PIECES: u32 = 16;
 /// ...or when this long has passed since the last flush, whichever comes first.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// Mode of every store directory: the owner's only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every store file: the owner's only.
+const FILE_MODE: u32 = 0o600;
 /// Marks the directory of a task being removed (renamed first, so a new task of the same id never
 /// meets it); not a task id, so a store opened after a crash removes it.
 const REMOVED: &str = ".removed-";
@@ -232,10 +238,15 @@ impl Store {
     /// metadata is unreadable or inconsistent are deleted, and so are downloads that never got a
     /// piece.
     pub fn open(data_dir: &Path, quota: u64, high_watermark: f64, low_watermark: f64) -> Result<Store, StoreError> {
+        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        }
+        private_dir(data_dir).map_err(|e| StoreError::io(data_dir, e))?;
         let dir = data_dir.join("tasks");
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let lock_path = data_dir.join("lock");
-        let lock = File::create(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+        let lock = private_file(OpenOptions::new().write(true).create(true).truncate(true), &lock_path)
+            .map_err(|e| StoreError::io(&lock_path, e))?;
         // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(StoreError::Locked { path: data_dir.into() });
@@ -252,7 +263,7 @@ impl Store {
             let loaded = TaskId::parse(&name).and_then(|id| {
                 let meta = read_meta(&path).ok()?;
                 let data = fs::metadata(path.join("data")).ok()?;
-                (meta.is_consistent(&id) && data.len() == meta.layout.len)
+                (meta.is_consistent(&id) && data.len() == meta.layout.len && make_private(&path).is_ok())
                     .then(|| (data.modified().unwrap_or(std::time::UNIX_EPOCH), id, meta))
             });
             match loaded {
@@ -438,14 +449,9 @@ impl Store {
     fn create(&self, id: &TaskId, layout: PieceLayout) -> Result<Arc<TaskFile>, StoreError> {
         let path = self.inner.dir.join(id.as_str());
         let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
+        private_dir(&path).map_err(|e| StoreError::io(&path, e))?;
         let data_path = path.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&data_path)
+        let data = private_file(OpenOptions::new().read(true).write(true).create(true).truncate(true), &data_path)
             .map_err(|e| StoreError::io(&data_path, e))?;
         // Sparse: the blocks come with the bytes, so a claimed length takes no disk.
         data.set_len(layout.len).map_err(|e| StoreError::io(&data_path, e))?;
@@ -790,7 +796,7 @@ fn read_meta(dir: &Path) -> io::Result<TaskMeta> {
 /// Writes `meta.json` atomically: a temporary file (synced when `durable`) renamed over the old one.
 fn write_meta(dir: &Path, meta: &TaskMeta, durable: bool) -> io::Result<()> {
     let tmp = dir.join("meta.json.tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = private_file(OpenOptions::new().write(true).create(true).truncate(true), &tmp)?;
     f.write_all(&serde_json::to_vec(meta).map_err(io::Error::other)?)?;
     if durable {
         f.sync_data()?;
@@ -802,6 +808,37 @@ fn write_meta(dir: &Path, meta: &TaskMeta, durable: bool) -> io::Result<()> {
 fn piece_len(layout: PieceLayout, n: u32) -> u64 {
     let r = layout.range(n);
     r.end - r.start
+}
+
+/// Creates directory `path` (its parent must exist) or takes the existing one, readable by this
+/// user only whatever the umask.
+fn private_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(DIR_MODE).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
+}
+
+/// Opens file `path` with `options`, readable by this user only whatever the umask (a file that
+/// existed keeps its mode through `open`, so it is set on the descriptor too).
+fn private_file(options: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = options.mode(FILE_MODE).open(path)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+/// Puts a stored task's directory and files to the store's modes (a store written by an older
+/// version, under a umask of 022, left them readable by every user).
+fn make_private(task_dir: &Path) -> io::Result<()> {
+    fs::set_permissions(task_dir, Permissions::from_mode(DIR_MODE))?;
+    for name in ["data", "meta.json"] {
+        fs::set_permissions(task_dir.join(name), Permissions::from_mode(FILE_MODE))?;
+    }
+    match fs::remove_file(task_dir.join("meta.json.tmp")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Bytes this user may still write on the filesystem holding `dir`.
@@ -969,6 +1006,29 @@ mod tests {
 
     fn piece(t: &TaskFile, n: u32) {
         t.piece_written(n, format!("piece {n}")).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Every directory and file under `dir` with a mode other than the store's.
+    fn not_private(dir: &Path) -> Vec<String> {
+        let mut wrong = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            if mode(&d) != DIR_MODE {
+                wrong.push(format!("{} {:o}", d.display(), mode(&d)));
+            }
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else if mode(&e.path()) != FILE_MODE {
+                    wrong.push(format!("{} {:o}", e.path().display(), mode(&e.path())));
+                }
+            }
+        }
+        wrong
     }
 
     #[test]
@@ -1153,5 +1213,52 @@ mod tests {
         piece(&new, 1);
         new.mark_complete().unwrap();
         assert_eq!(s.usage().used_bytes, 20);
+    }
+
+    #[test]
+    fn store_directories_and_files_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        // SAFETY: umask only changes the process's file creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let wrong = {
+            let s = store(&data_dir, 100);
+            let t = s.open_task(&task(1), PieceLayout { len: 20, piece_size: 10 }).unwrap();
+            piece(&t, 0);
+            t.flush().unwrap();
+            s.open_task(&task(2), PieceLayout { len: 10, piece_size: 10 }).unwrap().mark_complete().unwrap();
+            not_private(&data_dir)
+        };
+        unsafe { libc::umask(old) };
+        assert!(wrong.is_empty(), "under umask 0: {wrong:?}");
+        assert_eq!(fs::read_dir(data_dir.join("tasks")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn an_older_store_readable_by_everyone_is_made_private_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        {
+            let s = store(&data_dir, 100);
+            let t = s.open_task(&task(1), PieceLayout { len: 10, piece_size: 10 }).unwrap();
+            piece(&t, 0);
+            t.mark_complete().unwrap();
+        }
+        let tdir = data_dir.join("tasks").join(task(1).as_str());
+        fs::write(tdir.join("meta.json.tmp"), b"{").unwrap();
+        for (path, m) in [
+            (data_dir.clone(), 0o755),
+            (data_dir.join("tasks"), 0o755),
+            (tdir.clone(), 0o755),
+            (tdir.join("data"), 0o644),
+            (tdir.join("meta.json"), 0o644),
+            (tdir.join("meta.json.tmp"), 0o644),
+            (data_dir.join("lock"), 0o644),
+        ] {
+            fs::set_permissions(path, Permissions::from_mode(m)).unwrap();
+        }
+        let s = store(&data_dir, 100);
+        assert!(s.complete(&task(1)).is_some());
+        assert_eq!(not_private(&data_dir), Vec::<String>::new());
     }
 }
