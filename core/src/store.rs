@@ -694,6 +694,12 @@ impl TaskFile {
         Ok(removed)
     }
 
+    /// Whether the store removed this task since this handle was opened: its directory may now
+    /// hold a new task of the same id, whose metadata this handle must not overwrite.
+    fn is_removed(&self) -> bool {
+        self.store.upgrade().is_some_and(|inner| !inner.state().is_registered(self))
+    }
+
     /// Stops counting `bytes` of this task as stored (pieces forgotten).
     fn uncharge(&self, bytes: u64) {
         let Some(inner) = self.store.upgrade() else { return };
@@ -709,7 +715,9 @@ impl TaskFile {
     }
 
     fn flush_locked(&self, m: &mut MetaState) -> Result<(), StoreError> {
-        write_meta(&self.dir, &m.meta, false).map_err(|e| StoreError::io(&self.dir, e))?;
+        if !self.is_removed() {
+            write_meta(&self.dir, &m.meta, false).map_err(|e| StoreError::io(&self.dir, e))?;
+        }
         m.dirty = 0;
         m.last_flush = Instant::now();
         Ok(())
@@ -731,7 +739,9 @@ impl TaskFile {
         {
             let mut m = self.meta();
             m.meta.complete = true;
-            write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
+            if !self.is_removed() {
+                write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
+            }
             m.dirty = 0;
         }
         if let Some(inner) = self.store.upgrade() {
@@ -1207,8 +1217,10 @@ mod tests {
         let new = s.open_task(&task(1), layout).unwrap();
         assert!(!Arc::ptr_eq(&old, &new));
         piece(&old, 0);
+        old.flush().unwrap();
         drop(old);
         assert_eq!(s.usage().used_bytes, 0);
+        assert!(!read_meta(&dir.path().join("tasks").join(task(1).as_str())).unwrap().bitmap.has(0));
         assert!(dir.path().join("tasks").join(task(1).as_str()).join("data").exists());
         piece(&new, 1);
         new.mark_complete().unwrap();
