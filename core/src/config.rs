@@ -106,10 +106,12 @@ pub struct AdminConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Most bytes the store may hold, as a number of bytes or with a unit (`20GiB`, `512MiB`).
+    /// A download counts its whole length while it runs, and only the bytes it wrote once it stops.
     pub quota: ByteSize,
-    /// When a new task would take usage above this fraction of the quota, eviction starts.
+    /// When arriving bytes would take usage above this fraction of the quota, eviction starts.
     pub high_watermark: f64,
-    /// Eviction removes least recently used, unused, completed tasks until usage is below this fraction.
+    /// Eviction removes unused tasks, unfinished downloads first, then least recently used
+    /// completed tasks, until usage is below this fraction.
     pub low_watermark: f64,
 }
 
@@ -517,11 +519,13 @@ enabled = true
 listen = "127.0.0.1:65002"
 
 [store]
-# Most bytes the content store may hold (B, KiB, MiB, GiB, TiB).
+# Most bytes the content store may hold (B, KiB, MiB, GiB, TiB). A download counts its whole
+# length while it runs, and only the bytes it wrote once it stops.
 quota = "20GiB"
-# Eviction starts when a new task would take usage above this fraction of the quota...
+# Eviction starts when arriving bytes would take usage above this fraction of the quota...
 high_watermark = 0.9
-# ...and removes least recently used, unused, completed tasks until usage is below this fraction.
+# ...and removes unused tasks, unfinished downloads first, then least recently used completed
+# ones, until usage is below this fraction.
 low_watermark = 0.7
 
 [download]

@@ -1,19 +1,30 @@
-//! The content store: each task's bytes in one preallocated file, its piece bitmap and piece digests
-//! in a JSON file next to it, written atomically so a killed agent resumes where it stopped. A disk
-//! quota with high/low watermarks evicts least recently used completed tasks nobody is reading.
+//! The content store: each task's bytes in one file the length of its blob (sparse until pieces
+//! arrive), its piece bitmap and piece digests in a JSON file next to it, written atomically so a
+//! killed agent resumes where it stopped.
+//!
+//! Quota: the store counts the bytes it holds (a complete task whole, an incomplete one the pieces
+//! written), so a length an origin claims costs nothing until its bytes arrive. A task in use (any
+//! handle open) holds its whole length: a new task is admitted only if it fits beside the tasks in
+//! use, and a task in use is never evicted. When the last handle of an incomplete task goes (a
+//! failed or abandoned download) its reservation goes with it; it keeps the pieces it wrote for a
+//! later request to resume, or is deleted if it has none. Room is made as bytes arrive: past the
+//! high watermark, unused tasks are evicted down to the low one, incomplete ones first, then
+//! complete ones least recently used first.
 //!
 //! Durability without fsync on the hot path: the bitmap is rewritten (atomically, not synced) every
 //! few pieces, which survives a killed process. After a power loss a piece marked present may hold
 //! garbage, so a resumed task re-checks its pieces against their blake3 ([`TaskFile::verify_pieces`]);
 //! only completion is synced (data, then metadata), so a task marked complete on disk is complete.
 //!
-//! Layout: `<data_dir>/tasks/<task id>/data` and `<data_dir>/tasks/<task id>/meta.json`.
+//! Layout: `<data_dir>/tasks/<task id>/data` and `<data_dir>/tasks/<task id>/meta.json`. Blobs of
+//! private images live here, so every directory is 0700 and every file 0600 whatever the umask
+//! (an older store's modes are put right at open).
 //! All methods do blocking file I/O: async callers run them on the blocking pool.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -30,6 +41,13 @@ use crate::piece::{Bitmap, PieceLayout};
 const FLUSH_PIECES: u32 = 16;
 /// ...or when this long has passed since the last flush, whichever comes first.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// Mode of every store directory: the owner's only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every store file: the owner's only.
+const FILE_MODE: u32 = 0o600;
+/// Marks the directory of a task being removed (renamed first, so a new task of the same id never
+/// meets it); not a task id, so a store opened after a crash removes it.
+const REMOVED: &str = ".removed-";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +121,20 @@ impl TaskMeta {
             && self.piece_blake3.len() == self.bitmap.len() as usize
             && (!self.complete || self.bitmap.is_full())
     }
+
+    /// Bytes the store counts for this task: all of it once complete, else the pieces present.
+    fn stored(&self) -> u64 {
+        if self.complete {
+            return self.layout.len;
+        }
+        (0..self.layout.count()).filter(|&n| self.bitmap.has(n)).map(|n| piece_len(self.layout, n)).sum()
+    }
 }
 
 /// Usage figures for status pages and metrics.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Usage {
-    /// Bytes reserved by tasks (complete or not).
+    /// Bytes stored: complete tasks whole, incomplete tasks the pieces written.
     pub used_bytes: u64,
     /// The configured quota.
     pub quota_bytes: u64,
@@ -138,31 +164,105 @@ struct Inner {
     opening: Mutex<()>,
 }
 
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 struct State {
-    /// Length of every task on disk and whether it is complete.
+    /// Every task on disk.
     entries: HashMap<TaskId, Entry>,
-    /// Completed tasks, least recently used first out.
+    /// Every task on disk, least recently used first out.
     lru: LruCache<TaskId, ()>,
-    /// Open handles; a task with a live handle is never evicted.
+    /// Open handles; a task with a live handle is in use: it holds its whole length and is never
+    /// evicted.
     open: HashMap<TaskId, Weak<TaskFile>>,
+    /// Bytes stored, the sum of every entry's `stored`.
     used: u64,
     evictions: u64,
+    /// Tasks removed since start, numbering their directories while they are deleted.
+    removals: u64,
 }
 
 #[derive(Clone, Copy)]
 struct Entry {
     len: u64,
+    /// Bytes of the pieces written; the whole length once complete.
+    stored: u64,
     complete: bool,
+}
+
+impl State {
+    fn in_use(&self, id: &TaskId) -> bool {
+        self.open.get(id).is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Whether `file` is the handle the store has registered for its task (a handle of a task
+    /// removed meanwhile is not, and must not change the accounting of a new task of that id).
+    fn is_registered(&self, file: &TaskFile) -> bool {
+        self.open.get(&file.id).is_some_and(|w| std::ptr::eq(w.as_ptr(), file))
+    }
+
+    /// Forgets a task and renames its directory out of the way; the caller deletes what this
+    /// returns once the lock is released.
+    fn discard(&mut self, dir: &Path, id: &TaskId) -> Option<PathBuf> {
+        if let Some(e) = self.entries.remove(id) {
+            self.used -= e.stored;
+        }
+        self.lru.pop(id);
+        self.open.remove(id);
+        self.removals += 1;
+        let gone = dir.join(format!("{}{REMOVED}{}", id.as_str(), self.removals));
+        match fs::rename(dir.join(id.as_str()), &gone) {
+            Ok(()) => Some(gone),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Cannot move it aside: delete it where it is.
+            Err(_) => Some(dir.join(id.as_str())),
+        }
+    }
+
+    /// Evicts unused tasks until at most `target` bytes are stored: incomplete ones first (nobody
+    /// is downloading them), then complete ones, least recently used first in each kind.
+    fn evict(&mut self, dir: &Path, target: u64) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        if self.used <= target {
+            return removed;
+        }
+        let order: Vec<TaskId> = self.lru.iter().rev().map(|(id, _)| id.clone()).collect();
+        for complete in [false, true] {
+            for id in &order {
+                if self.used <= target {
+                    return removed;
+                }
+                let Some(e) = self.entries.get(id) else { continue };
+                // A task without bytes frees nothing; one being created has no handle yet.
+                if e.complete != complete || e.stored == 0 || self.in_use(id) {
+                    continue;
+                }
+                info!(task = %id, complete, bytes = e.stored, "evicting least recently used task");
+                self.evictions += 1;
+                removed.extend(self.discard(dir, id));
+            }
+        }
+        removed
+    }
 }
 
 impl Store {
     /// Opens (creating) the store under `data_dir`, loading every task found there. Tasks whose
-    /// metadata is unreadable or inconsistent are deleted.
+    /// metadata is unreadable or inconsistent are deleted, and so are downloads that never got a
+    /// piece.
     pub fn open(data_dir: &Path, quota: u64, high_watermark: f64, low_watermark: f64) -> Result<Store, StoreError> {
+        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        }
+        private_dir(data_dir).map_err(|e| StoreError::io(data_dir, e))?;
         let dir = data_dir.join("tasks");
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let lock_path = data_dir.join("lock");
-        let lock = File::create(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+        let lock = private_file(OpenOptions::new().write(true).create(true).truncate(true), &lock_path)
+            .map_err(|e| StoreError::io(&lock_path, e))?;
         // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(StoreError::Locked { path: data_dir.into() });
@@ -171,15 +271,25 @@ impl Store {
         for dirent in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
             let dirent = dirent.map_err(|e| StoreError::io(&dir, e))?;
             let path = dirent.path();
-            let name = dirent.file_name();
-            let loaded = TaskId::parse(&name.to_string_lossy()).and_then(|id| {
+            let name = dirent.file_name().to_string_lossy().into_owned();
+            if name.contains(REMOVED) {
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            }
+            let loaded = TaskId::parse(&name).and_then(|id| {
                 let meta = read_meta(&path).ok()?;
                 let data = fs::metadata(path.join("data")).ok()?;
-                (meta.is_consistent(&id) && data.len() == meta.layout.len)
+                (meta.is_consistent(&id) && data.len() == meta.layout.len && make_private(&path).is_ok())
                     .then(|| (data.modified().unwrap_or(std::time::UNIX_EPOCH), id, meta))
             });
             match loaded {
-                Some((mtime, id, meta)) => found.push((mtime, id, Entry { len: meta.layout.len, complete: meta.complete })),
+                Some((_, id, meta)) if !meta.complete && meta.stored() == 0 => {
+                    info!(task = %id, "removing a download that never got a piece");
+                    let _ = fs::remove_dir_all(&path);
+                }
+                Some((mtime, id, meta)) => {
+                    found.push((mtime, id, Entry { len: meta.layout.len, stored: meta.stored(), complete: meta.complete }))
+                }
                 None => {
                     warn!(path = %path.display(), "removing unreadable task from the store");
                     let _ = fs::remove_dir_all(&path);
@@ -187,12 +297,11 @@ impl Store {
             }
         }
         found.sort_by_key(|(mtime, _, _)| *mtime);
-        let mut state = State { entries: HashMap::new(), lru: LruCache::unbounded(), open: HashMap::new(), used: 0, evictions: 0 };
+        let mut state =
+            State { entries: HashMap::new(), lru: LruCache::unbounded(), open: HashMap::new(), used: 0, evictions: 0, removals: 0 };
         for (_, id, entry) in found {
-            state.used += entry.len;
-            if entry.complete {
-                state.lru.put(id.clone(), ());
-            }
+            state.used += entry.stored;
+            state.lru.put(id.clone(), ());
             state.entries.insert(id, entry);
         }
         info!(dir = %dir.display(), tasks = state.entries.len(), used = state.used, quota, "content store opened");
@@ -210,7 +319,7 @@ impl Store {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.state()
     }
 
     /// Usage figures.
@@ -243,9 +352,10 @@ impl Store {
         handle.or_else(|| self.open_existing(id).ok().flatten())
     }
 
-    /// A handle on the task, opening what is on disk (to resume) or creating it, evicting old tasks
-    /// to make room. Fails with [`StoreError::TooLarge`] or [`StoreError::QuotaFull`] when the task
-    /// cannot fit, and [`StoreError::DiskFull`] when the filesystem cannot hold it.
+    /// A handle on the task, opening what is on disk (to resume) or creating it. Fails with
+    /// [`StoreError::TooLarge`] or [`StoreError::QuotaFull`] when the task cannot fit beside the
+    /// tasks in use, and [`StoreError::DiskFull`] when the filesystem cannot hold it. Nothing is
+    /// evicted here: room is made as the task's bytes arrive ([`TaskFile::piece_written`]).
     pub fn open_task(&self, id: &TaskId, layout: PieceLayout) -> Result<Arc<TaskFile>, StoreError> {
         let _opening = self.inner.opening.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = self.state().open.get(id).and_then(Weak::upgrade) {
@@ -253,18 +363,30 @@ impl Store {
         }
         if let Some(h) = self.open_existing(id)? {
             if h.layout() == layout {
+                if !h.is_complete() {
+                    // Resuming: the rest must fit like a new task's would. On error the handle
+                    // goes and the task keeps its pieces, as before.
+                    self.admit(id, layout.len)?;
+                }
+                self.state().lru.promote(id);
                 return Ok(h);
             }
             if h.is_complete() && h.layout().len == layout.len {
                 // Stored under another piece size (an earlier version's rule): same bytes, new cut.
                 h.relayout(layout)?;
+                self.state().lru.promote(id);
                 return Ok(h);
             }
             warn!(task = %id, "stored task has a different length than the origin reports; starting over");
             drop(h);
             self.remove(id);
         }
-        self.reserve(id, layout.len)?;
+        self.admit(id, layout.len)?;
+        {
+            let mut s = self.state();
+            s.entries.insert(id.clone(), Entry { len: layout.len, stored: 0, complete: false });
+            s.lru.put(id.clone(), ());
+        }
         match self.create(id, layout) {
             Ok(h) => Ok(h),
             Err(e) => {
@@ -274,21 +396,60 @@ impl Store {
         }
     }
 
+    /// Checks that task `id` of `len` bytes fits beside the other tasks in use, within the quota
+    /// and on the disk (counting what evicting unused tasks would free).
+    fn admit(&self, id: &TaskId, len: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if len > inner.quota {
+            return Err(StoreError::TooLarge { task: id.clone(), needed: len, quota: inner.quota });
+        }
+        let free = disk_free(&inner.dir).map_err(|e| StoreError::io(&inner.dir, e))?;
+        let s = self.state();
+        let (mut held, mut promised, mut evictable, mut stored) = (0, 0, 0, 0);
+        for (other, e) in &s.entries {
+            if other == id {
+                stored = e.stored;
+            } else if s.in_use(other) {
+                held += e.len;
+                promised += e.len - e.stored;
+            } else {
+                evictable += e.stored;
+            }
+        }
+        if held + len > inner.quota {
+            return Err(StoreError::QuotaFull { task: id.clone(), needed: len, used: held, quota: inner.quota });
+        }
+        if free + evictable < promised + (len - stored.min(len)) {
+            return Err(StoreError::DiskFull { path: inner.dir.join(id.as_str()) });
+        }
+        Ok(())
+    }
+
     fn open_existing(&self, id: &TaskId) -> Result<Option<Arc<TaskFile>>, StoreError> {
         if !self.state().entries.contains_key(id) {
             return Ok(None);
         }
         let path = self.inner.dir.join(id.as_str());
-        let meta = read_meta(&path).map_err(|e| StoreError::io(&path, e))?;
+        let meta = match read_meta(&path) {
+            Ok(meta) => meta,
+            // Removed since the check above.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
         let data_path = path.join("data");
         let data = OpenOptions::new().read(true).write(true).open(&data_path).map_err(|e| StoreError::io(&data_path, e))?;
-        Ok(Some(self.register(id, path, data, meta)))
+        Ok(self.register(id, path, data, meta))
     }
 
-    fn register(&self, id: &TaskId, path: PathBuf, data: File, meta: TaskMeta) -> Arc<TaskFile> {
+    /// The handle of task `id`: the live one, or a new one on `data`. `None` when the task was
+    /// removed meanwhile.
+    fn register(&self, id: &TaskId, path: PathBuf, data: File, meta: TaskMeta) -> Option<Arc<TaskFile>> {
         let mut s = self.state();
         if let Some(h) = s.open.get(id).and_then(Weak::upgrade) {
-            return h;
+            return Some(h);
+        }
+        if !s.entries.contains_key(id) {
+            return None;
         }
         let handle = Arc::new(TaskFile {
             id: id.clone(),
@@ -298,78 +459,30 @@ impl Store {
             store: Arc::downgrade(&self.inner),
         });
         s.open.insert(id.clone(), Arc::downgrade(&handle));
-        handle
-    }
-
-    /// Makes room for `len` more bytes and records the task as present.
-    fn reserve(&self, id: &TaskId, len: u64) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        if len > inner.quota {
-            return Err(StoreError::TooLarge { task: id.clone(), needed: len, quota: inner.quota });
-        }
-        let mut victims = Vec::new();
-        {
-            let mut s = self.state();
-            if s.used + len > inner.high {
-                let target = inner.low.saturating_sub(len);
-                let candidates: Vec<TaskId> = s.lru.iter().rev().map(|(k, _)| k.clone()).collect();
-                for victim in candidates {
-                    if s.used <= target {
-                        break;
-                    }
-                    if s.open.get(&victim).is_some_and(|w| w.strong_count() > 0) {
-                        continue;
-                    }
-                    if let Some(e) = s.entries.remove(&victim) {
-                        s.used -= e.len;
-                        s.lru.pop(&victim);
-                        s.evictions += 1;
-                        victims.push(victim);
-                    }
-                }
-            }
-            if s.used + len > inner.quota {
-                return Err(StoreError::QuotaFull { task: id.clone(), needed: len, used: s.used, quota: inner.quota });
-            }
-            s.used += len;
-            s.entries.insert(id.clone(), Entry { len, complete: false });
-        }
-        for victim in victims {
-            info!(task = %victim, "evicting least recently used task");
-            let _ = fs::remove_dir_all(inner.dir.join(victim.as_str()));
-        }
-        Ok(())
+        Some(handle)
     }
 
     fn create(&self, id: &TaskId, layout: PieceLayout) -> Result<Arc<TaskFile>, StoreError> {
         let path = self.inner.dir.join(id.as_str());
         let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).map_err(|e| StoreError::io(&path, e))?;
+        private_dir(&path).map_err(|e| StoreError::io(&path, e))?;
         let data_path = path.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&data_path)
+        let data = private_file(OpenOptions::new().read(true).write(true).create(true).truncate(true), &data_path)
             .map_err(|e| StoreError::io(&data_path, e))?;
-        preallocate(&data, layout.len).map_err(|e| StoreError::io(&data_path, e))?;
+        // Sparse: the blocks come with the bytes, so a claimed length takes no disk.
+        data.set_len(layout.len).map_err(|e| StoreError::io(&data_path, e))?;
         let meta = TaskMeta::new(id.clone(), layout);
         write_meta(&path, &meta, false).map_err(|e| StoreError::io(&path, e))?;
-        Ok(self.register(id, path, data, meta))
+        self.register(id, path, data, meta)
+            .ok_or_else(|| StoreError::io(&self.inner.dir.join(id.as_str()), io::Error::other("task removed while it was created")))
     }
 
     /// Deletes a task and its bytes. Handles still open keep reading the unlinked file.
     pub fn remove(&self, id: &TaskId) {
-        {
-            let mut s = self.state();
-            if let Some(e) = s.entries.remove(id) {
-                s.used -= e.len;
-            }
-            s.lru.pop(id);
-            s.open.remove(id);
+        let gone = self.state().discard(&self.inner.dir, id);
+        if let Some(path) = gone {
+            let _ = fs::remove_dir_all(path);
         }
-        let _ = fs::remove_dir_all(self.inner.dir.join(id.as_str()));
     }
 
     /// Ids of every task on disk, for status pages.
@@ -488,10 +601,15 @@ impl TaskFile {
         }
         if !bad.is_empty() {
             let mut m = self.meta();
+            let mut freed = 0;
             for &n in &bad {
+                if m.meta.bitmap.has(n) {
+                    freed += piece_len(m.meta.layout, n);
+                }
                 m.meta.bitmap.unset(n);
                 m.meta.piece_blake3[n as usize].clear();
             }
+            self.uncharge(freed);
             self.flush_locked(&mut m)?;
         }
         Ok(bad.len() as u32)
@@ -566,25 +684,78 @@ impl TaskFile {
 
     /// Records that piece `n` was written, with its blake3; false when it already was (two
     /// fetches of one piece raced). The bitmap reaches disk every few pieces, so a killed process
-    /// loses at most those.
+    /// loses at most those. The piece's bytes count against the quota from now on: past the high
+    /// watermark, unused tasks are evicted first, and [`StoreError::QuotaFull`] says that the
+    /// tasks in use leave no room for them.
     pub fn piece_written(&self, n: u32, blake3_hex: String) -> Result<bool, StoreError> {
         let mut m = self.meta();
         if m.meta.bitmap.has(n) {
             return Ok(false);
         }
+        let removed = self.charge(piece_len(m.meta.layout, n))?;
         m.meta.bitmap.set(n);
         if let Some(slot) = m.meta.piece_blake3.get_mut(n as usize) {
             *slot = blake3_hex;
         }
         m.dirty += 1;
-        if m.dirty >= FLUSH_PIECES || m.last_flush.elapsed() >= FLUSH_INTERVAL {
-            self.flush_locked(&mut m)?;
+        let flushed = if m.dirty >= FLUSH_PIECES || m.last_flush.elapsed() >= FLUSH_INTERVAL { self.flush_locked(&mut m) } else { Ok(()) };
+        drop(m);
+        for path in removed {
+            let _ = fs::remove_dir_all(path);
         }
-        Ok(true)
+        flushed.map(|()| true)
+    }
+
+    /// Counts `bytes` more of this task as stored, evicting unused tasks first when that would
+    /// take the store past its high watermark. Returns the evicted tasks' directories, to delete
+    /// once no lock is held.
+    fn charge(&self, bytes: u64) -> Result<Vec<PathBuf>, StoreError> {
+        let Some(inner) = self.store.upgrade() else { return Ok(Vec::new()) };
+        let mut s = inner.state();
+        if !s.is_registered(self) || !s.entries.contains_key(&self.id) {
+            return Ok(Vec::new());
+        }
+        let removed = if s.used + bytes > inner.high { s.evict(&inner.dir, inner.low.saturating_sub(bytes)) } else { Vec::new() };
+        if s.used + bytes > inner.quota {
+            // Only tasks in use are left (some were opened since this one was admitted).
+            let used = s.used;
+            drop(s);
+            for path in removed {
+                let _ = fs::remove_dir_all(path);
+            }
+            return Err(StoreError::QuotaFull { task: self.id.clone(), needed: bytes, used, quota: inner.quota });
+        }
+        s.used += bytes;
+        if let Some(e) = s.entries.get_mut(&self.id) {
+            e.stored += bytes;
+        }
+        Ok(removed)
+    }
+
+    /// Whether the store removed this task since this handle was opened: its directory may now
+    /// hold a new task of the same id, whose metadata this handle must not overwrite.
+    fn is_removed(&self) -> bool {
+        self.store.upgrade().is_some_and(|inner| !inner.state().is_registered(self))
+    }
+
+    /// Stops counting `bytes` of this task as stored (pieces forgotten).
+    fn uncharge(&self, bytes: u64) {
+        let Some(inner) = self.store.upgrade() else { return };
+        let mut s = inner.state();
+        if !s.is_registered(self) {
+            return;
+        }
+        if let Some(e) = s.entries.get_mut(&self.id) {
+            let bytes = bytes.min(e.stored);
+            e.stored -= bytes;
+            s.used -= bytes;
+        }
     }
 
     fn flush_locked(&self, m: &mut MetaState) -> Result<(), StoreError> {
-        write_meta(&self.dir, &m.meta, false).map_err(|e| StoreError::io(&self.dir, e))?;
+        if !self.is_removed() {
+            write_meta(&self.dir, &m.meta, false).map_err(|e| StoreError::io(&self.dir, e))?;
+        }
         m.dirty = 0;
         m.last_flush = Instant::now();
         Ok(())
@@ -606,14 +777,21 @@ impl TaskFile {
         {
             let mut m = self.meta();
             m.meta.complete = true;
-            write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
+            if !self.is_removed() {
+                write_meta(&self.dir, &m.meta, true).map_err(|e| StoreError::io(&self.dir, e))?;
+            }
             m.dirty = 0;
         }
         if let Some(inner) = self.store.upgrade() {
-            let mut s = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(e) = s.entries.get_mut(&self.id) {
-                e.complete = true;
-                s.lru.put(self.id.clone(), ());
+            let mut s = inner.state();
+            if s.is_registered(self) {
+                if let Some(e) = s.entries.get_mut(&self.id) {
+                    let grown = e.len - e.stored.min(e.len);
+                    e.complete = true;
+                    e.stored = e.len;
+                    s.used += grown;
+                    s.lru.promote(&self.id);
+                }
             }
         }
         Ok(())
@@ -621,16 +799,39 @@ impl TaskFile {
 }
 
 impl Drop for TaskFile {
+    /// The last handle of a task going ends its use: an incomplete task's reservation is released
+    /// (it stays counted for the pieces it wrote, and is evicted first), and one that wrote no
+    /// piece is deleted.
     fn drop(&mut self) {
+        let this: *const TaskFile = self;
         let m = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
-        if m.dirty > 0 && self.dir.exists() {
-            let _ = write_meta(&self.dir, &m.meta, false);
-        }
-        if let Some(inner) = self.store.upgrade() {
-            let mut s = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.open.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
-                s.open.remove(&self.id);
+        let save = m.dirty > 0 && (m.meta.complete || m.meta.stored() > 0);
+        let Some(inner) = self.store.upgrade() else {
+            if save {
+                let _ = write_meta(&self.dir, &m.meta, false);
             }
+            return;
+        };
+        let gone = {
+            let mut s = inner.state();
+            // A handle of a task removed meanwhile must not touch a new task of the same id.
+            if !s.open.get(&self.id).is_some_and(|w| std::ptr::eq(w.as_ptr(), this)) {
+                return;
+            }
+            // Saved before the task can be opened again, so the next handle reads every piece.
+            if save {
+                let _ = write_meta(&self.dir, &m.meta, false);
+            }
+            s.open.remove(&self.id);
+            let unwritten = s.entries.get(&self.id).is_some_and(|e| !e.complete && e.stored == 0);
+            if unwritten {
+                s.discard(&inner.dir, &self.id)
+            } else {
+                None
+            }
+        };
+        if let Some(path) = gone {
+            let _ = fs::remove_dir_all(path);
         }
     }
 }
@@ -643,7 +844,7 @@ fn read_meta(dir: &Path) -> io::Result<TaskMeta> {
 /// Writes `meta.json` atomically: a temporary file (synced when `durable`) renamed over the old one.
 fn write_meta(dir: &Path, meta: &TaskMeta, durable: bool) -> io::Result<()> {
     let tmp = dir.join("meta.json.tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = private_file(OpenOptions::new().write(true).create(true).truncate(true), &tmp)?;
     f.write_all(&serde_json::to_vec(meta).map_err(io::Error::other)?)?;
     if durable {
         f.sync_data()?;
@@ -651,20 +852,52 @@ fn write_meta(dir: &Path, meta: &TaskMeta, durable: bool) -> io::Result<()> {
     fs::rename(&tmp, dir.join("meta.json"))
 }
 
-/// Reserves the file's blocks now, so a full disk shows up before a download starts rather than
-/// half way through it. Filesystems without `fallocate` get a sparse file.
-fn preallocate(file: &File, len: u64) -> io::Result<()> {
-    if len > 0 {
-        // SAFETY: a valid open descriptor and in-range arguments; fallocate only touches that file.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(err);
-            }
-        }
+/// Length of piece `n` under `layout`.
+fn piece_len(layout: PieceLayout, n: u32) -> u64 {
+    let r = layout.range(n);
+    r.end - r.start
+}
+
+/// Creates directory `path` (its parent must exist) or takes the existing one, readable by this
+/// user only whatever the umask.
+fn private_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(DIR_MODE).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
     }
-    file.set_len(len)
+    fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
+}
+
+/// Opens file `path` with `options`, readable by this user only whatever the umask (a file that
+/// existed keeps its mode through `open`, so it is set on the descriptor too).
+fn private_file(options: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = options.mode(FILE_MODE).open(path)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+/// Puts a stored task's directory and files to the store's modes (a store written by an older
+/// version, under a umask of 022, left them readable by every user).
+fn make_private(task_dir: &Path) -> io::Result<()> {
+    fs::set_permissions(task_dir, Permissions::from_mode(DIR_MODE))?;
+    for name in ["data", "meta.json"] {
+        fs::set_permissions(task_dir.join(name), Permissions::from_mode(FILE_MODE))?;
+    }
+    match fs::remove_file(task_dir.join("meta.json.tmp")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes this user may still write on the filesystem holding `dir`.
+fn disk_free(dir: &Path) -> io::Result<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated path and a zeroed struct the kernel fills in.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 #[cfg(test)]
@@ -728,7 +961,7 @@ mod tests {
         drop(t);
         let t = s.open_task(&task(1), PieceLayout { len: 20, piece_size: 1 << 20 }).unwrap();
         assert!(!t.has_piece(0));
-        assert_eq!(s.usage().used_bytes, 20);
+        assert_eq!(s.usage().used_bytes, 0, "the old piece no longer counts, and the new length costs nothing until bytes arrive");
     }
 
     #[test]
@@ -764,7 +997,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = store(dir.path(), 100 << 20);
-            s.open_task(&task(1), PieceLayout { len: 10, piece_size: 1 << 20 }).unwrap();
+            s.open_task(&task(1), PieceLayout { len: 10, piece_size: 1 << 20 }).unwrap().piece_written(0, "x".into()).unwrap();
         }
         let tdir = dir.path().join("tasks").join(task(1).as_str());
         fs::write(tdir.join("meta.json"), b"{not json").unwrap();
@@ -786,6 +1019,9 @@ mod tests {
         // Touch task 1 so task 2 is the least recently used.
         assert!(s.complete(&task(1)).is_some());
         let t3 = s.open_task(&task(3), layout).unwrap();
+        // Room is made as the bytes arrive.
+        assert!(s.complete_len(&task(2)).is_some());
+        t3.piece_written(0, "x".into()).unwrap();
         assert!(s.complete(&task(2)).is_none(), "task 2 must be evicted");
         assert!(s.complete(&task(1)).is_some());
         assert_eq!(s.usage().evictions, 1);
@@ -814,5 +1050,265 @@ mod tests {
         s.remove(&task(1));
         assert_eq!(s.usage().used_bytes, 0);
         assert!(s.open_task(&task(2), PieceLayout { len: 60, piece_size: 1 << 20 }).is_ok());
+    }
+
+    fn piece(t: &TaskFile, n: u32) {
+        t.piece_written(n, format!("piece {n}")).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Every directory and file under `dir` with a mode other than the store's.
+    fn not_private(dir: &Path) -> Vec<String> {
+        let mut wrong = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            if mode(&d) != DIR_MODE {
+                wrong.push(format!("{} {:o}", d.display(), mode(&d)));
+            }
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else if mode(&e.path()) != FILE_MODE {
+                    wrong.push(format!("{} {:o}", e.path().display(), mode(&e.path())));
+                }
+            }
+        }
+        wrong
+    }
+
+    #[test]
+    fn a_failed_task_gives_back_its_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 100);
+        let t = s.open_task(&task(1), PieceLayout { len: 90, piece_size: 10 }).unwrap();
+        piece(&t, 0);
+        assert!(matches!(s.open_task(&task(2), PieceLayout { len: 90, piece_size: 10 }), Err(StoreError::QuotaFull { .. })));
+        // The download fails and its last handle goes: only the piece it wrote still counts.
+        drop(t);
+        assert_eq!(s.usage().used_bytes, 10);
+        assert!(s.open_task(&task(2), PieceLayout { len: 90, piece_size: 10 }).is_ok());
+    }
+
+    #[test]
+    fn a_download_that_wrote_nothing_is_deleted_with_its_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 64 << 20);
+        let t = s.open_task(&task(1), PieceLayout::for_len(62 << 20)).unwrap();
+        let tdir = dir.path().join("tasks").join(task(1).as_str());
+        assert!(tdir.exists());
+        let shared = t.clone();
+        drop(t);
+        assert!(tdir.exists(), "a task with a handle left is in use");
+        drop(shared);
+        assert!(!tdir.exists());
+        let u = s.usage();
+        assert_eq!((u.tasks, u.used_bytes), (0, 0));
+    }
+
+    #[test]
+    fn an_abandoned_task_counts_only_the_pieces_it_wrote_and_resumes_from_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PieceLayout { len: 80, piece_size: 10 };
+        {
+            let s = store(dir.path(), 100);
+            let t = s.open_task(&task(1), layout).unwrap();
+            piece(&t, 0);
+            piece(&t, 3);
+            drop(t);
+            assert_eq!(s.usage().used_bytes, 20);
+        }
+        let s = store(dir.path(), 100);
+        assert_eq!(s.usage().used_bytes, 20, "a restart counts the same");
+        let t = s.open_task(&task(1), layout).unwrap();
+        assert!(t.has_piece(0) && t.has_piece(3) && !t.has_piece(1));
+    }
+
+    #[test]
+    fn a_claimed_length_does_not_evict_complete_tasks_before_bytes_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100, 0.9, 0.6).unwrap();
+        for n in 1..=2 {
+            s.open_task(&task(n), PieceLayout { len: 40, piece_size: 10 }).unwrap().mark_complete().unwrap();
+        }
+        let claimed = s.open_task(&task(3), PieceLayout { len: 90, piece_size: 10 }).unwrap();
+        assert!(s.complete_len(&task(1)).is_some() && s.complete_len(&task(2)).is_some());
+        assert_eq!(s.usage().evictions, 0);
+        drop(claimed);
+        assert!(s.complete_len(&task(1)).is_some() && s.complete_len(&task(2)).is_some());
+        assert_eq!(s.usage().used_bytes, 80);
+        // Bytes that do arrive make room, least recently used first.
+        let real = s.open_task(&task(4), PieceLayout { len: 30, piece_size: 10 }).unwrap();
+        piece(&real, 0);
+        piece(&real, 1);
+        assert!(s.complete_len(&task(1)).is_none() && s.complete_len(&task(2)).is_some());
+        assert_eq!(s.usage().used_bytes, 60);
+    }
+
+    #[test]
+    fn unused_incomplete_tasks_are_evicted_before_complete_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100, 0.9, 0.8).unwrap();
+        s.open_task(&task(1), PieceLayout { len: 40, piece_size: 10 }).unwrap().mark_complete().unwrap();
+        let abandoned = s.open_task(&task(2), PieceLayout { len: 50, piece_size: 10 }).unwrap();
+        for n in 0..3 {
+            piece(&abandoned, n);
+        }
+        drop(abandoned);
+        let t = s.open_task(&task(3), PieceLayout { len: 50, piece_size: 10 }).unwrap();
+        for n in 0..3 {
+            piece(&t, n);
+        }
+        assert!(!dir.path().join("tasks").join(task(2).as_str()).exists(), "the abandoned download goes first");
+        assert!(s.complete_len(&task(1)).is_some(), "the complete task stays, though used less recently");
+        assert_eq!(s.usage().used_bytes, 70);
+    }
+
+    #[test]
+    fn a_running_download_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100, 0.5, 0.1).unwrap();
+        let running = s.open_task(&task(1), PieceLayout { len: 50, piece_size: 10 }).unwrap();
+        for n in 0..4 {
+            piece(&running, n);
+        }
+        let other = s.open_task(&task(2), PieceLayout { len: 50, piece_size: 10 }).unwrap();
+        for n in 0..5 {
+            piece(&other, n);
+        }
+        assert!((0..4).all(|n| running.has_piece(n)));
+        assert!(dir.path().join("tasks").join(task(1).as_str()).exists());
+        assert_eq!((s.usage().used_bytes, s.usage().evictions), (90, 0));
+    }
+
+    #[test]
+    fn bytes_past_the_quota_are_refused_when_only_tasks_in_use_are_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 100, 0.9, 0.5).unwrap();
+        s.open_task(&task(1), PieceLayout { len: 50, piece_size: 10 }).unwrap().mark_complete().unwrap();
+        let t = s.open_task(&task(2), PieceLayout { len: 60, piece_size: 10 }).unwrap();
+        // Admitted while task 1 could be evicted; then a reader opens it.
+        let reader = s.complete(&task(1)).unwrap();
+        for n in 0..5 {
+            piece(&t, n);
+        }
+        let err = t.piece_written(5, "x".into()).unwrap_err();
+        assert!(matches!(err, StoreError::QuotaFull { needed: 10, used: 100, .. }), "{err}");
+        assert!(!t.has_piece(5));
+        drop(reader);
+        assert!(t.piece_written(5, "x".into()).unwrap(), "room is made once the reader is gone");
+    }
+
+    #[test]
+    fn a_resumed_download_must_fit_beside_the_tasks_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 100);
+        let layout = PieceLayout { len: 60, piece_size: 10 };
+        let t = s.open_task(&task(1), layout).unwrap();
+        piece(&t, 0);
+        drop(t);
+        let _busy = s.open_task(&task(2), layout).unwrap();
+        assert!(matches!(s.open_task(&task(1), layout), Err(StoreError::QuotaFull { .. })));
+        assert_eq!(s.usage().used_bytes, 10, "the refused task keeps its piece");
+    }
+
+    #[test]
+    fn downloads_a_killed_process_left_without_pieces_are_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(dir.path(), 64 << 20);
+            let empty = s.open_task(&task(1), PieceLayout::for_len(62 << 20)).unwrap();
+            let started = s.open_task(&task(2), PieceLayout { len: 20, piece_size: 10 }).unwrap();
+            piece(&started, 0);
+            started.flush().unwrap();
+            // A killed process runs no destructor.
+            std::mem::forget((empty, started));
+        }
+        let s = store(dir.path(), 64 << 20);
+        assert!(!dir.path().join("tasks").join(task(1).as_str()).exists());
+        assert_eq!(s.task_ids(), vec![task(2)]);
+        assert_eq!(s.usage().used_bytes, 10);
+    }
+
+    #[test]
+    fn torn_pieces_stop_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 100);
+        let t = s.open_task(&task(1), PieceLayout { len: 20, piece_size: 10 }).unwrap();
+        t.write_at(0, &[1; 20]).unwrap();
+        t.piece_written(0, blake3::hash(&[1; 10]).to_hex().to_string()).unwrap();
+        t.piece_written(1, "torn".into()).unwrap();
+        assert_eq!(s.usage().used_bytes, 20);
+        assert_eq!(t.verify_pieces().unwrap(), 1);
+        assert_eq!(s.usage().used_bytes, 10);
+    }
+
+    #[test]
+    fn a_handle_of_a_removed_task_does_not_touch_a_new_task_of_that_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 100);
+        let layout = PieceLayout { len: 20, piece_size: 10 };
+        let old = s.open_task(&task(1), layout).unwrap();
+        s.remove(&task(1));
+        let new = s.open_task(&task(1), layout).unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        piece(&old, 0);
+        old.flush().unwrap();
+        drop(old);
+        assert_eq!(s.usage().used_bytes, 0);
+        assert!(!read_meta(&dir.path().join("tasks").join(task(1).as_str())).unwrap().bitmap.has(0));
+        assert!(dir.path().join("tasks").join(task(1).as_str()).join("data").exists());
+        piece(&new, 1);
+        new.mark_complete().unwrap();
+        assert_eq!(s.usage().used_bytes, 20);
+    }
+
+    #[test]
+    fn store_directories_and_files_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        // SAFETY: umask only changes the process's file creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let wrong = {
+            let s = store(&data_dir, 100);
+            let t = s.open_task(&task(1), PieceLayout { len: 20, piece_size: 10 }).unwrap();
+            piece(&t, 0);
+            t.flush().unwrap();
+            s.open_task(&task(2), PieceLayout { len: 10, piece_size: 10 }).unwrap().mark_complete().unwrap();
+            not_private(&data_dir)
+        };
+        unsafe { libc::umask(old) };
+        assert!(wrong.is_empty(), "under umask 0: {wrong:?}");
+        assert_eq!(fs::read_dir(data_dir.join("tasks")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn an_older_store_readable_by_everyone_is_made_private_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        {
+            let s = store(&data_dir, 100);
+            let t = s.open_task(&task(1), PieceLayout { len: 10, piece_size: 10 }).unwrap();
+            piece(&t, 0);
+            t.mark_complete().unwrap();
+        }
+        let tdir = data_dir.join("tasks").join(task(1).as_str());
+        fs::write(tdir.join("meta.json.tmp"), b"{").unwrap();
+        for (path, m) in [
+            (data_dir.clone(), 0o755),
+            (data_dir.join("tasks"), 0o755),
+            (tdir.clone(), 0o755),
+            (tdir.join("data"), 0o644),
+            (tdir.join("meta.json"), 0o644),
+            (tdir.join("meta.json.tmp"), 0o644),
+            (data_dir.join("lock"), 0o644),
+        ] {
+            fs::set_permissions(path, Permissions::from_mode(m)).unwrap();
+        }
+        let s = store(&data_dir, 100);
+        assert!(s.complete(&task(1)).is_some());
+        assert_eq!(not_private(&data_dir), Vec::<String>::new());
     }
 }
