@@ -33,6 +33,9 @@ use crate::ratelimit::RateLimiter;
 const READ_CHUNK: usize = 256 << 10;
 /// Bytes gathered from the origin before one write to the store.
 const WRITE_CHUNK: usize = 512 << 10;
+/// A private blob's registry is asked again whether it is public no more often than this, however
+/// many peers ask for it.
+const PUBLIC_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a blob comes from and with whose credentials.
 #[derive(Clone, Debug)]
@@ -145,6 +148,9 @@ pub struct Task {
     /// sha256 of the blob's first `.0` bytes, fed while bytes arrive in order, so the final check
     /// of a sequential download need not read the blob back.
     sha: Mutex<(u64, sha2::Sha256)>,
+    /// When a peer's request last made this host ask the registry whether the blob is public
+    /// (see [`Engine::shareable`]); held while asking, so concurrent requests wait for one answer.
+    public_probe: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Task {
@@ -451,7 +457,25 @@ impl Engine {
             reporter: Mutex::new(None),
             sourced: Mutex::new(Bitmap::new(layout.count())),
             sha: Mutex::new((0, sha2::Sha256::new())),
+            public_probe: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether `shared` may go to hosts that are not authenticated cluster members: its registry
+    /// answered the digest without credentials. A downloading task not yet known to be public is
+    /// asked about (at most every [`PUBLIC_PROBE_EVERY`]): a seed that has just started a task for
+    /// a child does not know yet.
+    pub async fn shareable(&self, shared: &Shared) -> bool {
+        if shared.is_public() {
+            return true;
+        }
+        let Some(task) = shared.task.as_ref() else { return false };
+        let mut last = task.public_probe.lock().await;
+        if last.is_some_and(|at| at.elapsed() < PUBLIC_PROBE_EVERY) {
+            return task.is_public();
+        }
+        *last = Some(std::time::Instant::now());
+        self.probe_public(task).await
     }
 
     /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one

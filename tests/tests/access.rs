@@ -131,3 +131,56 @@ async fn bytes_planted_through_a_range_request_reach_no_other_reader() {
     let metrics = agent.metrics().await.unwrap();
     assert_eq!(shoal_tests::metric_value(&metrics, "shoal_tasks_failed_total"), Some(0.0), "no download failed a digest check:\n{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_let_into_one_repository_reads_nothing_cached_from_another() {
+    use reqwest::Method;
+    use shoal_tests::token_registry::fetch;
+    use shoal_tests::TokenRegistry;
+    const ALICE: Option<(&str, &str)> = Some(("alice", "alice-pw"));
+    const BOB: Option<(&str, &str)> = Some(("bob", "bob-pw"));
+    let reg =
+        TokenRegistry::start(&[("alice", "alice-pw", &["private/a"]), ("bob", "bob-pw", &["private/b"])], &["public/x"]).await.unwrap();
+    let hers = random_bytes(50 * KIB, 74);
+    let his = random_bytes(200 * KIB, 75);
+    let her_digest = reg.push_blob("private/a", &hers).await.unwrap();
+    let his_digest = reg.push_blob("private/b", &his).await.unwrap();
+    reg.push_image("private/b", "v1", &[("/bob.txt", b"bob's\n".to_vec())]).await.unwrap();
+    let agent = Agent::start("").await.unwrap();
+    let at = |repo: &str, what: &str| url(&agent, &reg.host(), repo, what);
+
+    // Bob pulls his blob and manifest through the mirror; alice reads her own repository.
+    let resp = fetch(Method::GET, &at("private/b", &format!("blobs/{his_digest}")), BOB).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.unwrap() == his);
+    agent.wait_stored(&his_digest).await.unwrap();
+    let manifest = reqwest::Client::new()
+        .get(format!("{}/v2/private/b/manifests/v1", reg.url()))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .bearer_auth(reg.tokens.token(BOB, &["repository:private/b:pull"]).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let manifest_digest = digest_of(&manifest);
+    let resp = fetch(Method::GET, &at("private/b", &format!("manifests/{manifest_digest}")), BOB).await.unwrap();
+    assert!(resp.status() == 200 && resp.bytes().await.unwrap() == manifest, "bob reads his manifest through the mirror");
+    let resp = fetch(Method::GET, &at("private/a", &format!("blobs/{her_digest}")), ALICE).await.unwrap();
+    assert!(resp.status() == 200 && resp.bytes().await.unwrap() == hers);
+
+    // Alice names bob's digests under her repository, his, and the public one: the registry
+    // answers for her (404 or 401), never the cache.
+    for repo in ["private/a", "private/b", "public/x"] {
+        for (what, secret) in [(format!("blobs/{his_digest}"), &his[..]), (format!("manifests/{manifest_digest}"), &manifest[..])] {
+            for user in [ALICE, None] {
+                let resp = fetch(Method::GET, &at(repo, &what), user).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.bytes().await.unwrap_or_default();
+                assert!(status != 200 && body != secret, "{user:?} read {what} under {repo}: {status}");
+            }
+        }
+    }
+    assert_eq!(reg.blob_fetches(&his_digest).len(), 1, "only bob's pull fetched his blob: {:?}", reg.blob_fetches(&his_digest));
+}

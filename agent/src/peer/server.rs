@@ -227,22 +227,22 @@ impl Uploads {
 /// The task a request names, if this host may serve it to the requester: held here, fetched
 /// from the registry the request names, and public unless the requester is an authenticated
 /// cluster member. Otherwise the refusal.
-fn servable(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
-    let refused = refusal(serving, task_id, registry);
+async fn servable(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
+    let refused = refusal(serving, task_id, registry).await;
     if refused.is_err() {
         serving.engine.peer_refusal();
     }
     refused
 }
 
-fn refusal(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
+async fn refusal(serving: &Serving, task_id: &str, registry: &str) -> Result<Shared, (Refusal, String)> {
     let Some(shared) = TaskId::parse(task_id).and_then(|id| serving.engine.shared(&id)) else {
         return Err((Refusal::NotFound, "task not found".into()));
     };
     if shared.registry().as_deref() != Some(registry) {
         return Err((Refusal::NotFound, format!("task not found from registry {registry:?}")));
     }
-    if !serving.authenticated && !shared.is_public() {
+    if !serving.authenticated && !serving.engine.shareable(&shared).await {
         return Err((Refusal::Forbidden, "private blob: shared only over mutual TLS with the cluster CA".into()));
     }
     Ok(shared)
@@ -262,7 +262,7 @@ async fn serve_stream(serving: &Serving, mut send: quinn::SendStream, mut recv: 
                 refusal: refusal as i32,
                 ..Default::default()
             };
-            let shared = match servable(serving, &g.task_id, &g.registry) {
+            let shared = match servable(serving, &g.task_id, &g.registry).await {
                 Ok(shared) => shared,
                 Err((refusal, reason)) => {
                     wire::write(&mut send, &refuse(refusal, &reason)).await?;
@@ -334,7 +334,7 @@ async fn serve_stream(serving: &Serving, mut send: quinn::SendStream, mut recv: 
             if seed {
                 start_for_child(serving, &s).await;
             }
-            let shared = match servable(serving, &s.task_id, &s.registry) {
+            let shared = match servable(serving, &s.task_id, &s.registry).await {
                 Ok(shared) => shared,
                 Err((refusal, reason)) => {
                     let refused = PieceUpdate { error: reason, refusal: refusal as i32, ..Default::default() };
