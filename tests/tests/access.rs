@@ -184,3 +184,58 @@ async fn a_user_let_into_one_repository_reads_nothing_cached_from_another() {
     }
     assert_eq!(reg.blob_fetches(&his_digest).len(), 1, "only bob's pull fetched his blob: {:?}", reg.blob_fetches(&his_digest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_preheat_calling_a_private_image_public_unlocks_nothing_while_the_registry_is_down() {
+    use shoal_proto::scheduler as pb;
+    use shoal_tests::{p2p_config, Containerd, Scheduler};
+    let mut registry = Registry::start(Some(("alice", "s3cret"))).await.unwrap();
+    registry.push_image("private/app", "v1", &[("/secret.txt", b"for alice only\n".to_vec())]).await.unwrap();
+    let image = format!("{}/private/app:v1", registry.host());
+    // An open scheduler (as `shoal up`'s): anyone who reaches it may preheat.
+    let scheduler = Scheduler::start().await.unwrap();
+    let node = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let alice = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    assert!(alice.pull(&image, Some("alice:s3cret")).unwrap().status.success(), "{}", node.log());
+
+    // The attacker records alice's manifest in the cluster, marked public.
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let body = reqwest::Client::new()
+        .get(format!("{}/v2/private/app/manifests/v1", registry.url()))
+        .basic_auth("alice", Some("s3cret"))
+        .header("Accept", accept)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let digest = digest_of(&body);
+    let layers = registry.image_blobs("private/app", "v1").await.unwrap();
+    let forged = pb::Manifest {
+        registry: registry.host(),
+        repository: "private/app".into(),
+        reference: "v1".into(),
+        digest: digest.clone(),
+        media_type: accept.into(),
+        body,
+        public: true,
+    };
+    let blobs = layers
+        .iter()
+        .map(|(d, len)| pb::Origin { registry: registry.host(), repository: "private/app".into(), digest: d.clone(), length: *len })
+        .collect();
+    let mut client = pb::scheduler_client::SchedulerClient::connect(format!("http://{}", scheduler.addr())).await.unwrap();
+    client.preheat(pb::PreheatRequest { blobs, scope: "all".into(), manifests: vec![forged] }).await.unwrap();
+
+    registry.stop();
+    let stranger = Containerd::start(&registry.host(), &node.mirror()).await.unwrap();
+    let out = stranger.pull(&image, None).unwrap();
+    assert!(!out.status.success(), "a client without credentials got the private image through a forged preheat");
+    for what in [format!("manifests/{digest}"), format!("manifests/v1"), format!("blobs/{}", layers[1].0)] {
+        let (status, _) = get(&url(&node, &registry.host(), "private/app", &what), None, None).await;
+        assert_ne!(status, 200, "{what} without credentials");
+    }
+}
