@@ -44,12 +44,15 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         return Ok(Route::Root);
     }
     let rest = path.strip_prefix("/v2/").ok_or_else(|| ApiError::not_found(path))?;
-    if let Some((repository, digest)) = rest.rsplit_once("/blobs/") {
+    // The reference is the last segment and the kind the one before it: a repository may have a
+    // component named `blobs` or `manifests` itself (`team/blobs`).
+    let (name_and_kind, reference) = rest.rsplit_once('/').ok_or_else(|| ApiError::not_found(path))?;
+    if let Some(repository) = name_and_kind.strip_suffix("/blobs") {
         check_repository(repository)?;
-        let digest = digest.parse::<Digest>().map_err(|e| ApiError::digest_invalid(e.to_string()))?;
+        let digest = reference.parse::<Digest>().map_err(|e| ApiError::digest_invalid(e.to_string()))?;
         return Ok(Route::Blob { repository: repository.into(), digest });
     }
-    if let Some((repository, reference)) = rest.rsplit_once("/manifests/") {
+    if let Some(repository) = name_and_kind.strip_suffix("/manifests") {
         check_repository(repository)?;
         let reference = if reference.contains(':') {
             ManifestRef::Digest(reference.parse::<Digest>().map_err(|e| ApiError::digest_invalid(e.to_string()))?)
@@ -154,6 +157,24 @@ mod tests {
     }
 
     #[test]
+    fn repositories_with_a_blobs_or_manifests_component_are_routed() {
+        // Found by fuzzing (agent/fuzz, mirror_route): the manifests of `te-app/blobs/s` were
+        // taken for a blob of `te-app` with digest `s/manifests/..`.
+        assert_eq!(
+            route(&Method::GET, "/v2/te-app/blobs/s/manifests/v1").unwrap(),
+            Route::Manifest { repository: "te-app/blobs/s".into(), reference: ManifestRef::Tag("v1".into()) }
+        );
+        assert_eq!(
+            route(&Method::GET, &format!("/v2/team/manifests/blobs/{}", d())).unwrap(),
+            Route::Blob { repository: "team/manifests".into(), digest: d() }
+        );
+        assert_eq!(
+            route(&Method::GET, &format!("/v2/blobs/manifests/{}", d())).unwrap(),
+            Route::Manifest { repository: "blobs".into(), reference: ManifestRef::Digest(d()) }
+        );
+    }
+
+    #[test]
     fn rejects_bad_requests_with_registry_codes() {
         let code = |m: Method, p: &str| route(&m, p).unwrap_err().code;
         assert_eq!(code(Method::GET, "/v2/a/blobs/sha256:1234"), "DIGEST_INVALID");
@@ -164,6 +185,8 @@ mod tests {
         assert_eq!(code(Method::PUT, "/v2/a/manifests/t"), "UNSUPPORTED");
         assert_eq!(code(Method::GET, "/etc/passwd"), "NOT_FOUND");
         assert_eq!(code(Method::GET, "/v2/a/tags/list"), "NOT_FOUND");
+        assert_eq!(code(Method::GET, &format!("/v2/a/blobs/{}/x", d())), "NOT_FOUND");
+        assert_eq!(code(Method::GET, "/v2/blobs"), "NOT_FOUND");
     }
 
     #[test]

@@ -38,13 +38,22 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// Decodes the body of one frame (the bytes its header announced). Sans-IO, so the peer
+/// protocol's decoding is tested and fuzzed without a QUIC stream (`agent/fuzz`).
+pub fn decode<M: Message + Default>(body: &[u8]) -> Result<M, WireError> {
+    if body.len() > MAX_MESSAGE {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    Ok(M::decode(body)?)
+}
+
 /// Reads one message from a QUIC stream.
 pub async fn read<M: Message + Default>(recv: &mut quinn::RecvStream) -> Result<M, WireError> {
     let mut header = [0u8; 4];
     recv.read_exact(&mut header).await?;
     let mut body = vec![0u8; frame_len(header)?];
     recv.read_exact(&mut body).await?;
-    Ok(M::decode(&body[..])?)
+    decode(&body)
 }
 
 /// Longest [`read_end`] waits for a stream's end.
@@ -67,7 +76,7 @@ pub async fn write<M: Message>(send: &mut quinn::SendStream, m: &M) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::peer::{GetPiece, PeerRequest};
+    use shoal_proto::peer::{GetPiece, PeerRequest, PieceHeader, PieceUpdate, Refusal};
 
     #[test]
     fn frames_round_trip_and_oversized_frames_are_refused() {
@@ -84,5 +93,20 @@ mod tests {
         assert_eq!(PeerRequest::decode(&f[4..]).unwrap(), m);
         assert!(matches!(frame_len(((MAX_MESSAGE + 1) as u32).to_be_bytes()), Err(WireError::TooLarge(_))));
         assert!(PeerRequest::decode(&[0xff, 0xff, 0xff][..]).is_err());
+    }
+
+    #[test]
+    fn decode_reads_a_frame_body_and_refuses_malformed_or_oversized_ones() {
+        let header = PieceHeader { number: 3, offset: 1 << 22, length: 1 << 22, blake3: "ab".into(), error: String::new(), refusal: 0 };
+        let f = encode(&header);
+        assert_eq!(decode::<PieceHeader>(&f[4..]).unwrap(), header);
+        let update =
+            PieceUpdate { numbers: vec![0, 1, 5], done: true, task_length: 9, error: String::new(), refusal: Refusal::Busy as i32 };
+        assert_eq!(decode::<PieceUpdate>(&encode(&update)[4..]).unwrap(), update);
+        assert_eq!(decode::<PeerRequest>(&[]).unwrap(), PeerRequest { request: None });
+        // A truncated field and a string that is not UTF-8 are errors, not panics.
+        assert!(matches!(decode::<PieceHeader>(&f[4..f.len() - 1]), Err(WireError::Decode(_))));
+        assert!(matches!(decode::<PieceHeader>(&[0x22, 0x01, 0xff]), Err(WireError::Decode(_))));
+        assert!(matches!(decode::<PieceUpdate>(&vec![0; MAX_MESSAGE + 1]), Err(WireError::TooLarge(_))));
     }
 }
