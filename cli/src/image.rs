@@ -54,6 +54,11 @@ pub fn manifest_blobs(body: &[u8]) -> anyhow::Result<Vec<(Digest, u64)>> {
     for l in manifest.layers() {
         blobs.push((l.digest().to_string().parse()?, l.size()));
     }
+    // Callers add the sizes up and hand them on as OCI sizes, which are int64: past that, a
+    // registry's sizes would wrap (or panic, with overflow checks).
+    if blobs.iter().try_fold(0u64, |total, (_, size)| total.checked_add(*size)).is_none_or(|total| total > i64::MAX as u64) {
+        bail!("reading the image manifest: its blobs add up to more than {} bytes, the most an OCI size (int64) can say", i64::MAX);
+    }
     Ok(blobs)
 }
 
@@ -115,5 +120,19 @@ mod tests {
         let md5 = manifest.replace(LAYER, "md5:0123456789abcdef0123456789abcdef");
         assert!(manifest_blobs(md5.as_bytes()).is_err());
         assert!(manifest_blobs(index().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_manifest_whose_sizes_overflow_is_refused() {
+        let manifest = |config: u64, layer: u64| {
+            format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{CONFIG}","size":{config}}},
+                    "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{LAYER}","size":{layer}}}]}}"#
+            )
+        };
+        let half = 1u64 << 62;
+        assert!(manifest_blobs(manifest(half - 1, half).as_bytes()).is_ok());
+        assert!(manifest_blobs(manifest(half, half).as_bytes()).is_err(), "past i64::MAX");
+        assert!(manifest_blobs(manifest(581, u64::MAX).as_bytes()).is_err(), "past u64::MAX");
     }
 }
