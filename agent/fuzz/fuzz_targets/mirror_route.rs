@@ -1,6 +1,7 @@
 //! Reads arbitrary mirror requests (`agent/src/mirror/route.rs`): the path and method, the `?ns=`
 //! query and the `Range` header. Nothing may panic; a routed repository is a valid repository
-//! name, a namespace a valid registry host, and a partial range a non-empty part of the blob.
+//! name and every valid one is routed, a namespace is a valid registry host, and a partial range
+//! a non-empty part of the blob.
 //!
 //! The input is text, one field per line: method, path, query, `Range` header, blob length.
 
@@ -10,6 +11,7 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 use shoal_agent::mirror::route::{byte_range, namespace, route, ByteRange, ManifestRef, Route};
 use shoal_core::reference::{is_registry_host, is_repository, is_tag};
+use shoal_core::Digest;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -35,6 +37,22 @@ fuzz_target!(|data: &[u8]| {
             assert!(path.ends_with(&format!("/manifests/{reference}")));
         }
         Err(e) => assert!(e.status.is_client_error()),
+    }
+    // Every valid repository name and tag route back to themselves (the path field taken as a
+    // repository, the query field as a tag).
+    if is_repository(path) {
+        let digest = Digest::of(path.as_bytes());
+        let blob = route(&Method::GET, &format!("/v2/{path}/blobs/{digest}"));
+        assert_eq!(blob.ok(), Some(Route::Blob { repository: path.into(), digest: digest.clone() }), "blob of {path:?}");
+        let manifest = route(&Method::HEAD, &format!("/v2/{path}/manifests/{digest}"));
+        assert_eq!(manifest.ok(), Some(Route::Manifest { repository: path.into(), reference: ManifestRef::Digest(digest) }));
+        let tag = query.filter(|t| is_tag(t)).unwrap_or("latest");
+        let manifest = route(&Method::GET, &format!("/v2/{path}/manifests/{tag}"));
+        assert_eq!(
+            manifest.ok(),
+            Some(Route::Manifest { repository: path.into(), reference: ManifestRef::Tag(tag.into()) }),
+            "{path:?}:{tag}"
+        );
     }
     if method != Method::GET && method != Method::HEAD {
         assert!(route(&method, "/v2/").is_err(), "{method} must be refused");
