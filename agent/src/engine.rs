@@ -399,8 +399,7 @@ impl Engine {
         if let Some(t) = self.tasks().get(&id) {
             return (t.registry == registry).then(|| t.len());
         }
-        let len = self.store.complete_len(&id)?;
-        self.store.complete(&id).filter(|f| f.registry().as_deref() == Some(registry)).map(|_| len)
+        self.store.complete_len_from(&id, registry)
     }
 
     /// The task holding `origin`'s blob, complete or downloading the whole blob, if this host has

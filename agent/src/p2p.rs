@@ -389,8 +389,7 @@ impl P2p {
                         // Not reachable from here (now): the scheduler offers others instead of
                         // this one again.
                         if d.parents.contains_key(&parent) {
-                            let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
-                            d.on_failure(first_missing, &parent, reason, true, &events);
+                            d.on_failure(d.first_missing(), &parent, reason, true, &events);
                         }
                     } else if let ParentNews::Refused(reason) = news {
                         d.refused(&parent, &reason, &events);
@@ -398,8 +397,7 @@ impl P2p {
                         d.on_update(&parent, update);
                     } else if ended && !complete && had_pieces {
                         // The parent went away mid-download: say so, get others.
-                        let first_missing = task.file.bitmap().missing_runs(0..task.layout.count()).first().map_or(0, |r| r.start);
-                        d.on_failure(first_missing, &parent, "its piece subscription ended".into(), true, &events);
+                        d.on_failure(d.first_missing(), &parent, "its piece subscription ended".into(), true, &events);
                     } else if ended && !complete {
                         // It never had the task (it registered but had not started): not its
                         // fault, so nothing is reported; ask for others.
@@ -656,14 +654,12 @@ impl Download {
             debug!(task = %self.task.id, %parent, %reason, ?backoff, "parent refused the task again");
         }
         self.drop_parent(parent);
-        let first_missing = self.task.file.bitmap().missing_runs(0..self.task.layout.count()).first().map_or(0, |r| r.start);
-        let failed = pb::PieceFailed {
-            number: first_missing,
-            parent_host_id: parent.to_string(),
-            reason: format!("refused: {reason}"),
-            unreachable: true,
-        };
-        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
+        report_parent_failed(self.first_missing(), parent, format!("refused: {reason}"), true, events);
+    }
+
+    /// The first piece not here yet (0 when all are), which a parent failure is reported against.
+    fn first_missing(&self) -> u32 {
+        self.task.file.bitmap().missing_runs(0..self.task.layout.count()).first().map_or(0, |r| r.start)
     }
 
     /// Registers again: the scheduler answers with a new decision.
@@ -897,8 +893,7 @@ impl Download {
         self.forget_fetch(n, parent);
         warn!(task = %self.task.id, piece = n, %parent, %reason, unreachable, "piece from parent failed; reporting it");
         self.drop_parent(parent);
-        let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason, unreachable };
-        let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
+        report_parent_failed(n, parent, reason, unreachable, events);
     }
 
     /// Fetches `pieces` from the origin for the cluster, while the rest comes from parents.
@@ -1002,6 +997,13 @@ async fn preheat_blob(engine: &Arc<Engine>, blob: &pb::Origin) -> Result<(), Str
             }
         }
     }
+}
+
+/// Tells the scheduler that `parent` failed this host at piece `n`; when it was `unreachable` (or
+/// refused the task) the scheduler avoids it for this child only.
+fn report_parent_failed(n: u32, parent: &str, reason: String, unreachable: bool, events: &Events) {
+    let failed = pb::PieceFailed { number: n, parent_host_id: parent.to_string(), reason, unreachable };
+    let _ = events.send(pb::PeerEvent { event: Some(Event::PieceFailed(failed)) });
 }
 
 /// Tells the scheduler that piece `n` of `task` is here, with its digest.

@@ -185,12 +185,15 @@ struct State {
     removals: u64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Entry {
     len: u64,
     /// Bytes of the pieces written; the whole length once complete.
     stored: u64,
     complete: bool,
+    /// The registry the bytes come from (`meta.json`'s), kept here so a request can be matched
+    /// against it without opening the task.
+    registry: Option<String>,
 }
 
 impl State {
@@ -287,9 +290,11 @@ impl Store {
                     info!(task = %id, "removing a download that never got a piece");
                     let _ = fs::remove_dir_all(&path);
                 }
-                Some((mtime, id, meta)) => {
-                    found.push((mtime, id, Entry { len: meta.layout.len, stored: meta.stored(), complete: meta.complete }))
-                }
+                Some((mtime, id, meta)) => found.push((
+                    mtime,
+                    id,
+                    Entry { len: meta.layout.len, stored: meta.stored(), complete: meta.complete, registry: meta.registry.clone() },
+                )),
                 None => {
                     warn!(path = %path.display(), "removing unreadable task from the store");
                     let _ = fs::remove_dir_all(&path);
@@ -339,6 +344,11 @@ impl Store {
         self.state().entries.get(id).filter(|e| e.complete).map(|e| e.len)
     }
 
+    /// The length of a completed task whose bytes came from `registry`, from memory.
+    pub fn complete_len_from(&self, id: &TaskId, registry: &str) -> Option<u64> {
+        self.state().entries.get(id).filter(|e| e.complete && e.registry.as_deref() == Some(registry)).map(|e| e.len)
+    }
+
     /// A handle on a completed task, marking it recently used; `None` if absent or incomplete.
     pub fn complete(&self, id: &TaskId) -> Option<Arc<TaskFile>> {
         let handle = {
@@ -384,7 +394,7 @@ impl Store {
         self.admit(id, layout.len)?;
         {
             let mut s = self.state();
-            s.entries.insert(id.clone(), Entry { len: layout.len, stored: 0, complete: false });
+            s.entries.insert(id.clone(), Entry { len: layout.len, stored: 0, complete: false, registry: None });
             s.lru.put(id.clone(), ());
         }
         match self.create(id, layout) {
@@ -556,7 +566,16 @@ impl TaskFile {
         }
         m.meta.registry = Some(registry.to_string());
         m.meta.public = public;
-        self.flush_locked(&mut m)
+        self.flush_locked(&mut m)?;
+        if let Some(inner) = self.store.upgrade() {
+            let mut s = inner.state();
+            if s.is_registered(self) {
+                if let Some(e) = s.entries.get_mut(&self.id) {
+                    e.registry = Some(registry.to_string());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// blake3 of piece `n`, if present.
@@ -934,6 +953,26 @@ mod tests {
         assert_eq!(buf, [7; 4]);
         assert_eq!(t.read_vec((2 << 20) - 2, 4).unwrap(), vec![7, 7, 0, 0]);
         assert_eq!(t.read_vec(3 << 20, 10).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn a_complete_task_answers_its_length_only_for_its_registry_also_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PieceLayout { len: 10, piece_size: 1 << 20 };
+        {
+            let s = store(dir.path(), 100 << 20);
+            let t = s.open_task(&task(1), layout).unwrap();
+            t.write_at(0, &[1; 10]).unwrap();
+            t.piece_written(0, "x".into()).unwrap();
+            t.set_origin("a.example", false).unwrap();
+            assert_eq!(s.complete_len_from(&task(1), "a.example"), None, "not complete yet");
+            t.mark_complete().unwrap();
+            assert_eq!(s.complete_len_from(&task(1), "a.example"), Some(10));
+            assert_eq!(s.complete_len_from(&task(1), "b.example"), None);
+        }
+        let s = store(dir.path(), 100 << 20);
+        assert_eq!(s.complete_len_from(&task(1), "a.example"), Some(10));
+        assert_eq!(s.complete_len_from(&task(1), "b.example"), None);
     }
 
     #[test]

@@ -32,10 +32,8 @@ impl Mirror {
             authorization: call.authorization.clone(),
         };
         let auth = call.authorization.as_ref();
-        let known = match self.access.allowed(&call.registry, &repository, &digest, auth, Freshness::Online) {
-            true => self.engine.known_len(&call.registry, &digest),
-            false => None,
-        };
+        let allowed = self.access.allowed(&call.registry, &repository, &digest, auth, Freshness::Online);
+        let known = if allowed { self.engine.known_len(&call.registry, &digest) } else { None };
         let (len, public) = match known {
             Some(len) => (len, false),
             None => match self.check(call, &repository, &digest).await? {
