@@ -27,7 +27,7 @@ use shoal_fuse::layer::apply_layer;
 use shoal_fuse::tree::{BuildOptions, ChunkDict, TreeBuilder};
 use shoal_fuse::{
     Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_VALUE, BOOTSTRAP_MEDIA_TYPE, CHUNK_BLOB_MEDIA_TYPE, FORMAT_ANNOTATION,
-    FORMAT_ANNOTATION_VALUE,
+    FORMAT_ANNOTATION_VALUE, SNAPSHOT_LAYER_ANNOTATION, SNAPSHOT_LAYER_BOOTSTRAP, SNAPSHOT_LAYER_CHUNKS,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -488,13 +488,24 @@ async fn push(
 
     let mut layer_descriptors: Vec<serde_json::Value> = blobs
         .iter()
-        .map(|(digest, size)| serde_json::json!({ "mediaType": CHUNK_BLOB_MEDIA_TYPE, "digest": digest.to_string(), "size": size }))
+        .map(|(digest, size)| {
+            serde_json::json!({
+                "mediaType": CHUNK_BLOB_MEDIA_TYPE,
+                "digest": digest.to_string(),
+                "size": size,
+                "annotations": { SNAPSHOT_LAYER_ANNOTATION: SNAPSHOT_LAYER_CHUNKS },
+            })
+        })
         .collect();
     layer_descriptors.push(serde_json::json!({
         "mediaType": BOOTSTRAP_MEDIA_TYPE,
         "digest": bootstrap_digest.to_string(),
         "size": built.bootstrap_bytes.len(),
-        "annotations": { BOOTSTRAP_ANNOTATION: BOOTSTRAP_ANNOTATION_VALUE, FORMAT_ANNOTATION: FORMAT_ANNOTATION_VALUE },
+        "annotations": {
+            BOOTSTRAP_ANNOTATION: BOOTSTRAP_ANNOTATION_VALUE,
+            FORMAT_ANNOTATION: FORMAT_ANNOTATION_VALUE,
+            SNAPSHOT_LAYER_ANNOTATION: SNAPSHOT_LAYER_BOOTSTRAP,
+        },
     }));
     let diff_ids: Vec<String> = blobs.iter().map(|(d, _)| d.to_string()).chain([bootstrap_digest.to_string()]).collect();
     let config = Bytes::from(converted_config(&image.config, &diff_ids)?);

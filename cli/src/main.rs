@@ -57,6 +57,13 @@ enum Command {
     /// read, through the local agent's mirror. Runs until SIGTERM or SIGINT.
     #[command(after_help = mount::EXAMPLES)]
     Mount(mount::MountArgs),
+    /// Run the containerd snapshotter alone ([snapshotter] socket, default
+    /// /run/shoal/snapshotter.sock; `[snapshotter] enabled` runs it inside the agent instead).
+    /// Every image gets overlayfs snapshots; an image converted by `shoal build` is mounted
+    /// lazily instead of downloaded and unpacked. containerd needs `[proxy_plugins.shoal]
+    /// type = "snapshot" address = "<socket>"`, and CRI `snapshotter = "shoal"` with
+    /// `disable_snapshot_annotations = false`.
+    Snapshotter(DaemonArgs),
 }
 
 /// Options shared by the long-running roles.
@@ -125,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             Command::Preheat(args) => preheat::run(args).await,
             Command::Build(args) => build::run(args).await,
             Command::Mount(args) => mount::run(args).await,
+            Command::Snapshotter(args) => snapshotter(args).await,
         }
     })
 }
@@ -150,8 +158,43 @@ fn prepare(args: &DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<
 
 async fn daemon(args: DaemonArgs, role: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
     let Some((config, shutdown)) = prepare(&args, role)? else { return Ok(()) };
-    shoal_agent::run(config, shutdown).await?;
+    run_agent(&args, config, shutdown).await
+}
+
+/// The agent, with the snapshotter beside it when `[snapshotter] enabled`; either ending
+/// stops the other.
+async fn run_agent(args: &DaemonArgs, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let snapshotter = match config.snapshotter.enabled {
+        true => Some(tokio::spawn(shoal_snapshotter::run(snapshotter_settings(args, &config)?, shutdown.clone()))),
+        false => None,
+    };
+    let agent = shoal_agent::run(config, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(s) = snapshotter {
+        s.await.context("the snapshotter task")?.context("snapshotter")?;
+    }
+    agent?;
     Ok(())
+}
+
+/// The snapshotter's settings: its lazy mounts run this binary with this process's config.
+fn snapshotter_settings(args: &DaemonArgs, config: &Config) -> anyhow::Result<shoal_snapshotter::Settings> {
+    Ok(shoal_snapshotter::Settings {
+        root: config.snapshotter.root(&config.data_dir),
+        socket: config.snapshotter.socket.clone(),
+        shoal: std::env::current_exe().context("finding the shoal binary for lazy mounts")?,
+        config: args.config.clone(),
+        env: vec![
+            ("SHOAL_DATA_DIR".into(), config.data_dir.display().to_string()),
+            ("SHOAL_MIRROR__LISTEN".into(), config.mirror.listen.to_string()),
+        ],
+        mount_timeout: std::time::Duration::from_secs(config.snapshotter.mount_timeout_seconds),
+    })
+}
+
+async fn snapshotter(args: DaemonArgs) -> anyhow::Result<()> {
+    let Some((config, shutdown)) = prepare(&args, |_| {})? else { return Ok(()) };
+    shoal_snapshotter::run(snapshotter_settings(&args, &config)?, shutdown).await
 }
 
 /// `addr` with 127.0.0.1 for an unspecified IP: where the all-in-one node listens.
@@ -183,11 +226,10 @@ async fn up(args: DaemonArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %scheduler_addr, "embedded scheduler listening");
     let access = shoal_scheduler::service::access(&config.scheduler)?;
     let scheduler = tokio::spawn(shoal_scheduler::service::serve(listener, limits(&config), access, shutdown.clone()));
-    let agent = shoal_agent::run(config, shutdown.clone()).await;
+    let agent = run_agent(&args, config, shutdown.clone()).await;
     shutdown.cancel();
     let _ = scheduler.await;
-    agent?;
-    Ok(())
+    agent
 }
 
 fn limits(config: &Config) -> shoal_scheduler::parents::Limits {

@@ -33,6 +33,8 @@ pub struct Config {
     pub peer: PeerConfig,
     /// The scheduler role (`shoal scheduler`).
     pub scheduler: SchedulerConfig,
+    /// The containerd snapshotter (`shoal snapshotter`, or inside the agent).
+    pub snapshotter: SnapshotterConfig,
     /// Per-registry settings, keyed by registry host as containerd names it (`docker.io`, `127.0.0.1:5000`).
     pub registry: BTreeMap<String, RegistryConfig>,
 }
@@ -236,6 +238,37 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The containerd snapshotter: containerd's `[proxy_plugins.shoal]` (`type = "snapshot"`)
+/// names `socket`, and CRI's `snapshotter = "shoal"` makes every image's snapshots come from it,
+/// Shoal images' lazily.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotterConfig {
+    /// Run the snapshotter inside `shoal agent`, `shoal seed` and `shoal up` (`shoal snapshotter`
+    /// runs it alone either way).
+    pub enabled: bool,
+    /// The unix socket containerd's proxy plugin `address` names.
+    pub socket: PathBuf,
+    /// Where snapshots and their metadata live. Default: `<data_dir>/snapshotter`. Keep it on
+    /// a filesystem overlayfs accepts as upper (ext4, xfs), not on tmpfs for large images.
+    pub root: Option<PathBuf>,
+    /// Seconds a Shoal image's lazy mount may take to come up before its pull fails.
+    pub mount_timeout_seconds: u64,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> SnapshotterConfig {
+        SnapshotterConfig { enabled: false, socket: PathBuf::from("/run/shoal/snapshotter.sock"), root: None, mount_timeout_seconds: 60 }
+    }
+}
+
+impl SnapshotterConfig {
+    /// The snapshot root for a store in `data_dir`.
+    pub fn root(&self, data_dir: &Path) -> PathBuf {
+        self.root.clone().unwrap_or_else(|| data_dir.join("snapshotter"))
+    }
+}
+
 /// Settings for one registry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -272,6 +305,7 @@ impl Default for Config {
             download: DownloadConfig::default(),
             peer: PeerConfig::default(),
             scheduler: SchedulerConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
             registry: BTreeMap::new(),
         }
     }
@@ -590,6 +624,18 @@ enough_peers = 2
 # agent_token_file = "/etc/shoal/tokens/agent"
 # seed_token_file = "/etc/shoal/tokens/seed"
 # preheat_token_file = "/etc/shoal/tokens/preheat"
+
+[snapshotter]
+# Run the containerd snapshotter inside `shoal agent`, `seed` and `up` (`shoal snapshotter` runs
+# it alone). containerd's config then has [proxy_plugins.shoal] type = "snapshot",
+# address = <socket>, and CRI's snapshotter = "shoal" with disable_snapshot_annotations = false.
+enabled = false
+# The unix socket containerd's proxy plugin address names.
+socket = "/run/shoal/snapshotter.sock"
+# Where snapshots and their metadata live. Default: <data_dir>/snapshotter.
+# root = "/var/lib/shoal/snapshotter"
+# Seconds a Shoal image's lazy mount may take to come up before its pull fails.
+mount_timeout_seconds = 60
 
 # Per-registry settings, keyed by the host containerd uses for the image.
 # [registry."docker.io"]

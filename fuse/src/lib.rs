@@ -47,11 +47,24 @@ pub use chunk::{chunk_digest, compress_chunk, decompress_chunk, ChunkBlobWriter,
 pub use format::{Attr, Blob, Bootstrap, Chunk, DirEntry, FileChunk, FileKind, FormatError, Timestamp};
 pub use tree::{BuildError, BuildOptions, BuiltImage, ChunkDict, LayerOutcome, TreeBuilder};
 
-/// Media type of a chunk blob layer.
-pub const CHUNK_BLOB_MEDIA_TYPE: &str = "application/vnd.shoal.chunks.v1";
+/// Media type of a chunk blob layer. containerd takes media types under
+/// `application/vnd.oci.image.layer.` for layers, and leaves fetching a layer to its snapshotter's
+/// answer: so a Shoal image's blobs are not downloaded by a pull that the snapshotter serves.
+pub const CHUNK_BLOB_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.shoal.chunks.v1";
 
 /// Media type of the bootstrap layer (zstd-compressed).
-pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.shoal.bootstrap.v1+zstd";
+pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.shoal.bootstrap.v1+zstd";
+
+/// Layer annotation that containerd passes to its snapshotter as a snapshot label (it passes
+/// every annotation under `containerd.io/snapshot/`): [`SNAPSHOT_LAYER_CHUNKS`] on chunk blobs,
+/// [`SNAPSHOT_LAYER_BOOTSTRAP`] on the bootstrap.
+pub const SNAPSHOT_LAYER_ANNOTATION: &str = "containerd.io/snapshot/shoal.layer";
+
+/// [`SNAPSHOT_LAYER_ANNOTATION`] on a chunk blob.
+pub const SNAPSHOT_LAYER_CHUNKS: &str = "chunks";
+
+/// [`SNAPSHOT_LAYER_ANNOTATION`] on the bootstrap.
+pub const SNAPSHOT_LAYER_BOOTSTRAP: &str = "bootstrap";
 
 /// Annotation key marking the bootstrap layer, with value [`BOOTSTRAP_ANNOTATION_VALUE`].
 pub const BOOTSTRAP_ANNOTATION: &str = "dev.shoal.bootstrap";

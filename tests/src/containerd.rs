@@ -17,13 +17,18 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd; images of `registry` are pulled through `mirror` (`http://127.0.0.1:port`).
     pub async fn start(registry: &str, mirror: &str) -> anyhow::Result<Containerd> {
+        Containerd::start_with(registry, mirror, "").await
+    }
+
+    /// [`Containerd::start`] with `extra` appended to its config (e.g. a `[proxy_plugins.*]` table).
+    pub async fn start_with(registry: &str, mirror: &str, extra: &str) -> anyhow::Result<Containerd> {
         require("containerd");
         require("ctr");
         require("runc");
         let dir = tempfile::Builder::new().prefix("shoal-containerd-").tempdir()?;
         let d = dir.path().to_path_buf();
         let config = format!(
-            "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\n[grpc]\n  address = \"{}/containerd.sock\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
+            "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\n[grpc]\n  address = \"{}/containerd.sock\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n{extra}",
             d.display(),
             d.display(),
             d.display()
