@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::Args;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::Digest as _;
@@ -45,7 +46,7 @@ pub struct GetArgs {
 }
 
 /// Where bytes come from.
-enum Fetcher {
+pub(crate) enum Fetcher {
     /// Through a running agent's registry mirror.
     Mirror { http: reqwest::Client, base: String },
     /// An engine in this process, with its own store.
@@ -78,20 +79,29 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
 }
 
 async fn fetcher(args: &GetArgs, config: Config) -> anyhow::Result<Fetcher> {
-    if !args.no_agent {
-        let base = format!("http://{}", args.mirror.clone().unwrap_or_else(|| config.mirror.listen.to_string()));
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
-        let probe = http.get(format!("{base}/v2/")).timeout(Duration::from_secs(2)).send().await;
-        match probe {
-            Ok(r) if r.status().is_success() => return Ok(Fetcher::Mirror { http, base }),
-            _ if args.mirror.is_some() => bail!("the mirror at {base} does not answer"),
-            _ => {}
+    Fetcher::new(args.mirror.as_deref(), args.no_agent, config).await
+}
+
+impl Fetcher {
+    /// Through the agent's mirror at `mirror` (default: [mirror] listen) when it answers, unless
+    /// `no_agent`; else an engine in this process, using data_dir.
+    pub(crate) async fn new(mirror: Option<&str>, no_agent: bool, config: Config) -> anyhow::Result<Fetcher> {
+        if !no_agent {
+            let addr = mirror.map(String::from).unwrap_or_else(|| config.mirror.listen.to_string());
+            let base = if addr.starts_with("http://") || addr.starts_with("https://") { addr } else { format!("http://{addr}") };
+            let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
+            let probe = http.get(format!("{base}/v2/")).timeout(Duration::from_secs(2)).send().await;
+            match probe {
+                Ok(r) if r.status().is_success() => return Ok(Fetcher::Mirror { http, base }),
+                _ if mirror.is_some() => bail!("the mirror at {base} does not answer"),
+                _ => {}
+            }
         }
+        let store = Store::open(&config.data_dir, config.store.quota.0, config.store.high_watermark, config.store.low_watermark)?;
+        let rate = config.download.rate_limit.0;
+        let registry = Arc::new(RegistryClient::new(Arc::new(config)));
+        Ok(Fetcher::Local { engine: Arc::new(Engine::new(store, registry, rate, &Metrics::new())) })
     }
-    let store = Store::open(&config.data_dir, config.store.quota.0, config.store.high_watermark, config.store.low_watermark)?;
-    let rate = config.download.rate_limit.0;
-    let registry = Arc::new(RegistryClient::new(Arc::new(config)));
-    Ok(Fetcher::Local { engine: Arc::new(Engine::new(store, registry, rate, &Metrics::new())) })
 }
 
 /// `scheme://registry/v2/<repo>/blobs/<digest>` → (scheme, registry, repo, digest); `None` when the
@@ -159,7 +169,7 @@ async fn get_image(fetcher: &Fetcher, r: &Reference, platform: &str, out: &Path)
 }
 
 impl Fetcher {
-    async fn manifest(&self, registry: &str, repository: &str, reference: &str) -> anyhow::Result<(Bytes, Option<String>)> {
+    pub(crate) async fn manifest(&self, registry: &str, repository: &str, reference: &str) -> anyhow::Result<(Bytes, Option<String>)> {
         let resp = match self {
             Fetcher::Mirror { http, base } => http
                 .get(format!("{base}/v2/{repository}/manifests/{reference}"))
@@ -177,20 +187,15 @@ impl Fetcher {
         Ok((resp.bytes().await?, media_type))
     }
 
-    /// Downloads one blob to `path`, checking its digest.
-    async fn blob(
+    /// One blob's bytes as a stream (unchecked), and its length when the source tells it.
+    pub(crate) async fn stream(
         &self,
         registry: &str,
         repository: &str,
         digest: &Digest,
         size: Option<u64>,
-        path: &Path,
-        pb: &ProgressBar,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<(BoxStream<'static, anyhow::Result<Bytes>>, Option<u64>)> {
         let what = format!("blob {digest} from {registry}/{repository}");
-        let tmp = path.with_extension("partial");
-        let mut file = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
-        let mut hasher = sha2::Sha256::new();
         match self {
             Fetcher::Mirror { http, base } => {
                 let resp = http
@@ -202,16 +207,8 @@ impl Fetcher {
                 if !resp.status().is_success() {
                     bail!("{what}: {}", resp.status());
                 }
-                if size.is_none() {
-                    pb.set_length(resp.content_length().unwrap_or(0));
-                }
-                let mut body = resp.bytes_stream();
-                while let Some(chunk) = body.next().await {
-                    let chunk = chunk.with_context(|| what.clone())?;
-                    hasher.update(&chunk);
-                    file.write_all(&chunk).await?;
-                    pb.inc(chunk.len() as u64);
-                }
+                let len = size.or(resp.content_length());
+                Ok((resp.bytes_stream().map(move |c| c.with_context(|| what.clone())).boxed(), len))
             }
             Fetcher::Local { engine } => {
                 let origin =
@@ -225,31 +222,52 @@ impl Fetcher {
                         if !resp.status().is_success() {
                             bail!("{what}: {}", resp.status());
                         }
-                        let len = shoal_core::registry::header_len(&resp).ok_or_else(|| anyhow!("{what}: the registry gave no length"))?;
-                        pb.set_length(len);
-                        len
+                        shoal_core::registry::header_len(&resp).ok_or_else(|| anyhow!("{what}: the registry gave no length"))?
                     }
                 };
-                let mut reader = match engine.open(&origin, len).await {
+                let reader = match engine.open(&origin, len).await {
                     Opened::Task(t) => engine.reader(t, 0..len, true),
                     Opened::Direct(e) => {
                         tracing::warn!(error = %e, "not storing {digest}");
                         engine.direct_reader(origin, 0..len)
                     }
                 };
-                while let Some(chunk) = reader.next_chunk().await {
-                    let chunk = chunk.with_context(|| what.clone())?;
-                    hasher.update(&chunk);
-                    file.write_all(&chunk).await?;
-                    pb.inc(chunk.len() as u64);
-                }
+                let chunks = futures_util::stream::unfold(reader, |mut reader| async move {
+                    reader.next_chunk().await.map(|chunk| (chunk.map_err(anyhow::Error::from), reader))
+                });
+                Ok((chunks.map(move |c| c.with_context(|| what.clone())).boxed(), Some(len)))
             }
+        }
+    }
+
+    /// Downloads one blob to `path`, checking its digest.
+    async fn blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        size: Option<u64>,
+        path: &Path,
+        pb: &ProgressBar,
+    ) -> anyhow::Result<()> {
+        let tmp = path.with_extension("partial");
+        let mut file = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let (mut body, len) = self.stream(registry, repository, digest, size).await?;
+        if size.is_none() {
+            pb.set_length(len.unwrap_or(0));
+        }
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+            pb.inc(chunk.len() as u64);
         }
         file.flush().await?;
         let actual = Digest::from_hasher(hasher);
         if &actual != digest {
             let _ = tokio::fs::remove_file(&tmp).await;
-            bail!("{what}: content has digest {actual}");
+            bail!("blob {digest} from {registry}/{repository}: content has digest {actual}");
         }
         tokio::fs::rename(&tmp, path).await?;
         Ok(())

@@ -1,6 +1,11 @@
 //! Importing a resolved image into a node's containerd: its blobs into the content store, an image
 //! record naming it, and its layers unpacked into snapshots, so that a later `ctr run` (or a pod
 //! start) needs no pull at all. Blobs are read through the node's agent, so they come from peers.
+//!
+//! A Shoal image (`shoal build`'s, its layers annotated `containerd.io/snapshot/shoal.layer`) is
+//! imported lazily: only manifests and config go into the content store, and each layer's
+//! snapshot is prepared with the labels CRI would pass, which Shoal's snapshotter answers by
+//! mounting the image lazily instead of asking for the layer's bytes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +27,7 @@ use containerd_client::services::v1::{
 use containerd_client::types::Descriptor;
 use futures_util::{Stream, StreamExt};
 use indicatif::ProgressBar;
-use oci_spec::image::{ImageConfiguration, ImageManifest};
+use oci_spec::image::ImageManifest;
 use sha2::{Digest as _, Sha256};
 use shoal_core::Digest;
 use tokio::sync::mpsc;
@@ -183,7 +188,16 @@ impl Containerd {
     }
 
     /// Unpacks `layers` (in order) into snapshots; returns the top snapshot's name (chain id).
-    async fn unpack(&self, snapshotter: &str, layers: &[Descriptor], diff_ids: &[String]) -> anyhow::Result<String> {
+    /// With `lazy` (the image reference and manifest digest), the layers are a Shoal image's:
+    /// each is prepared with the labels of a remote snapshot, and the snapshotter must answer
+    /// that it has it.
+    async fn unpack(
+        &self,
+        snapshotter: &str,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+        lazy: Option<(&str, &str)>,
+    ) -> anyhow::Result<String> {
         if layers.len() != diff_ids.len() {
             bail!("image has {} layers but its config lists {} diff ids", layers.len(), diff_ids.len());
         }
@@ -197,18 +211,24 @@ impl Containerd {
                 continue;
             }
             let key = format!("shoal-extract-{}-{chain}", std::process::id());
-            let prepare = PrepareSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                key: key.clone(),
-                parent: parent.clone(),
-                labels: HashMap::new(),
+            let labels = match lazy {
+                Some((image, manifest)) => remote_labels(layer, &chain, image, manifest),
+                None => HashMap::new(),
             };
-            let mounts = snapshots
-                .prepare(self.request(prepare))
-                .await
-                .map_err(|s| anyhow!("preparing snapshot for layer {}: {}", layer.digest, s.message()))?
-                .into_inner()
-                .mounts;
+            let prepare = PrepareSnapshotRequest { snapshotter: snapshotter.into(), key: key.clone(), parent: parent.clone(), labels };
+            let prepared = snapshots.prepare(self.request(prepare)).await;
+            let mounts = match (prepared, lazy) {
+                (Err(s), Some(_)) if s.code() == Code::AlreadyExists => {
+                    parent = chain;
+                    continue;
+                }
+                (Ok(_), Some(_)) => {
+                    let _ = snapshots.remove(self.request(RemoveSnapshotRequest { snapshotter: snapshotter.into(), key })).await;
+                    bail!("layer {} is a Shoal image's: it can only run on Shoal's snapshotter, and {snapshotter:?} is not", layer.digest);
+                }
+                (Ok(r), None) => r.into_inner().mounts,
+                (Err(s), _) => bail!("preparing snapshot for layer {}: {}", layer.digest, s.message()),
+            };
             let apply = ApplyRequest { diff: Some(layer.clone()), mounts, ..Default::default() };
             let applied = DiffClient::new(self.channel.clone()).apply(self.request(apply)).await;
             let applied = match applied {
@@ -232,6 +252,19 @@ impl Containerd {
         }
         Ok(parent)
     }
+}
+
+/// The labels CRI gives a layer's snapshot at unpack (`disable_snapshot_annotations = false`):
+/// the chain id it becomes, the layer's own `containerd.io/snapshot/` annotations, and which
+/// image and layer it is.
+fn remote_labels(layer: &Descriptor, chain: &str, image: &str, manifest: &str) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> =
+        layer.annotations.iter().filter(|(k, _)| k.starts_with("containerd.io/snapshot/")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    labels.insert("containerd.io/snapshot.ref".into(), chain.into());
+    labels.insert("containerd.io/snapshot/cri.image-ref".into(), image.into());
+    labels.insert("containerd.io/snapshot/cri.manifest-digest".into(), manifest.into());
+    labels.insert("containerd.io/snapshot/cri.layer-digest".into(), layer.digest.clone());
+    labels
 }
 
 /// The chain id of a layer on top of `parent` (empty for the bottom layer), as the OCI spec defines it.
@@ -288,24 +321,39 @@ async fn import_leased(
         media_type: d.media_type().to_string(),
         digest: d.digest().to_string(),
         size: d.size() as i64,
-        annotations: HashMap::new(),
+        annotations: d.annotations().clone().unwrap_or_default().into_iter().collect(),
     };
     let config_desc = descriptor(manifest.config());
     let layers: Vec<Descriptor> = manifest.layers().iter().map(descriptor).collect();
+    let lazy = layers.iter().any(|l| l.annotations.contains_key(shoal_fuse::SNAPSHOT_LAYER_ANNOTATION));
+    if lazy {
+        progress.set_length(manifest.config().size());
+    }
     let config_digest: Digest = config_desc.digest.parse()?;
     let config_bytes = Bytes::from(read_all(fetch(&config_digest).await?).await?);
     let config_body = futures_util::stream::iter([Ok(config_bytes.clone())]).boxed();
     ctd.write(&config_digest, config_desc.size as u64, HashMap::new(), config_body, progress).await?;
-    for layer in &layers {
+    for layer in layers.iter().filter(|_| !lazy) {
         let digest: Digest = layer.digest.parse()?;
         let body = fetch(&digest).await?;
         ctd.write(&digest, layer.size as u64, HashMap::new(), body, progress).await?;
     }
 
     // Unpack, then have the config hold the snapshots and the manifest hold the blobs.
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes).context("reading the image config")?;
-    let diff_ids = config.rootfs().diff_ids().clone();
-    let top = ctd.unpack(target.snapshotter, &layers, &diff_ids).await?;
+    // Only the layers' diff ids are read: the OCI spec makes the rest optional (a Shoal image's
+    // config has no `history`), and containerd reads no more to unpack.
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    let config: Config = serde_json::from_slice(&config_bytes).context("reading the image config's rootfs.diff_ids")?;
+    let diff_ids = config.rootfs.diff_ids;
+    let platform_digest = image.manifests.last().map(|m| m.digest.to_string()).unwrap_or_default();
+    let top = ctd.unpack(target.snapshotter, &layers, &diff_ids, lazy.then_some((image.name.as_str(), platform_digest.as_str()))).await?;
     ctd.label(&config_desc.digest, HashMap::from([(format!("containerd.io/gc.ref.snapshot.{}", target.snapshotter), top)])).await?;
 
     let mut children: Vec<String> = std::iter::once(config_desc.digest.clone()).chain(layers.iter().map(|l| l.digest.clone())).collect();

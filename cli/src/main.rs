@@ -9,6 +9,7 @@ mod learned;
 mod logging;
 mod mount;
 mod preheat;
+mod pull;
 mod status;
 
 use std::net::SocketAddr;
@@ -64,6 +65,12 @@ enum Command {
     /// type = "snapshot" address = "<socket>"`, and CRI `snapshotter = "shoal"` with
     /// `disable_snapshot_annotations = false`.
     Snapshotter(DaemonArgs),
+    /// Pull an image into this node's containerd as CRI does, for `ctr run` without a kubelet:
+    /// an image converted by `shoal build` lazily (manifest and config only; its layers are
+    /// prepared on Shoal's snapshotter, which mounts it), any other image downloaded through the
+    /// local agent and unpacked.
+    #[command(after_help = pull::EXAMPLES)]
+    Pull(pull::PullArgs),
 }
 
 /// Options shared by the long-running roles.
@@ -133,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             Command::Build(args) => build::run(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::Snapshotter(args) => snapshotter(args).await,
+            Command::Pull(args) => pull::run(args).await,
         }
     })
 }

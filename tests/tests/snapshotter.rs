@@ -94,3 +94,51 @@ async fn an_ordinary_image_pulls_and_runs_on_overlayfs_snapshots_and_a_container
     let dirs: Vec<_> = std::fs::read_dir(root.join("snapshots")).unwrap().collect();
     assert!(dirs.is_empty(), "no snapshot directory is left: {dirs:?}");
 }
+
+/// Runs `shoal ARGS...`, failing with its output.
+fn shoal(args: &[&str]) -> String {
+    let out = std::process::Command::new(shoal_tests::shoal_bin()).args(args).stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shoal_image_pulled_with_shoal_pull_runs_lazily_and_reads_only_what_it_needs() {
+    let registry = Registry::start(None).await.unwrap();
+    registry
+        .push_image("team/app", "v1", &[("/big.bin", random_bytes(8 << 20, 3)), ("/hello.txt", b"hello from a lazy image\n".to_vec())])
+        .await
+        .unwrap();
+    let source = format!("{}/team/app:v1", registry.host());
+    let image = format!("{}/team/app:v1-shoal", registry.host());
+    shoal(&["build", &source, &image]);
+    let (sock_dir, agent) = agent_with_snapshotter().await;
+    let ctd = containerd(&registry, &agent, sock_dir.path()).await;
+    let before = registry.hits().len();
+
+    let socket = ctd.socket().display().to_string();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    let printed = ctr_ok(&ctd, &["run", "--rm", "--snapshotter", "shoal", &image, "lazy", "/bin/busybox", "cat", "/hello.txt"]);
+    assert_eq!(printed, "hello from a lazy image\n");
+
+    // The registry sent the manifest, config, bootstrap and the chunks read: not the 8 MiB file.
+    let sent: u64 = registry.hits()[before..].iter().filter(|h| h.method == "GET").map(|h| h.bytes).sum();
+    let total: u64 = registry.image_blobs("team/app", "v1-shoal").await.unwrap().iter().map(|(_, s)| s).sum();
+    assert!(sent < total / 4, "a lazy start fetched {sent} of the image's {total} bytes");
+
+    // The container's rootfs stands on the lazy mount; removing the image stops it.
+    let root = agent.data_dir().join("snapshotter");
+    assert!(!mounts_under(&root.join("remote")).is_empty(), "the image is mounted lazily");
+    ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
+    let start = std::time::Instant::now();
+    while !mounts_under(&root).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
+    assert!(mounts_under(ctd.dir.path()).is_empty());
+}
