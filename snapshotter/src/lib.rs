@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use meta::{Error, Kind, Meta, Remote, Snapshot, Usage};
 use remote::Mounter;
 
-pub use service::serve;
+pub use service::{bind, serve};
 
 /// The label containerd sets on an unpack's Prepare: the chain id the layer will be committed as.
 pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
@@ -343,10 +343,12 @@ fn disk_usage(dir: &Path) -> Usage {
     usage
 }
 
-/// Runs the snapshotter until `shutdown`: opens it, then serves containerd on the socket.
+/// Runs the snapshotter until `shutdown`. The socket is bound first, so containerd's calls
+/// wait (instead of being refused) while the lazy mounts are brought back.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = bind(&settings.socket)?;
     let snapshotter = Snapshotter::open(&settings).await?;
-    serve(snapshotter, &settings.socket, shutdown).await
+    serve(snapshotter, listener, &settings.socket, shutdown).await
 }
 
 #[cfg(test)]

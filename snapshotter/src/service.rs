@@ -13,7 +13,7 @@ use shoal_proto::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use shoal_proto::snapshots::{self as api};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::meta::{Error, Kind, Snapshot};
 use crate::mounts::{matches, parse_filter};
@@ -138,18 +138,28 @@ impl Snapshots for Service {
     }
 }
 
-/// Serves `snapshotter` on the unix socket `socket` (replacing a stale one) until `shutdown`.
-pub async fn serve(snapshotter: Arc<Snapshotter>, socket: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Binds the unix socket `socket`, replacing a stale one, readable by root only.
+pub fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::fs::remove_file(socket) {
-        Ok(()) => warn!(socket = %socket.display(), "replaced a stale snapshotter socket"),
+        Ok(()) => info!(socket = %socket.display(), "replacing the socket of an earlier run"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing the old socket {}", socket.display())),
     }
     let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).with_context(|| format!("securing {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Serves `snapshotter` on `listener` (bound to `socket`) until `shutdown`, then removes the socket.
+pub async fn serve(
+    snapshotter: Arc<Snapshotter>,
+    listener: tokio::net::UnixListener,
+    socket: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     info!(socket = %socket.display(), "snapshotter serving containerd");
     tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service(snapshotter)))
