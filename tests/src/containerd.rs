@@ -23,7 +23,7 @@ impl Containerd {
         let dir = tempfile::Builder::new().prefix("shoal-containerd-").tempdir()?;
         let d = dir.path().to_path_buf();
         let config = format!(
-            "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\n[grpc]\n  address = \"{}/containerd.sock\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
+            "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}/containerd.sock\"\n",
             d.display(),
             d.display(),
             d.display()
