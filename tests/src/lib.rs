@@ -1,10 +1,12 @@
 //! Fixtures for end-to-end tests: a real `docker-registry` (optionally with htpasswd auth, or token
 //! auth scoped per repository with a token server in the test) whose access log tells what the
-//! origin sent, Shoal agents as real processes, and real containerd instances pulling through them.
+//! origin sent, Shoal agents as real processes, and real containerd instances pulling through them
+//! (with `ctr`, or through CRI as the kubelet does).
 //! Every fixture cleans up after itself when dropped, even when the test fails.
 
 pub mod certs;
 pub mod containerd;
+pub mod cri;
 pub mod hostile;
 pub mod lazy;
 pub mod netns;
@@ -19,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use sha2::Digest as _;
 
-pub use containerd::Containerd;
+pub use containerd::{Containerd, CriConfig};
+pub use cri::Cri;
 pub use registry::Registry;
 pub use token_registry::TokenRegistry;
 

@@ -245,17 +245,23 @@ impl Registry {
     /// Builds an image with umoci (busybox in the first layer, then one layer per file) and pushes
     /// it as `repo:tag` with skopeo.
     pub async fn push_image(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
-        let credentials = self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-        self.push_image_as(repo, tag, files, credentials).await
+        self.push_image_running(repo, tag, files, &["/bin/busybox"]).await
     }
 
-    /// [`Registry::push_image`] with `credentials` given to skopeo (it follows Basic and Bearer
-    /// challenges alike).
+    /// [`Registry::push_image`] with `cmd` as the image's command.
+    pub async fn push_image_running(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)], cmd: &[&str]) -> anyhow::Result<()> {
+        let credentials = self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        self.push_image_as(repo, tag, files, cmd, credentials).await
+    }
+
+    /// [`Registry::push_image_running`] with `credentials` given to skopeo (it follows Basic and
+    /// Bearer challenges alike).
     pub(crate) async fn push_image_as(
         &self,
         repo: &str,
         tag: &str,
         files: &[(&str, Vec<u8>)],
+        cmd: &[&str],
         credentials: Option<(&str, &str)>,
     ) -> anyhow::Result<()> {
         for tool in ["umoci", "skopeo", "busybox"] {
@@ -273,7 +279,12 @@ impl Registry {
             std::fs::write(&src, content)?;
             run(Command::new("umoci").args(["insert", "--image", &image]).arg(&src).arg(path))?;
         }
-        run(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/busybox"]))?;
+        let mut config = Command::new("umoci");
+        config.args(["config", "--image", &image]);
+        for arg in cmd {
+            config.arg("--config.cmd").arg(arg);
+        }
+        run(&mut config)?;
         let mut copy = Command::new("skopeo");
         copy.args(["copy", "-q", "--dest-tls-verify=false"]);
         if let Some((u, p)) = credentials {

@@ -285,7 +285,7 @@ impl TokenRegistry {
 
     /// Builds an image (busybox, then one layer per file) and pushes it as `repo:tag`, as the admin.
     pub async fn push_image(&self, repo: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> anyhow::Result<()> {
-        self.registry.push_image_as(repo, tag, files, Some((ADMIN_USER, ADMIN_PASSWORD))).await
+        self.registry.push_image_as(repo, tag, files, &["/bin/busybox"], Some((ADMIN_USER, ADMIN_PASSWORD))).await
     }
 
     /// Digests and sizes of an image's config and layers (read as the admin).
