@@ -44,11 +44,8 @@ async fn agent_with_snapshotter() -> (SnapshotterDir, Agent) {
 
 /// A containerd whose `shoal` snapshotter is the agent's.
 async fn containerd(registry: &Registry, agent: &Agent, sock_dir: &SnapshotterDir) -> Containerd {
-    let extra = format!(
-        "[proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{}\"\n",
-        sock_dir.dir.path().join("snapshotter.sock").display()
-    );
-    Containerd::start_with(&registry.host(), &agent.mirror(), &extra).await.unwrap()
+    let socket = sock_dir.dir.path().join("snapshotter.sock");
+    Containerd::start_with_proxy_snapshotter(&registry.host(), &agent.mirror(), "shoal", &socket).await.unwrap()
 }
 
 fn ctr_ok(ctd: &Containerd, args: &[&str]) -> String {
