@@ -249,3 +249,42 @@ async fn a_running_lazy_container_keeps_reading_while_the_agent_and_its_snapshot
     }
     assert!(mounts_under(&root).is_empty() && mounts_under(ctd.dir.path()).is_empty(), "nothing stays mounted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_starts_a_shoal_image_lazily_and_runs_ordinary_images_on_the_same_snapshotter() {
+    let registry = Registry::start(None).await.unwrap();
+    let image = shoal_image(&registry, "hello through CRI\n").await;
+    let sandbox_image = shoal_tests::cri::push_sandbox_image(&registry).await.unwrap();
+    let (sock_dir, agent) = agent_with_snapshotter().await;
+    let socket = sock_dir.dir.path().join("snapshotter.sock");
+    let config = shoal_tests::CriConfig::new(&sandbox_image).proxy_snapshotter("shoal", &socket);
+    let ctd = Containerd::start_cri(&registry.host(), &agent.mirror(), &config).await.unwrap();
+    let cri = ctd.cri().await.unwrap();
+    let shoal_blobs = registry.image_blobs("team/app", "v1-shoal").await.unwrap();
+    let total: u64 = shoal_blobs.iter().map(|(_, s)| s).sum();
+
+    // The sandbox is an ordinary image: unpacked by containerd into the snapshotter's directories.
+    let pod = cri.run_pod("lazy").await.unwrap();
+    let image_id = cri.pull_image(&image).await.unwrap();
+    let pulled: u64 = shoal_blobs.iter().map(|(d, _)| registry.blob_bytes(d)).sum();
+    let config_and_bootstrap: u64 = shoal_blobs[0].1 + shoal_blobs.last().unwrap().1;
+    assert!(pulled <= config_and_bootstrap, "PullImage of a Shoal image fetched {pulled} bytes of its blobs: more than config and bootstrap");
+
+    let c = cri.run_container(&pod, "cat", &image_id, &["/bin/busybox", "cat", "/hello.txt"]).await.unwrap();
+    assert_eq!(cri.wait_exit(&c, std::time::Duration::from_secs(30)).await.unwrap(), 0, "{}", cri.output(&c).unwrap_or_default());
+    assert_eq!(cri.output(&c).unwrap(), "hello through CRI\n");
+    let started: u64 = shoal_blobs.iter().map(|(d, _)| registry.blob_bytes(d)).sum();
+    assert!(started < total / 4, "starting the container fetched {started} of the image's {total} bytes");
+    let root = agent.data_dir().join("snapshotter");
+    assert!(!mounts_under(&root.join("remote")).is_empty(), "the image is mounted lazily");
+
+    cri.remove_container(&c).await.unwrap();
+    cri.remove_pod(&pod).await.unwrap();
+    cri.remove_image(&image_id).await.unwrap();
+    let start = std::time::Instant::now();
+    while !mounts_under(&root).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
+    assert_eq!(ctd.mounts(), Vec::<String>::new());
+}
