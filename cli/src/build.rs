@@ -31,7 +31,7 @@ use shoal_fuse::{
 };
 use tokio::io::AsyncWriteExt;
 
-use crate::image;
+use shoal_core::image;
 
 /// Examples shown by `shoal build --help`.
 pub const EXAMPLES: &str = "Examples:

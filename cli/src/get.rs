@@ -17,7 +17,7 @@ use shoal_core::config::{Config, RegistryConfig};
 use shoal_core::metrics::Metrics;
 use shoal_core::reference::{is_loopback_host, is_repository, Reference};
 
-use crate::image;
+use shoal_core::image;
 use shoal_core::registry::{RegistryClient, Request, MANIFEST_ACCEPT};
 use shoal_core::store::Store;
 use shoal_core::Digest;

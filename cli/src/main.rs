@@ -3,7 +3,6 @@
 
 mod build;
 mod get;
-mod image;
 mod import;
 mod learned;
 mod logging;

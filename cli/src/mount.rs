@@ -35,8 +35,8 @@ use shoal_fuse::{overlay, Bootstrap, BOOTSTRAP_ANNOTATION, BOOTSTRAP_ANNOTATION_
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::image;
 use crate::learned::ClusterTrace;
+use shoal_core::image;
 
 /// Examples shown by `shoal mount --help`.
 pub const EXAMPLES: &str = "Examples:

@@ -17,7 +17,8 @@ use shoal_proto::scheduler as pb;
 
 use futures_util::{FutureExt, StreamExt};
 
-use crate::{image, import};
+use crate::import;
+use shoal_core::image;
 
 #[derive(Args)]
 pub struct PreheatArgs {

@@ -16,7 +16,8 @@ use shoal_core::reference::Reference;
 use shoal_core::Digest;
 
 use crate::get::Fetcher;
-use crate::{image, import};
+use crate::import;
+use shoal_core::image;
 
 pub const EXAMPLES: &str = "Examples:
   shoal pull registry.example/team/app:v1-shoal

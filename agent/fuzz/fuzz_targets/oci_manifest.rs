@@ -1,5 +1,5 @@
 //! Reads arbitrary bytes as a registry's answer for an image, as `shoal get`, `mount`, `build`
-//! and `preheat` do (`cli/src/image.rs`): an image index to pick a platform's manifest from, or a
+//! and `preheat` do (`core/src/image.rs`): an image index to pick a platform's manifest from, or a
 //! manifest to list the blobs of. Nothing may panic; what is picked or listed is what the JSON
 //! says.
 //!
@@ -17,7 +17,7 @@ use shoal_core::reference::Reference;
 
 // `cli` is a binary crate: its image module is compiled in here as it is.
 #[allow(dead_code)]
-#[path = "../../../cli/src/image.rs"]
+#[path = "../../../core/src/image.rs"]
 mod image;
 
 const MEDIA_TYPES: [Option<&str>; 6] = [

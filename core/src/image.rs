@@ -1,4 +1,5 @@
-//! Resolving an image reference to the manifest for one platform and the blobs it names.
+//! Resolving an image reference to the manifest for one platform and the blobs it names (used by
+//! the CLI and by the snapshotter; the fuzz target `oci_manifest` compiles this file by path).
 
 use std::future::Future;
 
