@@ -196,6 +196,7 @@ fn snapshotter_settings(args: &DaemonArgs, config: &Config) -> anyhow::Result<sh
             ("SHOAL_MIRROR__LISTEN".into(), config.mirror.listen.to_string()),
         ],
         mount_timeout: std::time::Duration::from_secs(config.snapshotter.mount_timeout_seconds),
+        mirror: config.mirror.listen.to_string(),
     })
 }
 

@@ -23,6 +23,7 @@ pub mod meta;
 pub mod mounts;
 pub mod remote;
 mod service;
+pub mod unpack;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -65,6 +66,8 @@ pub struct Settings {
     pub env: Vec<(String, String)>,
     /// How long a lazy mount may take to come up.
     pub mount_timeout: Duration,
+    /// The local agent's registry mirror (`host:port`), which the fallback downloads through.
+    pub mirror: String,
 }
 
 /// The snapshotter's state: the metadata and the lazy mounts.
@@ -72,6 +75,7 @@ pub struct Snapshotter {
     root: PathBuf,
     meta: Meta,
     mounter: Mounter,
+    unpacker: unpack::Unpacker,
     /// Held while a Shoal image's layer is being set up, so two pulls of one image wait for
     /// each other instead of mounting it twice.
     remote_setup: tokio::sync::Mutex<()>,
@@ -88,7 +92,8 @@ impl Snapshotter {
         }
         let meta = Meta::open(&root.join("metadata.redb"))?;
         let mounter = Mounter::new(&root, settings.shoal.clone(), settings.config.clone(), settings.env.clone(), settings.mount_timeout);
-        let s = Arc::new(Snapshotter { root, meta, mounter, remote_setup: tokio::sync::Mutex::new(()) });
+        let unpacker = unpack::Unpacker::new(&settings.mirror, root.join("tmp"));
+        let s = Arc::new(Snapshotter { root, meta, mounter, unpacker, remote_setup: tokio::sync::Mutex::new(()) });
         for (key, snapshot) in s.meta.list()? {
             if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &snapshot.remote {
                 if s.mounter.is_up(snapshot.id, lower_dirs) {
@@ -179,11 +184,23 @@ impl Snapshotter {
                         Ok(())
                     }
                     Err(e) => {
-                        warn!(key, image, error = %e, "cannot mount the Shoal image lazily");
+                        warn!(key, image, error = %e, "cannot mount the Shoal image lazily; downloading and unpacking the image it was converted from instead");
                         self.mounter.unmount(s.id).await;
-                        let _ = self.meta.remove(key);
-                        self.remove_dir(s.id).await;
-                        Err(Error::FailedPrecondition(format!("lazy mount of {image}: {e}")))
+                        let fs = self.dir(s.id).join("fs");
+                        match self.unpacker.unpack_source(&image, &fs).await {
+                            Ok(_) => {
+                                let remote = Remote::Image { image: image.clone(), lower_dirs: vec![fs], unpacked: true };
+                                self.meta.update(key, |r| r.remote = Some(remote))?;
+                                Ok(())
+                            }
+                            Err(unpack) => {
+                                let _ = self.meta.remove(key);
+                                self.remove_dir(s.id).await;
+                                Err(Error::FailedPrecondition(format!(
+                                    "{image}: lazy mount failed ({e}), and so did unpacking the image it was converted from ({unpack:#})"
+                                )))
+                            }
+                        }
                     }
                 }
             }

@@ -61,6 +61,8 @@ impl Mounter {
             cmd.arg("--config").arg(c);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        // Its log ends with the error chain, which is what a failure reports, not a backtrace.
+        cmd.env("RUST_BACKTRACE", "0");
         cmd.stdin(Stdio::null()).stdout(log).stderr(err_log).kill_on_drop(false);
         // SAFETY: setsid is async-signal-safe and touches nothing of this process's memory.
         unsafe {

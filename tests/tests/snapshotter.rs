@@ -268,7 +268,10 @@ async fn cri_starts_a_shoal_image_lazily_and_runs_ordinary_images_on_the_same_sn
     let image_id = cri.pull_image(&image).await.unwrap();
     let pulled: u64 = shoal_blobs.iter().map(|(d, _)| registry.blob_bytes(d)).sum();
     let config_and_bootstrap: u64 = shoal_blobs[0].1 + shoal_blobs.last().unwrap().1;
-    assert!(pulled <= config_and_bootstrap, "PullImage of a Shoal image fetched {pulled} bytes of its blobs: more than config and bootstrap");
+    assert!(
+        pulled <= config_and_bootstrap,
+        "PullImage of a Shoal image fetched {pulled} bytes of its blobs: more than config and bootstrap"
+    );
 
     let c = cri.run_container(&pod, "cat", &image_id, &["/bin/busybox", "cat", "/hello.txt"]).await.unwrap();
     assert_eq!(cri.wait_exit(&c, std::time::Duration::from_secs(30)).await.unwrap(), 0, "{}", cri.output(&c).unwrap_or_default());
@@ -287,4 +290,37 @@ async fn cri_starts_a_shoal_image_lazily_and_runs_ordinary_images_on_the_same_sn
     }
     assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
     assert_eq!(ctd.mounts(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shoal_image_that_cannot_be_mounted_is_downloaded_and_unpacked_instead_and_still_runs() {
+    let registry = Registry::start(None).await.unwrap();
+    let image = shoal_image(&registry, "unpacked, not lazy\n").await;
+    // A planted bootstrap: the mount refuses it (its digest does not match).
+    let blobs = registry.image_blobs("team/app", "v1-shoal").await.unwrap();
+    let bootstrap = &blobs.last().unwrap().0;
+    let path = registry.blob_data_path(bootstrap);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let (sock_dir, agent) = agent_with_snapshotter().await;
+    let ctd = containerd(&registry, &agent, &sock_dir).await;
+    let socket = ctd.socket().display().to_string();
+    let source_layers: Vec<(String, u64)> = registry.image_blobs("team/app", "v1").await.unwrap().into_iter().skip(1).collect();
+    let before: Vec<u64> = source_layers.iter().map(|(d, _)| registry.blob_bytes(d)).collect();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    let printed = ctr_ok(&ctd, &["run", "--rm", "--snapshotter", "shoal", &image, "unpacked", "/bin/busybox", "cat", "/hello.txt"]);
+    assert_eq!(printed, "unpacked, not lazy\n");
+    let log = agent.log();
+    assert!(log.contains("cannot mount the Shoal image lazily"), "the log says why the pull was not lazy:\n{log}");
+    let root = agent.data_dir().join("snapshotter");
+    assert!(mounts_under(&root.join("remote")).is_empty(), "nothing is mounted lazily");
+    // The layers of the image it was converted from were downloaded whole, once.
+    for ((digest, size), before) in source_layers.iter().zip(before) {
+        assert_eq!(registry.blob_bytes(digest) - before, *size, "layer {digest} of the source image");
+    }
+    ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
+    let dirs: Vec<_> = std::fs::read_dir(root.join("snapshots")).unwrap().collect();
+    assert!(dirs.is_empty(), "the unpacked image goes with it: {dirs:?}");
 }
