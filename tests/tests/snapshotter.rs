@@ -324,3 +324,59 @@ async fn a_shoal_image_that_cannot_be_mounted_is_downloaded_and_unpacked_instead
     let dirs: Vec<_> = std::fs::read_dir(root.join("snapshots")).unwrap().collect();
     assert!(dirs.is_empty(), "the unpacked image goes with it: {dirs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_learned_from_one_nodes_container_makes_the_next_nodes_lazy_image_prefetch_it() {
+    let registry = Registry::start(None).await.unwrap();
+    let image = shoal_image(&registry, "learned\n").await;
+    let scheduler = shoal_tests::Scheduler::start().await.unwrap();
+    let node = |name: &str| {
+        let dir = tempfile::Builder::new().prefix("shoal-snap-").tempdir().unwrap();
+        let config = format!(
+            "[peer]\nschedulers = [\"{}\"]\nhost_id = \"{name}\"\n[snapshotter]\nenabled = true\nsocket = \"{}\"\n",
+            scheduler.addr(),
+            dir.path().join("snapshotter.sock").display()
+        );
+        (dir, config)
+    };
+
+    // Node A's container reads the big file; removing the image stops its mount, which reports
+    // the order its files were first read.
+    let (dir_a, config_a) = node("node-a");
+    let agent_a = Agent::start(&config_a).await.unwrap();
+    let guard_a = SnapshotterDir { dir: dir_a, root: agent_a.data_dir() };
+    let ctd_a = containerd(&registry, &agent_a, &guard_a).await;
+    let socket = ctd_a.socket().display().to_string();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent_a.mirror(), &image]);
+    ctr_ok(&ctd_a, &["run", "--rm", "--snapshotter", "shoal", &image, "reader-a", "/bin/busybox", "sha256sum", "/big.bin"]);
+    ctr_ok(&ctd_a, &["images", "rm", "--sync", &image]);
+    let start = std::time::Instant::now();
+    while !scheduler.log().contains("trace recorded") {
+        assert!(start.elapsed().as_secs() < 20, "node A's mount reported no trace:\n{}", scheduler.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // Node B starts a container that reads nothing: its mount fetches the big file by itself.
+    let (dir_b, config_b) = node("node-b");
+    let agent_b = Agent::start(&config_b).await.unwrap();
+    let guard_b = SnapshotterDir { dir: dir_b, root: agent_b.data_dir() };
+    let ctd_b = containerd(&registry, &agent_b, &guard_b).await;
+    let socket = ctd_b.socket().display().to_string();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent_b.mirror(), &image]);
+    ctr_ok(&ctd_b, &["run", "--rm", "--snapshotter", "shoal", &image, "idle-b", "/bin/busybox", "true"]);
+    let remote = agent_b.data_dir().join("snapshotter/remote");
+    let mount_dir = std::fs::read_dir(&remote).unwrap().next().expect("node B's image is mounted").unwrap().path();
+    let start = std::time::Instant::now();
+    loop {
+        let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(mount_dir.join("stats.json")).unwrap()).unwrap();
+        if stats["fetched_bytes"].as_u64().unwrap_or(0) >= 8 << 20 {
+            break;
+        }
+        let log = std::fs::read_to_string(mount_dir.join("mount.log")).unwrap_or_default();
+        assert!(start.elapsed().as_secs() < 30, "node B did not prefetch the big file: {stats}\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(mount_dir.join("mount.log")).unwrap();
+    assert!(log.contains("prefetching by the trace the cluster learned"), "{log}");
+    ctr_ok(&ctd_b, &["images", "rm", "--sync", &image]);
+}
