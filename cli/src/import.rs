@@ -279,6 +279,14 @@ pub fn chain_id(parent: &str, diff_id: &str) -> String {
 pub type Fetch<'a> =
     dyn Fn(&Digest) -> futures_util::future::BoxFuture<'a, anyhow::Result<futures_util::stream::BoxStream<'a, anyhow::Result<Bytes>>>> + 'a;
 
+/// The progress bar of an import: `verb` (`importing`, `pulling`) and the image's name.
+pub fn progress_bar(verb: &str, name: &str) -> ProgressBar {
+    let template = format!("{verb} {{prefix}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}}");
+    ProgressBar::new(0)
+        .with_style(indicatif::ProgressStyle::with_template(&template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()))
+        .with_prefix(name.to_string())
+}
+
 /// Imports `image` into containerd at `target`, reading blobs with `fetch`.
 pub async fn import(target: &Target<'_>, image: &ImportImage, fetch: &Fetch<'_>, progress: &ProgressBar) -> anyhow::Result<()> {
     let Some(platform) = image.manifests.last() else { bail!("{}: no manifest to import", image.name) };

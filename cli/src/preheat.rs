@@ -187,12 +187,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             }
             .boxed()
         };
-        let bar = ProgressBar::new(0)
-            .with_style(
-                ProgressStyle::with_template("importing {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            )
-            .with_prefix(image.name.clone());
+        let bar = import::progress_bar("importing", &image.name);
         import::import(&target, image, &fetch, &bar).await.with_context(|| format!("importing {} into containerd", image.name))?;
         bar.finish_and_clear();
         eprintln!("imported {} into containerd ({} namespace)", image.name, args.containerd_namespace);

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::Args;
 use futures_util::FutureExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use shoal_core::config::Config;
 use shoal_core::reference::Reference;
 use shoal_core::Digest;
@@ -76,12 +75,7 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
         let (fetcher, r, digest) = (fetcher.clone(), r.clone(), digest.clone());
         async move { Ok(fetcher.stream(&r.registry, &r.repository, &digest, None).await?.0) }.boxed()
     };
-    let bar = ProgressBar::new(0)
-        .with_style(
-            ProgressStyle::with_template("pulling {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        )
-        .with_prefix(image.name.clone());
+    let bar = import::progress_bar("pulling", &image.name);
     import::import(&target, &image, &fetch, &bar).await.with_context(|| format!("pulling {} into containerd", image.name))?;
     bar.finish_and_clear();
     eprintln!("pulled {} into containerd ({} namespace, snapshotter {})", image.name, args.namespace, args.snapshotter);

@@ -90,6 +90,8 @@ impl Snapshotter {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io("securing", &dir, e))?;
         }
+        // Layers a fallback was downloading when the process ended are of no use now.
+        let _ = std::fs::remove_dir_all(root.join("tmp"));
         let meta = Meta::open(&root.join("metadata.redb"))?;
         let mounter = Mounter::new(&root, settings.shoal.clone(), settings.config.clone(), settings.env.clone(), settings.mount_timeout);
         let unpacker = unpack::Unpacker::new(&settings.mirror, root.join("tmp"));

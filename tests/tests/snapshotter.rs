@@ -72,6 +72,15 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 20 s: containerd removes snapshots in its next garbage collection) until nothing
+/// under `dir` is mounted.
+async fn wait_unmounted(dir: &Path) {
+    let start = std::time::Instant::now();
+    while !mounts_under(dir).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn files_named(root: &Path, name: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -171,10 +180,7 @@ async fn a_shoal_image_pulled_with_shoal_pull_runs_lazily_and_reads_only_what_it
     let root = agent.data_dir().join("snapshotter");
     assert!(!mounts_under(&root.join("remote")).is_empty(), "the image is mounted lazily");
     ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
-    let start = std::time::Instant::now();
-    while !mounts_under(&root).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_unmounted(&root).await;
     assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
     assert!(mounts_under(ctd.dir.path()).is_empty());
 }
@@ -243,10 +249,7 @@ async fn a_running_lazy_container_keeps_reading_while_the_agent_and_its_snapshot
     ctr_ok(&ctd, &["containers", "rm", long]);
     ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
     let root = agent.data_dir().join("snapshotter");
-    let start = std::time::Instant::now();
-    while !mounts_under(&root).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_unmounted(&root).await;
     assert!(mounts_under(&root).is_empty() && mounts_under(ctd.dir.path()).is_empty(), "nothing stays mounted");
 }
 
@@ -284,10 +287,7 @@ async fn cri_starts_a_shoal_image_lazily_and_runs_ordinary_images_on_the_same_sn
     cri.remove_container(&c).await.unwrap();
     cri.remove_pod(&pod).await.unwrap();
     cri.remove_image(&image_id).await.unwrap();
-    let start = std::time::Instant::now();
-    while !mounts_under(&root).is_empty() && start.elapsed() < std::time::Duration::from_secs(20) {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_unmounted(&root).await;
     assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
     assert_eq!(ctd.mounts(), Vec::<String>::new());
 }
