@@ -78,3 +78,14 @@ fn the_containerd_hosts_example_points_at_the_mirror() {
     assert!(text.contains("[host.\"http://127.0.0.1:65001\"]"));
     assert!(text.contains("capabilities = [\"pull\", \"resolve\"]"));
 }
+
+#[test]
+fn the_containerd_snapshotter_example_names_the_agents_default_socket() {
+    let text = std::fs::read_to_string(repo().join("deploy/containerd/config-snapshotter.toml")).unwrap();
+    let socket = shoal_core::config::Config::default().snapshotter.socket;
+    assert!(text.contains(&format!("address = \"{}\"", socket.display())), "{text}");
+    assert!(text.contains("snapshotter = \"shoal\"") && text.contains("disable_snapshot_annotations = false"), "{text}");
+    // The unit must leave lazy mount processes alone when the agent restarts.
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/shoal-agent.service")).unwrap();
+    assert!(unit.contains("KillMode=process"), "{unit}");
+}
