@@ -100,20 +100,8 @@ impl Snapshotter {
             if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &snapshot.remote {
                 if s.mounter.is_up(snapshot.id, lower_dirs) {
                     info!(key, image, "lazy mount still up");
-                    continue;
-                }
-                match s.mounter.mount(snapshot.id, image).await {
-                    Ok(lowers) => {
-                        s.meta.update(&key, |r| {
-                            if let Some(Remote::Image { lower_dirs, .. }) = &mut r.remote {
-                                *lower_dirs = lowers;
-                            }
-                        })?;
-                        info!(key, image, "lazy mount brought back");
-                    }
-                    Err(e) => {
-                        warn!(key, image, error = %e, "cannot bring back a lazy mount; containers of this image cannot start until it is pulled again")
-                    }
+                } else if let Err(e) = s.bring_up(&key, snapshot.id, image).await {
+                    warn!(key, image, error = %e, "cannot bring a Shoal image back; containers of it fail to start until it is pulled again");
                 }
             }
         }
@@ -144,7 +132,7 @@ impl Snapshotter {
             let _ = self.meta.remove(key);
             return Err(e);
         }
-        self.mounts_of(key)
+        self.mounts_of(key).await
     }
 
     fn make_dirs(&self, s: &Snapshot) -> Result<(), Error> {
@@ -177,34 +165,12 @@ impl Snapshotter {
                     let _ = self.meta.remove(key);
                     return Err(e);
                 }
-                match self.mounter.mount(s.id, &image).await {
-                    Ok(lowers) => {
-                        self.meta.update(key, |r| {
-                            r.remote = Some(Remote::Image { image: image.clone(), lower_dirs: lowers, unpacked: false })
-                        })?;
-                        info!(key, image, "Shoal image mounted lazily");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        warn!(key, image, error = %e, "cannot mount the Shoal image lazily; downloading and unpacking the image it was converted from instead");
-                        self.mounter.unmount(s.id).await;
-                        let fs = self.dir(s.id).join("fs");
-                        match self.unpacker.unpack_source(&image, &fs).await {
-                            Ok(_) => {
-                                let remote = Remote::Image { image: image.clone(), lower_dirs: vec![fs], unpacked: true };
-                                self.meta.update(key, |r| r.remote = Some(remote))?;
-                                Ok(())
-                            }
-                            Err(unpack) => {
-                                let _ = self.meta.remove(key);
-                                self.remove_dir(s.id).await;
-                                Err(Error::FailedPrecondition(format!(
-                                    "{image}: lazy mount failed ({e}), and so did unpacking the image it was converted from ({unpack:#})"
-                                )))
-                            }
-                        }
-                    }
+                if let Err(e) = self.bring_up(key, s.id, &image).await {
+                    let _ = self.meta.remove(key);
+                    self.remove_dir(s.id).await;
+                    return Err(e);
                 }
+                Ok(())
             }
             other => Err(Error::InvalidArgument(format!(
                 "{LAYER_LABEL}={other:?}: not a Shoal layer kind ({CHUNKS_LAYER} or {BOOTSTRAP_LAYER})"
@@ -212,8 +178,49 @@ impl Snapshotter {
         }
     }
 
-    /// The mounts of an active or view snapshot.
-    pub fn mounts_of(&self, key: &str) -> Result<Vec<containerd_client::types::Mount>, Error> {
+    /// Serves the Shoal image `image` as snapshot `key` (directory `id`): mounts it lazily, or
+    /// when that fails, unpacks the image it was converted from into the snapshot's `fs`, and
+    /// records which. Fails only if both fail.
+    async fn bring_up(&self, key: &str, id: u64, image: &str) -> Result<(), Error> {
+        let remote = match self.mounter.mount(id, image).await {
+            Ok(lowers) => {
+                info!(key, image, "Shoal image mounted lazily");
+                Remote::Image { image: image.to_string(), lower_dirs: lowers, unpacked: false }
+            }
+            Err(e) => {
+                warn!(key, image, error = %e, "cannot mount the Shoal image lazily; downloading and unpacking the image it was converted from instead");
+                self.mounter.unmount(id).await;
+                let fs = self.dir(id).join("fs");
+                if let Err(unpack) = self.unpacker.unpack_source(image, &fs).await {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{image}: lazy mount failed ({e}), and so did unpacking the image it was converted from ({unpack:#})"
+                    )));
+                }
+                Remote::Image { image: image.to_string(), lower_dirs: vec![fs], unpacked: true }
+            }
+        };
+        self.meta.update(key, |r| r.remote = Some(remote))?;
+        Ok(())
+    }
+
+    /// The mounts of an active or view snapshot. A Shoal image below it whose mount process
+    /// died is brought back first, so the container gets a live lower layer.
+    pub async fn mounts_of(&self, key: &str) -> Result<Vec<containerd_client::types::Mount>, Error> {
+        for (name, p) in self.meta.chain(key)?.into_iter().skip(1) {
+            if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &p.remote {
+                if !self.mounter.is_up(p.id, lower_dirs) {
+                    let _setup = self.remote_setup.lock().await;
+                    // Another call may have brought it back while this one waited.
+                    let current = self.meta.get(&name)?;
+                    if let Some(Remote::Image { lower_dirs, unpacked: false, .. }) = &current.remote {
+                        if !self.mounter.is_up(p.id, lower_dirs) {
+                            warn!(key = name, image, "the lazy mount of a Shoal image went away; mounting it again");
+                            self.bring_up(&name, p.id, image).await?;
+                        }
+                    }
+                }
+            }
+        }
         let chain = self.meta.chain(key)?;
         let (s, parents) = chain
             .split_first()

@@ -45,6 +45,8 @@ impl Mounter {
     pub async fn mount(&self, id: u64, image: &str) -> Result<Vec<PathBuf>, String> {
         let dir = self.dir_of(id);
         let mnt = dir.join("mnt");
+        // What a killed process left mounted there would lie under the new mount.
+        detach(&mnt);
         std::fs::create_dir_all(&mnt).map_err(|e| format!("creating {}: {e}", mnt.display()))?;
         let stats = dir.join("stats.json");
         let _ = std::fs::remove_file(&stats);
@@ -115,13 +117,7 @@ impl Mounter {
         if let Some(pid) = self.pid(id) {
             stop(pid as u32).await;
         }
-        let mnt = dir.join("mnt");
-        // A process killed without unmounting leaves the mount point behind: detach it.
-        if std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().contains(&format!(" {} ", mnt.display())) {
-            let c = std::ffi::CString::new(mnt.display().to_string()).unwrap_or_default();
-            // SAFETY: a plain syscall on a NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach(&dir.join("mnt"));
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %dir.display(), error = %e, "cannot remove a lazy mount's directory");
@@ -132,6 +128,19 @@ impl Mounter {
     /// Ids of the mount directories present, for cleanup.
     pub fn ids(&self) -> Vec<u64> {
         std::fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default()
+    }
+}
+
+/// Detaches whatever is mounted at `mnt` (a process killed without unmounting leaves its mount
+/// behind), lazily: it goes once nothing uses it.
+fn detach(mnt: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let want = mnt.display().to_string();
+    let count = mounts.lines().filter(|l| l.split(' ').nth(1).map(unescape).as_deref() == Some(want.as_str())).count();
+    let Ok(c) = std::ffi::CString::new(want) else { return };
+    for _ in 0..count {
+        // SAFETY: a plain syscall on a NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
 

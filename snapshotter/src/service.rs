@@ -79,7 +79,7 @@ impl Snapshots for Service {
     }
 
     async fn mounts(&self, r: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
-        Ok(Response::new(api::MountsResponse { mounts: self.0.mounts_of(&r.into_inner().key)? }))
+        Ok(Response::new(api::MountsResponse { mounts: self.0.mounts_of(&r.into_inner().key).await? }))
     }
 
     async fn commit(&self, r: Request<api::CommitSnapshotRequest>) -> Result<Response<()>, Status> {

@@ -380,3 +380,30 @@ async fn a_trace_learned_from_one_nodes_container_makes_the_next_nodes_lazy_imag
     assert!(log.contains("prefetching by the trace the cluster learned"), "{log}");
     ctr_ok(&ctd_b, &["images", "rm", "--sync", &image]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_mount_whose_process_died_is_mounted_again_for_the_next_container() {
+    let registry = Registry::start(None).await.unwrap();
+    let image = shoal_image(&registry, "back again\n").await;
+    let (sock_dir, agent) = agent_with_snapshotter().await;
+    let ctd = containerd(&registry, &agent, &sock_dir).await;
+    let socket = ctd.socket().display().to_string();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    let remote = agent.data_dir().join("snapshotter/remote");
+    let mount_dir = std::fs::read_dir(&remote).unwrap().next().expect("the image is mounted").unwrap().path();
+    let pid: i32 = std::fs::read_to_string(mount_dir.join("pid")).unwrap().trim().parse().unwrap();
+    // SAFETY: killing the mount process this test's snapshotter started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let printed = ctr_ok(&ctd, &["run", "--rm", "--snapshotter", "shoal", &image, "again", "/bin/busybox", "cat", "/hello.txt"]);
+    assert_eq!(printed, "back again\n");
+    assert!(agent.log().contains("went away; mounting it again"), "{}", agent.log());
+    ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
+    wait_unmounted(&agent.data_dir()).await;
+    assert!(mounts_under(&agent.data_dir()).is_empty(), "{:?}", mounts_under(&agent.data_dir()));
+}
