@@ -76,9 +76,9 @@ pub struct Snapshotter {
     meta: Meta,
     mounter: Mounter,
     unpacker: unpack::Unpacker,
-    /// Held while a Shoal image's layer is being set up, so two pulls of one image wait for
-    /// each other instead of mounting it twice.
-    remote_setup: tokio::sync::Mutex<()>,
+    /// One lock per Shoal image snapshot (by id) being brought back, so that containers starting
+    /// at once on a dead mount wait for one remount instead of each starting their own.
+    revivals: std::sync::Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Snapshotter {
@@ -95,7 +95,7 @@ impl Snapshotter {
         let meta = Meta::open(&root.join("metadata.redb"))?;
         let mounter = Mounter::new(&root, settings.shoal.clone(), settings.config.clone(), settings.env.clone(), settings.mount_timeout);
         let unpacker = unpack::Unpacker::new(&settings.mirror, root.join("tmp"));
-        let s = Arc::new(Snapshotter { root, meta, mounter, unpacker, remote_setup: tokio::sync::Mutex::new(()) });
+        let s = Arc::new(Snapshotter { root, meta, mounter, unpacker, revivals: Default::default() });
         for (key, snapshot) in s.meta.list()? {
             if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &snapshot.remote {
                 if s.mounter.is_up(snapshot.id, lower_dirs) {
@@ -151,7 +151,6 @@ impl Snapshotter {
 
     /// Commits a Shoal image's layer under `key` as a remote snapshot.
     async fn prepare_remote(&self, key: &str, parent: Option<&str>, labels: BTreeMap<String, String>, layer: &str) -> Result<(), Error> {
-        let _setup = self.remote_setup.lock().await;
         match layer {
             CHUNKS_LAYER => {
                 let s = self.meta.create(key, Kind::Committed, parent, labels, Some(Remote::Chunks))?;
@@ -209,7 +208,8 @@ impl Snapshotter {
         for (name, p) in self.meta.chain(key)?.into_iter().skip(1) {
             if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &p.remote {
                 if !self.mounter.is_up(p.id, lower_dirs) {
-                    let _setup = self.remote_setup.lock().await;
+                    let lock = self.revivals.lock().unwrap_or_else(|p| p.into_inner()).entry(p.id).or_default().clone();
+                    let _revival = lock.lock().await;
                     // Another call may have brought it back while this one waited.
                     let current = self.meta.get(&name)?;
                     if let Some(Remote::Image { lower_dirs, unpacked: false, .. }) = &current.remote {
@@ -246,6 +246,7 @@ impl Snapshotter {
         let s = self.meta.remove(key)?;
         if let Some(Remote::Image { unpacked: false, .. }) = s.remote {
             self.mounter.unmount(s.id).await;
+            self.revivals.lock().unwrap_or_else(|p| p.into_inner()).remove(&s.id);
         }
         self.remove_dir(s.id).await;
         Ok(())
