@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -313,6 +314,41 @@ impl Drop for LazyMounts {
     }
 }
 
+/// The directories of the nodes running now (containerd's, the agent's), for
+/// [`stop_nodes_after_signal`].
+static LIVE_NODES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Stops what the live nodes left that outlives its parent, for a signal handler (drops will not
+/// run): containerd's shims and their containers, and the lazy mounts, then unmounts whatever
+/// is mounted under the nodes' directories. The run's own children are the handler's to kill.
+pub fn stop_nodes_after_signal() {
+    let dirs = LIVE_NODES.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if dirs.is_empty() {
+        return;
+    }
+    let mut processes = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = String::from_utf8_lossy(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).into_owned();
+        // /proc/<pid>/stat: "pid (comm) state ppid ...".
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok()).unwrap_or(0);
+        processes.push((pid, ppid, cmdline));
+    }
+    let named: Vec<i32> =
+        processes.iter().filter(|(_, _, cmd)| dirs.iter().any(|d| cmd.contains(&*d.to_string_lossy()))).map(|p| p.0).collect();
+    // A shim's children are its containers' first processes.
+    let children = processes.iter().filter(|(_, ppid, _)| named.contains(ppid)).map(|p| p.0);
+    for pid in named.iter().copied().chain(children) {
+        // SAFETY: signalling a process of this run's nodes, by its id.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for dir in &dirs {
+        unmount_under(dir);
+    }
+}
+
 /// One fresh node for one start, in a lab host's network namespace: containerd with CRI, and
 /// for the Shoal rows an agent (with its snapshotter for the lazy rows). Dropping it removes
 /// the pods, stops containerd, the lazy mounts and the agent, and unmounts what they mounted.
@@ -366,7 +402,9 @@ impl Node {
         }
         let mirror = agent.as_ref().map_or_else(|| registry.url(), |a| a.mirror());
         let containerd = Containerd::start_cri_in(lab, host, &registry.host(), &mirror, &cri).await?;
-        Ok(Node { containerd, mounts, agent, socket_dir })
+        let node = Node { containerd, mounts, agent, socket_dir };
+        LIVE_NODES.lock().unwrap_or_else(|p| p.into_inner()).extend(node.dirs());
+        Ok(node)
     }
 
     /// The directories the node runs in.
@@ -411,6 +449,13 @@ impl Node {
             std::fs::write(dir.join(format!("{name}-mount.log")), self.mount_logs())?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let dirs = self.dirs();
+        LIVE_NODES.lock().unwrap_or_else(|p| p.into_inner()).retain(|d| !dirs.contains(d));
     }
 }
 
@@ -582,16 +627,17 @@ pub async fn run_scenario(args: Args, out: &Path) -> anyhow::Result<()> {
             results.push(result);
         }
     }
-    report(&args, out, &app, image_bytes, converted_bytes, &starts, &teachers)
+    let bootstrap_bytes = converted.last().map_or(0, |(_, size)| *size);
+    report(&args, out, &app, (image_bytes, converted_bytes, bootstrap_bytes), &starts, &teachers)
 }
 
-/// Writes `cri-coldstart.{json,md,png}` under `out`.
+/// Writes `cri-coldstart.{json,md,png}` under `out`. The image's sizes: as pushed, as
+/// converted, and of the converted image's bootstrap.
 fn report(
     args: &Args,
     out: &Path,
     app: &AppImage,
-    image_bytes: u64,
-    converted_bytes: u64,
+    (image_bytes, converted_bytes, bootstrap_bytes): (u64, u64, u64),
     starts: &[(Row, Vec<Start>)],
     teachers: &[Start],
 ) -> anyhow::Result<()> {
@@ -632,6 +678,7 @@ fn report(
             "first_line": app.first_line,
             "bytes": image_bytes,
             "shoal_bytes": converted_bytes,
+            "bootstrap_bytes": bootstrap_bytes,
             "unpacked_bytes": app.unpacked_bytes,
             "unread_bytes": app.unread_bytes,
         },
@@ -658,7 +705,7 @@ fn report(
     }
     let pulls: Vec<String> = medians.iter().map(|(row, _, pull, _)| format!("{} {pull:.2} s", &row.label()[..3])).collect();
     md.push_str(&format!(
-        "\nThe image: {}, plus {:.0} MiB of data files it never reads; {:.1} MiB unpacked, {:.1} MiB as pushed (gzip layers), {:.1} MiB as converted by `shoal build`. \
+        "\nThe image: {}, plus {:.0} MiB of data files it never reads; {:.1} MiB unpacked, {:.1} MiB as pushed (gzip layers), {:.1} MiB as converted by `shoal build` (its bootstrap {:.2} MiB). \
          The container runs the image's own entrypoint and prints `{}`. \
          Every start is on a fresh node (containerd root, agent data directory) after the page cache was dropped; the pod's sandbox runs first, untimed. \
          Registry bytes: what docker-registry's access log says it sent from PullImage until it went quiet after the container exited. \
@@ -669,6 +716,7 @@ fn report(
         mib(app.unpacked_bytes as f64),
         mib(image_bytes as f64),
         mib(converted_bytes as f64),
+        mib(bootstrap_bytes as f64),
         app.first_line,
         pulls.join(", "),
     ));

@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         }
         eprintln!("interrupted: stopping everything the run started");
         let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &std::process::id().to_string()]).status();
+        cri_coldstart::stop_nodes_after_signal();
         shoal_tests::netns::Lab::cleanup_all_of_this_process();
         std::process::exit(130);
     });
