@@ -730,6 +730,7 @@ fn report(
         &["time to first line", "registry bytes"],
         &series,
         Some(0.2),
+        true,
     )?;
     write(out, "cri-coldstart", &json, &md)
 }

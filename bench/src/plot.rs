@@ -135,12 +135,12 @@ pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f
 /// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
 /// (a speed relative to a baseline), with the baseline's 1.0 as a line.
 pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-    ratio_bars(path, title, "speed relative to native", groups, series, None)
+    ratio_bars(path, title, "speed relative to native", groups, series, None, false)
 }
 
 /// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
-/// relative to a baseline (`y_desc` says which), with the baseline's 1.0 as a solid line and
-/// `target`, if given, as a dashed one.
+/// relative to a baseline (`y_desc` says which), with the baseline's 1.0 as a solid line,
+/// `target`, if given, as a dashed one, and with `label_values` each bar's value above it.
 pub fn ratio_bars(
     path: &Path,
     title: &str,
@@ -148,6 +148,7 @@ pub fn ratio_bars(
     groups: &[&str],
     series: &[(String, Vec<f64>)],
     target: Option<f64>,
+    label_values: bool,
 ) -> anyhow::Result<()> {
     let max_y = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(1.2, f64::max) * 1.15;
     let n = groups.len().max(1);
@@ -182,6 +183,14 @@ pub fn ratio_bars(
             .map_err(draw_err)?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+        if label_values {
+            // A label's anchor is its top left corner: raise it by about its own height.
+            let labels = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(g, v)| {
+                let x0 = g as f64 + 0.1 + k as f64 * width;
+                Text::new(format!("{v:.2}×"), (x0 + width * 0.25, *v + max_y * 0.045), ("sans-serif", 13))
+            });
+            chart.draw_series(labels).map_err(draw_err)?;
+        }
     }
     chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
     if let Some(t) = target {

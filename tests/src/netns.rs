@@ -155,11 +155,6 @@ impl Lab {
         c
     }
 
-    /// A command run in host `i`'s network namespace only: see [`net_only_command`].
-    pub fn net_command(&self, i: usize, program: impl AsRef<OsStr>) -> Command {
-        net_only_command(self.ns(i), program)
-    }
-
     /// Deletes every lab this process made (for a signal handler: drops will not run).
     pub fn cleanup_all_of_this_process() {
         let prefix = format!("sh{}x", std::process::id() % 100_000);
