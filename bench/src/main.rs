@@ -2,13 +2,14 @@
 //! with its baselines on the same machine in the same run, and is written to `bench/results/` as
 //! JSON and a Markdown table.
 //!
-//! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8`, `-- scaling` or `-- fuse`
-//! (build the agent first: `cargo build --release -p shoal`). Run as root: scenarios make network
-//! namespaces, mount filesystems and drop the page cache.
+//! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8`, `-- scaling`, `-- fuse`,
+//! `-- coldstart` or `-- cri-coldstart` (build the agent first: `cargo build --release -p shoal`).
+//! Run as root: scenarios make network namespaces, mount filesystems and drop the page cache.
 //! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
 mod bittorrent;
 mod coldstart;
+mod cri_coldstart;
 mod fanout;
 mod fuse;
 mod mirror;
@@ -48,6 +49,11 @@ enum Scenario {
     /// Cold start: a container's first reads from an image not on the node, over a shaped link:
     /// a full pull (fetch and unpack, then read) against `shoal mount` of the converted image.
     Coldstart(coldstart::Args),
+    /// Cold start through containerd's CRI, as the kubelet starts a pod: PullImage to the
+    /// container's first line and the registry's bytes, for containerd's own pull (from the
+    /// registry, through the Shoal mirror) against Shoal's snapshotter starting the converted
+    /// image lazily (and with prefetch learned from an earlier start on another node).
+    CriColdstart(cri_coldstart::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Scaling(args) => scaling::run(args, &out).await,
             Scenario::Fuse(args) => fuse::run(args, &out).await,
             Scenario::Coldstart(args) => coldstart::run_scenario(args, &out).await,
+            Scenario::CriColdstart(args) => cri_coldstart::run_scenario(args, &out).await,
         }
     };
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every
@@ -79,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         }
         eprintln!("interrupted: stopping everything the run started");
         let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &std::process::id().to_string()]).status();
+        cri_coldstart::stop_nodes_after_signal();
         shoal_tests::netns::Lab::cleanup_all_of_this_process();
         std::process::exit(130);
     });

@@ -135,6 +135,21 @@ pub fn ratio_by_nodes(path: &Path, title: &str, series: &[(String, Vec<(usize, f
 /// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
 /// (a speed relative to a baseline), with the baseline's 1.0 as a line.
 pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+    ratio_bars(path, title, "speed relative to native", groups, series, None, false)
+}
+
+/// Grouped bars: for each of `groups` (measurements), one bar per series (system) of its value
+/// relative to a baseline (`y_desc` says which), with the baseline's 1.0 as a solid line,
+/// `target`, if given, as a dashed one, and with `label_values` each bar's value above it.
+pub fn ratio_bars(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    groups: &[&str],
+    series: &[(String, Vec<f64>)],
+    target: Option<f64>,
+    label_values: bool,
+) -> anyhow::Result<()> {
     let max_y = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(1.2, f64::max) * 1.15;
     let n = groups.len().max(1);
     let root = canvas(path, (1200, 560))?;
@@ -152,7 +167,7 @@ pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, 
                 String::new()
             }
         })
-        .y_desc("speed relative to native")
+        .y_desc(y_desc)
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(draw_err)?;
@@ -168,8 +183,27 @@ pub fn speed_bars(path: &Path, title: &str, groups: &[&str], series: &[(String, 
             .map_err(draw_err)?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+        if label_values {
+            // A label's anchor is its top left corner: raise it by about its own height.
+            let labels = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(g, v)| {
+                let x0 = g as f64 + 0.1 + k as f64 * width;
+                Text::new(format!("{v:.2}×"), (x0 + width * 0.25, *v + max_y * 0.045), ("sans-serif", 13))
+            });
+            chart.draw_series(labels).map_err(draw_err)?;
+        }
     }
     chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(1))).map_err(draw_err)?;
+    if let Some(t) = target {
+        let dashes = (0..n * 20).map(|k| {
+            let x0 = k as f64 / 20.0;
+            PathElement::new(vec![(x0, t), (x0 + 0.025, t)], BLACK.stroke_width(1))
+        });
+        chart
+            .draw_series(dashes)
+            .map_err(draw_err)?
+            .label(format!("target {t}×"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 8, y)], BLACK.stroke_width(1)));
+    }
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().with_context(|| format!("writing {}", path.display()))
 }

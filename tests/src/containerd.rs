@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::cri::Cri;
+use crate::netns::{net_only_command, Lab};
 use crate::require;
 
 /// How containerd's CRI plugin is configured by [`Containerd::start_cri`].
@@ -76,22 +77,36 @@ impl Containerd {
     /// Starts containerd without CRI; images of `registry` are pulled through `mirror`
     /// (`http://127.0.0.1:port`).
     pub async fn start(registry: &str, mirror: &str) -> anyhow::Result<Containerd> {
-        Containerd::start_with(registry, mirror, None, "").await
+        Containerd::start_with(registry, mirror, None, "", None).await
     }
 
     /// [`Containerd::start`] with the remote snapshotter `name` served at `socket`, for
     /// `ctr --snapshotter <name>`.
     pub async fn start_with_proxy_snapshotter(registry: &str, mirror: &str, name: &str, socket: &Path) -> anyhow::Result<Containerd> {
-        Containerd::start_with(registry, mirror, None, &proxy_snapshotter(name, socket)).await
+        Containerd::start_with(registry, mirror, None, &proxy_snapshotter(name, socket), None).await
     }
 
     /// Starts containerd with its CRI plugin configured by `cri`; images of `registry`, the
     /// sandbox image too, are pulled through `mirror`. Talk to it with [`Containerd::cri`].
     pub async fn start_cri(registry: &str, mirror: &str, cri: &CriConfig) -> anyhow::Result<Containerd> {
-        Containerd::start_with(registry, mirror, Some(cri), "").await
+        Containerd::start_with(registry, mirror, Some(cri), "", None).await
     }
 
-    async fn start_with(registry: &str, mirror: &str, cri: Option<&CriConfig>, extra: &str) -> anyhow::Result<Containerd> {
+    /// [`Containerd::start_cri`] with containerd in host `i`'s network namespace of `lab`, so
+    /// its pulls (and its host-network pods) use that host's link. It keeps the machine's mount
+    /// namespace, so it sees the mounts of a snapshotter started the same way (an agent from
+    /// [`crate::Agent::start_in_net`]) and the fixture unmounts what it leaves.
+    pub async fn start_cri_in(lab: &Lab, i: usize, registry: &str, mirror: &str, cri: &CriConfig) -> anyhow::Result<Containerd> {
+        Containerd::start_with(registry, mirror, Some(cri), "", Some(lab.ns(i))).await
+    }
+
+    async fn start_with(
+        registry: &str,
+        mirror: &str,
+        cri: Option<&CriConfig>,
+        extra: &str,
+        netns: Option<&str>,
+    ) -> anyhow::Result<Containerd> {
         require("containerd");
         require("ctr");
         require("runc");
@@ -114,13 +129,12 @@ impl Containerd {
             format!("server = \"http://{registry}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
         )?;
         let log = std::fs::File::create(d.join("containerd.log"))?;
-        let child = Command::new("containerd")
-            .arg("-c")
-            .arg(d.join("config.toml"))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting containerd")?;
+        let mut command = match netns {
+            Some(ns) => net_only_command(ns, "containerd"),
+            None => Command::new("containerd"),
+        };
+        let child =
+            command.arg("-c").arg(d.join("config.toml")).stdout(log.try_clone()?).stderr(log).spawn().context("starting containerd")?;
         let c = Containerd { dir, cri: cri.is_some(), child: Some(child) };
         let start = Instant::now();
         while !c.ctr(&["version"])?.status.success() {

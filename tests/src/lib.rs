@@ -124,6 +124,8 @@ pub struct Agent {
     role: String,
     /// The namespace and address it runs at, when not on this host's loopback.
     place: Option<(String, std::net::Ipv4Addr)>,
+    /// In `place`, whether it keeps the machine's mount namespace (see [`Agent::start_in_net`]).
+    net_only: bool,
     child: Option<Child>,
 }
 
@@ -150,6 +152,7 @@ impl Agent {
             env,
             role: role.into(),
             place: None,
+            net_only: false,
             child: None,
         };
         agent.spawn().await?;
@@ -158,6 +161,24 @@ impl Agent {
 
     /// Starts `shoal <role>` inside host `i` of `lab`, listening on that host's address.
     pub async fn start_in(lab: &netns::Lab, i: usize, role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::start_placed(lab, i, role, extra, env, false).await
+    }
+
+    /// [`Agent::start_in`] in host `i`'s network namespace only, keeping the machine's mount
+    /// namespace: the lazy mounts its snapshotter makes are then seen by a containerd started
+    /// with [`Containerd::start_cri_in`], as on a real node.
+    pub async fn start_in_net(lab: &netns::Lab, i: usize, role: &str, extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::start_placed(lab, i, role, extra, env, true).await
+    }
+
+    async fn start_placed(
+        lab: &netns::Lab,
+        i: usize,
+        role: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        net_only: bool,
+    ) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut agent = Agent {
@@ -168,6 +189,7 @@ impl Agent {
             env,
             role: role.into(),
             place: Some((lab.ns(i).to_string(), lab.ip(i))),
+            net_only,
             child: None,
         };
         agent.spawn().await?;
@@ -223,6 +245,7 @@ impl Agent {
         // `TEST_AGENT_LOG` replaces the agents' log filter (e.g. to add `quinn_proto=debug`).
         let filter = std::env::var("TEST_AGENT_LOG").unwrap_or_else(|_| "info,shoal_agent=debug".into());
         let mut cmd = match &self.place {
+            Some((ns, _)) if self.net_only => netns::net_only_command(ns, shoal_bin()),
             Some((ns, _)) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(shoal_bin());

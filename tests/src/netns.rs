@@ -2,6 +2,7 @@
 //! a bridge in the root namespace (which holds the registry and the scheduler at the gateway
 //! address). Everything is removed on drop, even when a test fails.
 
+use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -189,6 +190,18 @@ impl Lab {
         }
         let _ = Command::new("ip").args(["link", "del", &self.bridge()]).output();
     }
+}
+
+/// A command run in the network namespace `ns` (a name under /run/netns) and nothing else.
+/// `ip netns exec` also gives the process a mount namespace of its own, whose mounts the rest of
+/// the machine never sees: a node's daemons that mount for each other (a snapshotter's lazy
+/// mounts, containerd's rootfs on top of them) must share the machine's mounts instead, as they
+/// do on a real node.
+pub fn net_only_command(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    require("nsenter");
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+    c
 }
 
 impl Drop for Lab {
