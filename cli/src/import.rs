@@ -258,12 +258,13 @@ impl Containerd {
 /// the chain id it becomes, the layer's own `containerd.io/snapshot/` annotations, and which
 /// image and layer it is.
 fn remote_labels(layer: &Descriptor, chain: &str, image: &str, manifest: &str) -> HashMap<String, String> {
+    use shoal_snapshotter::{IMAGE_REF_LABEL, INHERITED_LABEL_PREFIX, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL};
     let mut labels: HashMap<String, String> =
-        layer.annotations.iter().filter(|(k, _)| k.starts_with("containerd.io/snapshot/")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    labels.insert("containerd.io/snapshot.ref".into(), chain.into());
-    labels.insert("containerd.io/snapshot/cri.image-ref".into(), image.into());
-    labels.insert("containerd.io/snapshot/cri.manifest-digest".into(), manifest.into());
-    labels.insert("containerd.io/snapshot/cri.layer-digest".into(), layer.digest.clone());
+        layer.annotations.iter().filter(|(k, _)| k.starts_with(INHERITED_LABEL_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    labels.insert(SNAPSHOT_REF_LABEL.into(), chain.into());
+    labels.insert(IMAGE_REF_LABEL.into(), image.into());
+    labels.insert(MANIFEST_DIGEST_LABEL.into(), manifest.into());
+    labels.insert(LAYER_DIGEST_LABEL.into(), layer.digest.clone());
     labels
 }
 

@@ -49,6 +49,10 @@ pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
 pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 /// The manifest digest CRI (and `shoal pull`) passes with each layer.
 pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// The layer's own digest, as CRI (and `shoal pull`) passes it.
+pub const LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
+/// containerd passes a layer's annotations under this prefix to the snapshotter as labels.
+pub const INHERITED_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 
 /// How the snapshotter is set up.
 #[derive(Clone, Debug)]
