@@ -60,6 +60,7 @@ impl Unpacker {
             .ok_or_else(|| anyhow::anyhow!("{image} names no source image ({SOURCE_ANNOTATION})"))?;
         let source = Reference::parse(source)
             .map_err(|e| anyhow::anyhow!("{image} was converted from {source:?}, which is not in a registry: {e}"))?;
+        same_repository(&shoal, &source)?;
         let resolved = image::resolve(&source, "linux/amd64", |reference| self.manifest(&source, reference)).await?;
         let layers: Vec<(shoal_core::Digest, String)> = {
             let m: serde_json::Value = serde_json::from_slice(&resolved.manifest)?;
@@ -100,6 +101,16 @@ impl Unpacker {
     }
 }
 
+/// The source annotation is the image's own word: it may only name an image of the same
+/// repository, which whoever may run this image may read anyway. Otherwise an image could have
+/// the node unpack another repository's (private) image into its rootfs.
+fn same_repository(shoal: &Reference, source: &Reference) -> anyhow::Result<()> {
+    if source.registry != shoal.registry || source.repository != shoal.repository {
+        anyhow::bail!("{shoal} names {source} as its source, outside its own repository: no fallback");
+    }
+    Ok(())
+}
+
 /// Unpacks one layer tar (gzip, zstd or plain, by media type) onto `dir`, applying whiteouts:
 /// `.wh.NAME` removes NAME from the layers below, `.wh..wh..opq` empties its directory of them.
 pub fn apply_layer(file: &Path, media_type: &str, dir: &Path) -> std::io::Result<()> {
@@ -132,13 +143,23 @@ pub fn apply_layer(file: &Path, media_type: &str, dir: &Path) -> std::io::Result
         let path = clean(&entry.path()?).ok_or_else(|| std::io::Error::other("a layer entry escapes the root"))?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Every removal below goes through `parent` inside `dir`: an earlier layer's symlink
+        // there would send it outside the image.
+        let parent_inside = real_dirs(dir, &parent);
         if name == ".wh..wh..opq" {
-            opaque.push(parent);
+            if parent_inside {
+                opaque.push(parent);
+            }
             continue;
         }
         if let Some(hidden) = name.strip_prefix(".wh.") {
-            remove(&dir.join(&parent).join(hidden))?;
+            if parent_inside && !matches!(hidden, "" | "." | "..") {
+                remove(&dir.join(&parent).join(hidden))?;
+            }
             continue;
+        }
+        if !parent_inside {
+            return Err(std::io::Error::other(format!("layer entry {} lies under a symbolic link", path.display())));
         }
         let target = dir.join(&path);
         let is_dir = entry.header().entry_type().is_dir();
@@ -159,6 +180,21 @@ pub fn apply_layer(file: &Path, media_type: &str, dir: &Path) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// Whether each directory of `rel` under `dir` that exists is a real directory, not a symbolic
+/// link (which the kernel would follow out of `dir`).
+fn real_dirs(dir: &Path, rel: &Path) -> bool {
+    let mut at = dir.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return false,
+            Err(_) => return true,
+        }
+    }
+    true
 }
 
 /// `path` relative to the root, without `.` components; `None` if it climbs out.
@@ -229,6 +265,39 @@ mod tests {
         assert_eq!(std::fs::read(root.join("opt/y")).unwrap(), b"y", "and keeps what its own layer wrote");
         assert_eq!(std::fs::read(root.join("f")).unwrap(), b"1");
         assert!(!root.join("etc/.wh.a").exists() && !root.join("opt/.wh..wh..opq").exists());
+    }
+
+    #[test]
+    fn whiteouts_and_files_never_reach_through_a_symbolic_link_out_of_the_root() {
+        let work = tempfile::tempdir().unwrap();
+        let root = work.path().join("root");
+        let outside = work.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(outside.join("d")).unwrap();
+        for name in ["victim", "d/kept"] {
+            std::fs::write(outside.join(name), b"keep").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let apply = |n: usize, entries: &[(&str, Option<&[u8]>)]| {
+            let f = work.path().join(format!("l{n}.tar"));
+            std::fs::write(&f, layer(entries)).unwrap();
+            apply_layer(&f, "application/vnd.oci.image.layer.v1.tar", &root)
+        };
+        apply(0, &[("link/.wh.victim", Some(b""))]).unwrap();
+        apply(1, &[("link/d/.wh..wh..opq", Some(b""))]).unwrap();
+        assert!(apply(2, &[("link/victim", Some(b"planted"))]).is_err(), "a file under a symlink is refused");
+        apply(3, &[(".wh...", Some(b""))]).unwrap();
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(outside.join("d/kept")).unwrap(), b"keep");
+        assert!(root.exists());
+    }
+
+    #[test]
+    fn a_shoal_image_may_only_fall_back_to_an_image_of_its_own_repository() {
+        let shoal = Reference::parse("r.example/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000").unwrap();
+        assert!(same_repository(&shoal, &Reference::parse("r.example/team/app:v1").unwrap()).is_ok());
+        assert!(same_repository(&shoal, &Reference::parse("r.example/team/secret:v1").unwrap()).is_err());
+        assert!(same_repository(&shoal, &Reference::parse("other.example/team/app:v1").unwrap()).is_err());
     }
 
     #[test]
