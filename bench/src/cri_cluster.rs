@@ -22,10 +22,10 @@ use crate::report::{machine, median, write};
 #[derive(clap::Args)]
 pub struct Args {
     /// Cluster sizes, run in this order.
-    #[arg(long, value_delimiter = ',', default_values_t = [8, 16, 32])]
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 16, 32], display_order = 0)]
     nodes: Vec<usize>,
     /// Link rate of every node (both ways) and of the registry's uplink, Mbit/s.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, display_order = 2)]
     rate_mbit: u32,
     #[command(flatten)]
     image: ImageArgs,

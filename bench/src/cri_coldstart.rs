@@ -27,10 +27,10 @@ pub struct Args {
     image: ImageArgs,
     /// Link rate between the node and the registry, Mbit/s (the registry's uplink and the
     /// node's link both ways).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, display_order = 2)]
     rate_mbit: u32,
     /// Timed starts per row (the median is reported).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, display_order = 5)]
     runs: usize,
 }
 
@@ -38,16 +38,16 @@ pub struct Args {
 #[derive(clap::Args)]
 pub struct ImageArgs {
     /// MiB of data files in the image that the entrypoint never reads (a model, assets).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, display_order = 1)]
     pub unread_mib: usize,
     /// What the image holds besides the data: `debian` is bookworm with python3 and numpy
     /// (debootstrap) and an entrypoint importing numpy; `busybox` is static busybox and a few MiB
     /// of generated files its entrypoint reads, for a quick check.
-    #[arg(long, value_enum, default_value_t = Base::Debian)]
+    #[arg(long, value_enum, default_value_t = Base::Debian, display_order = 3)]
     pub base: Base,
     /// Where the debootstrapped root filesystem is kept between runs (debootstrap takes a
     /// minute or more).
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp/shoal-bench-rootfs")]
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/shoal-bench-rootfs", display_order = 4)]
     pub rootfs_cache: PathBuf,
 }
 
