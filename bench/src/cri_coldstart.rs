@@ -212,7 +212,7 @@ fn write_data(dir: &Path, mib: usize) -> anyhow::Result<()> {
 
 /// Builds the image with umoci (the base as one layer, the data as another, the entrypoint),
 /// pushes it to `registry` as `REPO:v1` and converts it with `shoal build` into `REPO:v1-shoal`.
-pub fn build_image(args: &ImageArgs, work: &Path, registry: &Registry, shoal_config: &Path) -> anyhow::Result<AppImage> {
+fn build_image(args: &ImageArgs, work: &Path, registry: &Registry, shoal_config: &Path) -> anyhow::Result<AppImage> {
     for tool in ["umoci", "skopeo", "busybox", "du"] {
         require(tool);
     }
