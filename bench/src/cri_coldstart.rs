@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use shoal_tests::cri::{ColdStart, Cri};
 use shoal_tests::lazy::drop_page_cache;
 use shoal_tests::netns::Lab;
 use shoal_tests::registry::run;
@@ -22,25 +23,32 @@ use crate::report::{machine, median, write};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// MiB of data files in the image that the entrypoint never reads (a model, assets).
-    #[arg(long, default_value_t = 512)]
-    unread_mib: usize,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Link rate between the node and the registry, Mbit/s (the registry's uplink and the
     /// node's link both ways).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, display_order = 2)]
     rate_mbit: u32,
+    /// Timed starts per row (the median is reported).
+    #[arg(long, default_value_t = 1, display_order = 5)]
+    runs: usize,
+}
+
+/// What the image the pod starts holds (shared with the cluster scenario).
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// MiB of data files in the image that the entrypoint never reads (a model, assets).
+    #[arg(long, default_value_t = 512, display_order = 1)]
+    pub unread_mib: usize,
     /// What the image holds besides the data: `debian` is bookworm with python3 and numpy
     /// (debootstrap) and an entrypoint importing numpy; `busybox` is static busybox and a few MiB
     /// of generated files its entrypoint reads, for a quick check.
-    #[arg(long, value_enum, default_value_t = Base::Debian)]
-    base: Base,
+    #[arg(long, value_enum, default_value_t = Base::Debian, display_order = 3)]
+    pub base: Base,
     /// Where the debootstrapped root filesystem is kept between runs (debootstrap takes a
     /// minute or more).
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp/shoal-bench-rootfs")]
-    rootfs_cache: PathBuf,
-    /// Timed starts per row (the median is reported).
-    #[arg(long, default_value_t = 1)]
-    runs: usize,
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/shoal-bench-rootfs", display_order = 4)]
+    pub rootfs_cache: PathBuf,
 }
 
 /// The image's base: see [`Args::base`].
@@ -109,10 +117,10 @@ const NODE: usize = 1;
 const TEACHER: usize = 2;
 
 /// The repository the image is pushed to; the converted one is tagged `v1-shoal`.
-const REPO: &str = "bench/app";
+pub const REPO: &str = "bench/app";
 
 /// How long one start may take, PullImage to first line.
-const START_TIMEOUT: Duration = Duration::from_secs(900);
+pub const START_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The registry counts as done sending once its access log has not grown for this long (a lazy
 /// mount's background prefetch may still run when the container has exited).
@@ -122,17 +130,17 @@ const REGISTRY_QUIET: Duration = Duration::from_secs(2);
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The image the pod starts, as pushed.
-struct AppImage {
+pub struct AppImage {
     /// What the entrypoint prints first.
-    first_line: String,
+    pub first_line: String,
     /// The entrypoint.
-    entrypoint: Vec<String>,
+    pub entrypoint: Vec<String>,
     /// Bytes of the image's files, unpacked.
-    unpacked_bytes: u64,
+    pub unpacked_bytes: u64,
     /// Of those, the data files the entrypoint never reads.
-    unread_bytes: u64,
+    pub unread_bytes: u64,
     /// What the base holds, for the report.
-    description: String,
+    pub description: String,
 }
 
 /// `du -sb` of a directory.
@@ -204,7 +212,7 @@ fn write_data(dir: &Path, mib: usize) -> anyhow::Result<()> {
 
 /// Builds the image with umoci (the base as one layer, the data as another, the entrypoint),
 /// pushes it to `registry` as `REPO:v1` and converts it with `shoal build` into `REPO:v1-shoal`.
-fn build_image(args: &Args, work: &Path, registry: &Registry, shoal_config: &Path) -> anyhow::Result<AppImage> {
+fn build_image(args: &ImageArgs, work: &Path, registry: &Registry, shoal_config: &Path) -> anyhow::Result<AppImage> {
     for tool in ["umoci", "skopeo", "busybox", "du"] {
         require(tool);
     }
@@ -349,12 +357,22 @@ pub fn stop_nodes_after_signal() {
     }
 }
 
+/// What runs on a node besides containerd with CRI.
+pub struct NodeSetup {
+    /// A Shoal agent, containerd's registry mirror.
+    pub agent: bool,
+    /// The agent's snapshotter, which CRI then unpacks into (lazily) instead of overlayfs.
+    pub lazy: bool,
+    /// The agent's `[peer]` table, if any.
+    pub peer: Option<String>,
+}
+
 /// One fresh node for one start, in a lab host's network namespace: containerd with CRI, and
 /// for the Shoal rows an agent (with its snapshotter for the lazy rows). Dropping it removes
 /// the pods, stops containerd, the lazy mounts and the agent, and unmounts what they mounted.
-struct Node {
+pub struct Node {
     /// Dropped first: removing its pods unmounts the containers' rootfs.
-    containerd: Containerd,
+    pub containerd: Containerd,
     /// Then the lazy mounts, while the agent's data directory is still there.
     mounts: Option<LazyMounts>,
     agent: Option<Agent>,
@@ -374,23 +392,29 @@ impl Node {
         scheduler: Option<&Scheduler>,
         host_id: &str,
     ) -> anyhow::Result<Node> {
+        // The agent's peer server stays off: the scheduler only learns the mounts' traces.
+        let peer = scheduler.map(|s| format!("[peer]\nschedulers = [\"{}\"]\nhost_id = \"{host_id}\"\n", s.addr()));
+        let setup = NodeSetup { agent: row.agent(), lazy: row.lazy(), peer };
+        Node::start_with(lab, host, &setup, registry, sandbox).await
+    }
+
+    /// Starts a node as `setup` says on `host`, pulling from `registry`, its pods' sandbox
+    /// image `sandbox`.
+    pub async fn start_with(lab: &Lab, host: usize, setup: &NodeSetup, registry: &Registry, sandbox: &str) -> anyhow::Result<Node> {
         let socket_dir = tempfile::Builder::new().prefix("shoal-bench-snap-").tempdir()?;
         let socket = socket_dir.path().join("snapshotter.sock");
         let mut agent = None;
-        if row.agent() {
+        if setup.agent {
             let mut extra = format!("[registry.\"{}\"]\nplain_http = true\n", registry.host());
-            if row.lazy() {
+            if setup.lazy {
                 extra.push_str(&format!("[snapshotter]\nenabled = true\nsocket = \"{}\"\n", socket.display()));
             }
-            if let Some(s) = scheduler {
-                // The agent's peer server stays off: the scheduler only learns the mounts' traces.
-                extra.push_str(&format!("[peer]\nschedulers = [\"{}\"]\nhost_id = \"{host_id}\"\n", s.addr()));
-            }
+            extra.push_str(setup.peer.as_deref().unwrap_or_default());
             agent = Some(Agent::start_in_net(lab, host, "agent", &extra, &[]).await?);
         }
-        let mounts = agent.as_ref().filter(|_| row.lazy()).map(|a| LazyMounts { data_dir: a.data_dir() });
+        let mounts = agent.as_ref().filter(|_| setup.lazy).map(|a| LazyMounts { data_dir: a.data_dir() });
         let mut cri = CriConfig::new(sandbox);
-        if row.lazy() {
+        if setup.lazy {
             let start = Instant::now();
             while !socket.exists() {
                 if start.elapsed() > Duration::from_secs(20) {
@@ -408,14 +432,14 @@ impl Node {
     }
 
     /// The directories the node runs in.
-    fn dirs(&self) -> Vec<PathBuf> {
+    pub fn dirs(&self) -> Vec<PathBuf> {
         let mut dirs = vec![self.containerd.dir.path().to_path_buf(), self.socket_dir.path().to_path_buf()];
         dirs.extend(self.agent.as_ref().map(|a| a.dir.path().to_path_buf()));
         dirs
     }
 
     /// The lazy mounts' `--stats` files, as JSON.
-    fn mount_stats(&self) -> Vec<serde_json::Value> {
+    pub fn mount_stats(&self) -> Vec<serde_json::Value> {
         let Some(agent) = &self.agent else { return Vec::new() };
         let remote = agent.data_dir().join("snapshotter/remote");
         let mut stats = Vec::new();
@@ -428,7 +452,7 @@ impl Node {
     }
 
     /// The lazy mounts' logs, one after the other.
-    fn mount_logs(&self) -> String {
+    pub fn mount_logs(&self) -> String {
         let Some(agent) = &self.agent else { return String::new() };
         let remote = agent.data_dir().join("snapshotter/remote");
         let mut text = String::new();
@@ -439,7 +463,7 @@ impl Node {
     }
 
     /// Writes the node's logs to `dir` as `<name>-{containerd,agent,mount}.log`.
-    fn save_logs(&self, dir: &Path, name: &str) -> anyhow::Result<()> {
+    pub fn save_logs(&self, dir: &Path, name: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join(format!("{name}-containerd.log")), self.containerd.log())?;
         if let Some(agent) = &self.agent {
@@ -461,27 +485,27 @@ impl Drop for Node {
 
 /// What one start measured.
 #[derive(Debug, Clone)]
-struct Start {
+pub struct Start {
     /// PullImage start to the container's first line.
-    seconds: f64,
+    pub seconds: f64,
     /// How long PullImage took.
-    pull_seconds: f64,
+    pub pull_seconds: f64,
     /// What the registry sent (GETs answered 200 or 206), from PullImage to when it went quiet
     /// after the container exited.
-    registry_bytes: u64,
+    pub registry_bytes: u64,
     /// Registry requests in that time.
-    registry_requests: usize,
+    pub registry_requests: usize,
     /// The lazy mount's counters after the start.
-    mount_stats: Vec<serde_json::Value>,
+    pub mount_stats: Vec<serde_json::Value>,
     /// Whether the lazy mount prefetched by a trace the cluster learned.
-    learned_prefetch: bool,
+    pub learned_prefetch: bool,
     /// The node's directories (containerd's, the agent's, the snapshotter socket's), all
     /// removed with the node.
-    node_dirs: Vec<PathBuf>,
+    pub node_dirs: Vec<PathBuf>,
 }
 
 impl Start {
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "seconds": self.seconds,
             "pull_seconds": self.pull_seconds,
@@ -498,12 +522,32 @@ impl Start {
 /// before pulling the container's image), then a dropped page cache, then PullImage of `image`
 /// and a container running the image's own entrypoint, until its first line. Fails unless that
 /// line is `image.first_line` and the container exits with 0.
-async fn start(node: &Node, registry: &Registry, image: &str, app: &AppImage, run_id: &str) -> anyhow::Result<Start> {
+pub async fn start(node: &Node, registry: &Registry, image: &str, app: &AppImage, run_id: &str) -> anyhow::Result<Start> {
     let cri = node.containerd.cri().await?;
     let pod = cri.run_pod(&format!("bench-{run_id}")).await?;
     drop_page_cache()?;
     let before = registry.hits().len();
     let cold = cri.cold_start(&pod, "app", image, &[], START_TIMEOUT).await?;
+    check_run(&cri, &cold, app).await?;
+    wait_registry_quiet(registry).await;
+    let (registry_bytes, registry_requests) = registry_sent(registry, before);
+    let learned_prefetch = node.mount_logs().contains("prefetching by the trace the cluster learned");
+    let result = Start {
+        seconds: cold.first_output.as_secs_f64(),
+        pull_seconds: cold.pull.as_secs_f64(),
+        registry_bytes,
+        registry_requests,
+        mount_stats: node.mount_stats(),
+        learned_prefetch,
+        node_dirs: node.dirs(),
+    };
+    cri.remove_container(&cold.container).await?;
+    cri.remove_pod(&pod).await?;
+    Ok(result)
+}
+
+/// Fails unless the container of `cold` printed `app.first_line` first and exited with 0.
+pub async fn check_run(cri: &Cri, cold: &ColdStart, app: &AppImage) -> anyhow::Result<()> {
     if cold.first_line.text != app.first_line {
         bail!("the container printed {:?} first, expected {:?}", cold.first_line.text, app.first_line);
     }
@@ -511,7 +555,11 @@ async fn start(node: &Node, registry: &Registry, image: &str, app: &AppImage, ru
     if code != 0 {
         bail!("the container exited with {code}: {}", cri.output(&cold.container).unwrap_or_default());
     }
-    // Until the registry has been quiet for a while: a lazy mount may still be prefetching.
+    Ok(())
+}
+
+/// Waits until the registry has been quiet for a while: a lazy mount may still be prefetching.
+pub async fn wait_registry_quiet(registry: &Registry) {
     let (mut seen, mut since) = (registry.hits().len(), Instant::now());
     let waiting = Instant::now();
     while since.elapsed() < REGISTRY_QUIET && waiting.elapsed() < Duration::from_secs(120) {
@@ -521,21 +569,15 @@ async fn start(node: &Node, registry: &Registry, image: &str, app: &AppImage, ru
             (seen, since) = (now, Instant::now());
         }
     }
+}
+
+/// What the registry sent (bytes and requests: GETs answered 200 or 206) since its access log
+/// held `before` entries.
+pub fn registry_sent(registry: &Registry, before: usize) -> (u64, usize) {
     let hits = registry.hits();
-    let sent: Vec<_> = hits[before..].iter().filter(|h| h.method == "GET" && matches!(h.status, 200 | 206)).collect();
-    let learned_prefetch = node.mount_logs().contains("prefetching by the trace the cluster learned");
-    let result = Start {
-        seconds: cold.first_output.as_secs_f64(),
-        pull_seconds: cold.pull.as_secs_f64(),
-        registry_bytes: sent.iter().map(|h| h.bytes).sum(),
-        registry_requests: sent.len(),
-        mount_stats: node.mount_stats(),
-        learned_prefetch,
-        node_dirs: node.dirs(),
-    };
-    cri.remove_container(&cold.container).await?;
-    cri.remove_pod(&pod).await?;
-    Ok(result)
+    let sent: Vec<_> =
+        hits.get(before..).unwrap_or_default().iter().filter(|h| h.method == "GET" && matches!(h.status, 200 | 206)).collect();
+    (sent.iter().map(|h| h.bytes).sum(), sent.len())
 }
 
 /// Waits until `scheduler` has recorded an access trace from `host_id`.
@@ -551,6 +593,38 @@ async fn wait_trace(scheduler: &Scheduler, host_id: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The images in the registry, and their sizes.
+pub struct Images {
+    /// The pod's image.
+    pub app: AppImage,
+    /// The pods' sandbox image.
+    pub sandbox: String,
+    /// Bytes of the image as pushed.
+    pub image_bytes: u64,
+    /// Bytes of the image as converted by `shoal build`.
+    pub converted_bytes: u64,
+    /// Bytes of the converted image's bootstrap.
+    pub bootstrap_bytes: u64,
+}
+
+/// Builds the pod's image in `work`, pushes it and the sandbox image to `registry` and converts
+/// the former with `shoal build`.
+pub async fn push_images(args: &ImageArgs, work: &Path, registry: &Registry) -> anyhow::Result<Images> {
+    let shoal_config = work.join("shoal.toml");
+    std::fs::write(&shoal_config, format!("[registry.\"{}\"]\nplain_http = true\n", registry.host()))?;
+    let app = build_image(args, work, registry, &shoal_config)?;
+    let sandbox = shoal_tests::cri::push_sandbox_image(registry).await?;
+    let original = registry.image_blobs(REPO, "v1").await?;
+    let converted = registry.image_blobs(REPO, "v1-shoal").await?;
+    Ok(Images {
+        app,
+        sandbox,
+        image_bytes: original.iter().map(|(_, s)| s).sum(),
+        converted_bytes: converted.iter().map(|(_, s)| s).sum(),
+        bootstrap_bytes: converted.last().map_or(0, |(_, size)| *size),
+    })
+}
+
 pub async fn run_scenario(args: Args, out: &Path) -> anyhow::Result<()> {
     for tool in ["containerd", "runc", "docker-registry", "tc", "nsenter", "chroot"] {
         require(tool);
@@ -561,14 +635,7 @@ pub async fn run_scenario(args: Args, out: &Path) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("shoal-bench-cri-").tempdir_in("/var/tmp")?;
     let lab = Lab::new(3)?;
     let registry = Registry::start_in(&lab, REGISTRY_HOST).await?;
-    let shoal_config = work.path().join("shoal.toml");
-    std::fs::write(&shoal_config, format!("[registry.\"{}\"]\nplain_http = true\n", registry.host()))?;
-    let app = build_image(&args, work.path(), &registry, &shoal_config)?;
-    let sandbox = shoal_tests::cri::push_sandbox_image(&registry).await?;
-    let original = registry.image_blobs(REPO, "v1").await?;
-    let converted = registry.image_blobs(REPO, "v1-shoal").await?;
-    let image_bytes: u64 = original.iter().map(|(_, s)| s).sum();
-    let converted_bytes: u64 = converted.iter().map(|(_, s)| s).sum();
+    let Images { app, sandbox, image_bytes, converted_bytes, bootstrap_bytes } = push_images(&args.image, work.path(), &registry).await?;
     lab.shape(REGISTRY_HOST, args.rate_mbit, None)?;
     for host in [NODE, TEACHER] {
         lab.shape(host, args.rate_mbit, Some(args.rate_mbit))?;
@@ -627,7 +694,6 @@ pub async fn run_scenario(args: Args, out: &Path) -> anyhow::Result<()> {
             results.push(result);
         }
     }
-    let bootstrap_bytes = converted.last().map_or(0, |(_, size)| *size);
     report(&args, out, &app, (image_bytes, converted_bytes, bootstrap_bytes), &starts, &teachers)
 }
 

@@ -3,12 +3,13 @@
 //! JSON and a Markdown table.
 //!
 //! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8`, `-- scaling`, `-- fuse`,
-//! `-- coldstart` or `-- cri-coldstart` (build the agent first: `cargo build --release -p shoal`).
+//! `-- coldstart`, `-- cri-coldstart` or `-- cri-cluster` (build the agent first: `cargo build --release -p shoal`).
 //! Run as root: scenarios make network namespaces, mount filesystems and drop the page cache.
 //! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
 mod bittorrent;
 mod coldstart;
+mod cri_cluster;
 mod cri_coldstart;
 mod fanout;
 mod fuse;
@@ -54,6 +55,11 @@ enum Scenario {
     /// registry, through the Shoal mirror) against Shoal's snapshotter starting the converted
     /// image lazily (and with prefetch learned from an earlier start on another node).
     CriColdstart(cri_coldstart::Args),
+    /// The CRI cold start on N nodes at once (P2P on, one scheduler): time until every
+    /// container printed its first line and the registry's bytes against one start's, for
+    /// Shoal's snapshotter starting the converted image lazily and for containerd's pull
+    /// through the Shoal mirror.
+    CriCluster(cri_cluster::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -68,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Fuse(args) => fuse::run(args, &out).await,
             Scenario::Coldstart(args) => coldstart::run_scenario(args, &out).await,
             Scenario::CriColdstart(args) => cri_coldstart::run_scenario(args, &out).await,
+            Scenario::CriCluster(args) => cri_cluster::run_scenario(args, &out).await,
         }
     };
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every
