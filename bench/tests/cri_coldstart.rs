@@ -3,22 +3,11 @@
 //! container prints its line, the lazy starts fetch less than the full pulls, the learned
 //! prefetch happens, nothing is left behind), not speed.
 
-use std::process::{Command, Stdio};
+mod common;
 
 #[test]
 fn a_tiny_cri_cold_start_runs_every_row_and_the_lazy_ones_fetch_less() {
-    let out = tempfile::tempdir().unwrap();
-    let bench = Command::new(env!("CARGO_BIN_EXE_shoal-bench"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["cri-coldstart", "--base", "busybox", "--unread-mib", "16", "--rate-mbit", "200"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = bench.id();
-    let run = bench.wait_with_output().unwrap();
+    let (out, pid, run) = common::run_bench(&["cri-coldstart", "--base", "busybox", "--unread-mib", "16", "--rate-mbit", "200"]);
     // The harness fails the run when a container prints anything but the image's line first,
     // or exits with an error.
     assert!(run.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&run.stderr));
@@ -63,22 +52,10 @@ fn a_tiny_cri_cold_start_runs_every_row_and_the_lazy_ones_fetch_less() {
 
     // Nothing of the run is left: no namespace, no mount of its agents or containerds, no
     // process of its nodes.
-    let prefix = format!("sh{}x", pid % 100_000);
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let netns = String::from_utf8_lossy(&netns.stdout).into_owned();
-    assert!(!netns.lines().any(|l| l.starts_with(&prefix)), "namespaces left: {netns}");
     let rows = json["rows"].as_object().unwrap().values().flat_map(|r| r["starts"].as_array().unwrap().clone());
     let starts: Vec<serde_json::Value> = rows.chain(json["teaching_starts"].as_array().unwrap().clone()).collect();
     let dirs: Vec<String> =
         starts.iter().flat_map(|s| s["node_dirs"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string())).collect();
     assert!(dirs.len() >= 9, "every start names its node's directories: {dirs:?}");
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    for line in mounts.lines() {
-        let point = line.split(' ').nth(1).unwrap_or("");
-        assert!(!dirs.iter().any(|d| point.starts_with(d.as_str())), "left mounted: {line}");
-    }
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = String::from_utf8_lossy(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        assert!(!dirs.iter().any(|d| cmdline.contains(d.as_str())), "left running: {cmdline}");
-    }
+    common::assert_nothing_left(pid, &dirs);
 }
