@@ -88,7 +88,7 @@ impl Fetcher {
     pub(crate) async fn new(mirror: Option<&str>, no_agent: bool, config: Config) -> anyhow::Result<Fetcher> {
         if !no_agent {
             let addr = mirror.map(String::from).unwrap_or_else(|| config.mirror.listen.to_string());
-            let base = if addr.starts_with("http://") || addr.starts_with("https://") { addr } else { format!("http://{addr}") };
+            let base = shoal_core::config::mirror_url(&addr);
             let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
             let probe = http.get(format!("{base}/v2/")).timeout(Duration::from_secs(2)).send().await;
             match probe {

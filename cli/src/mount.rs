@@ -687,7 +687,7 @@ impl Remote {
         }
         let given = args.mirror.clone();
         let base = given.clone().unwrap_or_else(|| config.mirror.listen.to_string());
-        let base = if base.starts_with("http://") || base.starts_with("https://") { base } else { format!("http://{base}") };
+        let base = shoal_core::config::mirror_url(&base);
         let base = base.trim_end_matches('/').to_string();
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
         match http.get(format!("{base}/v2/")).timeout(Duration::from_secs(2)).send().await {

@@ -171,7 +171,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     }
     let Some(socket) = &args.containerd_socket else { return Ok(()) };
     let mirror = args.mirror.clone().unwrap_or_else(|| config.mirror.listen.to_string());
-    let mirror = if mirror.starts_with("http://") || mirror.starts_with("https://") { mirror } else { format!("http://{mirror}") };
+    let mirror = shoal_core::config::mirror_url(&mirror);
     let target = import::Target { socket, namespace: &args.containerd_namespace, snapshotter: &args.snapshotter };
     let http = reqwest::Client::new();
     for (r, image) in &imports {

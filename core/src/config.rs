@@ -334,6 +334,15 @@ impl Default for MirrorConfig {
     }
 }
 
+/// The base URL of a mirror given as `host:port` or as a URL (`http://host:port`).
+pub fn mirror_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 impl MirrorConfig {
     /// The header read timeout as a duration.
     pub fn header_read_timeout(&self) -> Duration {
@@ -655,6 +664,12 @@ mod tests {
     fn default_config_text_matches_defaults() {
         let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn a_mirror_address_becomes_a_url() {
+        assert_eq!(mirror_url("127.0.0.1:65001"), "http://127.0.0.1:65001");
+        assert_eq!(mirror_url("https://m.example"), "https://m.example");
     }
 
     #[test]

@@ -209,23 +209,29 @@ impl Snapshotter {
     /// The mounts of an active or view snapshot. A Shoal image below it whose mount process
     /// died is brought back first, so the container gets a live lower layer.
     pub async fn mounts_of(&self, key: &str) -> Result<Vec<containerd_client::types::Mount>, Error> {
-        for (name, p) in self.meta.chain(key)?.into_iter().skip(1) {
+        let mut chain = self.meta.chain(key)?;
+        let mut revived = false;
+        for (name, p) in chain.iter().skip(1) {
             if let Some(Remote::Image { image, lower_dirs, unpacked: false }) = &p.remote {
                 if !self.mounter.is_up(p.id, lower_dirs) {
                     let lock = self.revivals.lock().unwrap_or_else(|p| p.into_inner()).entry(p.id).or_default().clone();
                     let _revival = lock.lock().await;
                     // Another call may have brought it back while this one waited.
-                    let current = self.meta.get(&name)?;
+                    let current = self.meta.get(name)?;
                     if let Some(Remote::Image { lower_dirs, unpacked: false, .. }) = &current.remote {
                         if !self.mounter.is_up(p.id, lower_dirs) {
                             warn!(key = name, image, "the lazy mount of a Shoal image went away; mounting it again");
-                            self.bring_up(&name, p.id, image).await?;
+                            self.bring_up(name, p.id, image).await?;
                         }
                     }
+                    revived = true;
                 }
             }
         }
-        let chain = self.meta.chain(key)?;
+        if revived {
+            // The records below now name the live lower directories.
+            chain = self.meta.chain(key)?;
+        }
         let (s, parents) = chain
             .split_first()
             .map(|(s, p)| (s.1.clone(), p.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>()))

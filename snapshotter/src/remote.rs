@@ -103,8 +103,7 @@ impl Mounter {
     pub fn is_up(&self, id: u64, lower_dirs: &[PathBuf]) -> bool {
         let alive = self.pid(id).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mounted = |p: &Path| mounts.lines().any(|l| l.split(' ').nth(1).map(unescape).as_deref() == Some(&p.display().to_string()));
-        alive && !lower_dirs.is_empty() && lower_dirs.iter().all(|d| mounted(d))
+        alive && !lower_dirs.is_empty() && lower_dirs.iter().all(|d| times_mounted(&mounts, d) > 0)
     }
 
     fn pid(&self, id: u64) -> Option<i32> {
@@ -131,16 +130,12 @@ impl Mounter {
     }
 }
 
-/// Detaches whatever is mounted at `mnt` (a process killed without unmounting leaves its mount
-/// behind), lazily: it goes once nothing uses it.
+/// Unmounts whatever is mounted at `mnt` (a process killed without unmounting leaves its mount
+/// behind), detaching it when busy: it goes once nothing uses it.
 fn detach(mnt: &Path) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let want = mnt.display().to_string();
-    let count = mounts.lines().filter(|l| l.split(' ').nth(1).map(unescape).as_deref() == Some(want.as_str())).count();
-    let Ok(c) = std::ffi::CString::new(want) else { return };
-    for _ in 0..count {
-        // SAFETY: a plain syscall on a NUL-terminated path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    for _ in 0..times_mounted(&mounts, mnt) {
+        let _ = shoal_fuse::overlay::unmount(mnt);
     }
 }
 
@@ -183,6 +178,12 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// How many mounts the table `mounts` (/proc/self/mounts) has at `path`.
+fn times_mounted(mounts: &str, path: &Path) -> usize {
+    let want = path.display().to_string();
+    mounts.lines().filter(|l| l.split(' ').nth(1).map(unescape).as_deref() == Some(want.as_str())).count()
 }
 
 /// /proc/mounts escapes spaces and the like as octal.

@@ -28,7 +28,7 @@ pub struct Unpacker {
 
 impl Unpacker {
     pub fn new(mirror: &str, tmp: PathBuf) -> Unpacker {
-        let mirror = if mirror.starts_with("http") { mirror.to_string() } else { format!("http://{mirror}") };
+        let mirror = shoal_core::config::mirror_url(mirror);
         // A stalled transfer fails instead of hanging the pull (the agent retries the origin).
         let http = reqwest::Client::builder().read_timeout(std::time::Duration::from_secs(60)).build().unwrap_or_default();
         Unpacker { http, mirror, tmp }
