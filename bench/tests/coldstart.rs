@@ -2,18 +2,11 @@
 //! image over a shaped link. Checks behaviour (a complete report, the start files' bytes correct,
 //! the lazy start fetching less than the image), not speed.
 
-use std::process::{Command, Stdio};
+mod common;
 
 #[test]
 fn a_tiny_cold_start_reports_both_ways_and_the_lazy_one_fetches_less() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_shoal-bench"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["coldstart", "--unread-mib", "16", "--runs", "1", "--rate-mbit", "200"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let (out, _, run) = common::run_bench(&["coldstart", "--unread-mib", "16", "--runs", "1", "--rate-mbit", "200"]);
     // The harness compares every start file with the image's and fails the run on a difference.
     assert!(run.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&run.stderr));
 

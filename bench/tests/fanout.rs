@@ -1,21 +1,14 @@
 //! The fan-out benchmark end to end at toy size: 3 shaped nodes, 16 MiB, every system. Checks
 //! behaviour (a complete report, every copy correct), not speed.
 
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 
 #[test]
 fn a_tiny_fanout_reports_every_system_and_every_node() {
-    let out = tempfile::tempdir().unwrap();
-    let bench = Command::new(env!("CARGO_BIN_EXE_shoal-bench"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["fanout", "--nodes", "3", "--size-mib", "16", "--rate-mbit", "40", "--name", "tiny", "--timeout", "120"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = bench.id();
-    let run = bench.wait_with_output().unwrap();
+    let (out, pid, run) =
+        common::run_bench(&["fanout", "--nodes", "3", "--size-mib", "16", "--rate-mbit", "40", "--name", "tiny", "--timeout", "120"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     // The harness checks every copy's sha256 and fails the run on a wrong byte.
     assert!(run.status.success(), "the benchmark failed: {stderr}");

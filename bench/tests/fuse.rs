@@ -2,18 +2,11 @@
 //! `shoal mount`, natively, and under a container's overlayfs. Checks behaviour (a complete
 //! report, the same bytes as the native tree, the plot written), not speed.
 
-use std::process::{Command, Stdio};
+mod common;
 
 #[test]
 fn a_tiny_fuse_run_reports_every_mode_and_the_container_view() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_shoal-bench"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["fuse", "--big-mib", "8", "--small-files", "50", "--runs", "1", "--no-nydus"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let (out, _, run) = common::run_bench(&["fuse", "--big-mib", "8", "--small-files", "50", "--runs", "1", "--no-nydus"]);
     // The harness compares every system's tree with the native one and fails the run on a difference.
     assert!(run.status.success(), "the benchmark failed: {}", String::from_utf8_lossy(&run.stderr));
 

@@ -140,6 +140,12 @@ async fn an_ordinary_image_pulls_and_runs_on_overlayfs_snapshots_and_a_container
     assert!(dirs.is_empty(), "no snapshot directory is left: {dirs:?}");
 }
 
+/// `shoal pull IMAGE` into `ctd` through `agent`'s mirror.
+fn shoal_pull(ctd: &Containerd, agent: &Agent, image: &str) {
+    let socket = ctd.socket().display().to_string();
+    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), image]);
+}
+
 /// Runs `shoal ARGS...`, failing with its output.
 fn shoal(args: &[&str]) -> String {
     let out = std::process::Command::new(shoal_tests::shoal_bin()).args(args).stdin(std::process::Stdio::null()).output().unwrap();
@@ -166,8 +172,7 @@ async fn a_shoal_image_pulled_with_shoal_pull_runs_lazily_and_reads_only_what_it
     let ctd = containerd(&registry, &agent, &sock_dir).await;
     let before = registry.hits().len();
 
-    let socket = ctd.socket().display().to_string();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    shoal_pull(&ctd, &agent, &image);
     let printed = ctr_ok(&ctd, &["run", "--rm", "--snapshotter", "shoal", &image, "lazy", "/bin/busybox", "cat", "/hello.txt"]);
     assert_eq!(printed, "hello from a lazy image\n");
 
@@ -203,8 +208,7 @@ async fn a_running_lazy_container_keeps_reading_while_the_agent_and_its_snapshot
     let image = shoal_image(&registry, "still here\n").await;
     let (sock_dir, mut agent) = agent_with_snapshotter().await;
     let ctd = containerd(&registry, &agent, &sock_dir).await;
-    let socket = ctd.socket().display().to_string();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    shoal_pull(&ctd, &agent, &image);
     // runc keeps container state in one place for the whole machine: the id must be unique.
     let long = format!("long-{}", std::process::id());
     let long = long.as_str();
@@ -306,10 +310,9 @@ async fn a_shoal_image_that_cannot_be_mounted_is_downloaded_and_unpacked_instead
 
     let (sock_dir, agent) = agent_with_snapshotter().await;
     let ctd = containerd(&registry, &agent, &sock_dir).await;
-    let socket = ctd.socket().display().to_string();
     let source_layers: Vec<(String, u64)> = registry.image_blobs("team/app", "v1").await.unwrap().into_iter().skip(1).collect();
     let before: Vec<u64> = source_layers.iter().map(|(d, _)| registry.blob_bytes(d)).collect();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    shoal_pull(&ctd, &agent, &image);
     let printed = ctr_ok(&ctd, &["run", "--rm", "--snapshotter", "shoal", &image, "unpacked", "/bin/busybox", "cat", "/hello.txt"]);
     assert_eq!(printed, "unpacked, not lazy\n");
     let log = agent.log();
@@ -346,8 +349,7 @@ async fn a_trace_learned_from_one_nodes_container_makes_the_next_nodes_lazy_imag
     let agent_a = Agent::start(&config_a).await.unwrap();
     let guard_a = SnapshotterDir { dir: dir_a, root: agent_a.data_dir() };
     let ctd_a = containerd(&registry, &agent_a, &guard_a).await;
-    let socket = ctd_a.socket().display().to_string();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent_a.mirror(), &image]);
+    shoal_pull(&ctd_a, &agent_a, &image);
     ctr_ok(&ctd_a, &["run", "--rm", "--snapshotter", "shoal", &image, "reader-a", "/bin/busybox", "sha256sum", "/big.bin"]);
     ctr_ok(&ctd_a, &["images", "rm", "--sync", &image]);
     let start = std::time::Instant::now();
@@ -361,8 +363,7 @@ async fn a_trace_learned_from_one_nodes_container_makes_the_next_nodes_lazy_imag
     let agent_b = Agent::start(&config_b).await.unwrap();
     let guard_b = SnapshotterDir { dir: dir_b, root: agent_b.data_dir() };
     let ctd_b = containerd(&registry, &agent_b, &guard_b).await;
-    let socket = ctd_b.socket().display().to_string();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent_b.mirror(), &image]);
+    shoal_pull(&ctd_b, &agent_b, &image);
     ctr_ok(&ctd_b, &["run", "--rm", "--snapshotter", "shoal", &image, "idle-b", "/bin/busybox", "true"]);
     let remote = agent_b.data_dir().join("snapshotter/remote");
     let mount_dir = std::fs::read_dir(&remote).unwrap().next().expect("node B's image is mounted").unwrap().path();
@@ -387,8 +388,7 @@ async fn a_lazy_mount_whose_process_died_is_mounted_again_for_the_next_container
     let image = shoal_image(&registry, "back again\n").await;
     let (sock_dir, agent) = agent_with_snapshotter().await;
     let ctd = containerd(&registry, &agent, &sock_dir).await;
-    let socket = ctd.socket().display().to_string();
-    shoal(&["pull", "--containerd-socket", &socket, "--mirror", &agent.mirror(), &image]);
+    shoal_pull(&ctd, &agent, &image);
     let remote = agent.data_dir().join("snapshotter/remote");
     let mount_dir = std::fs::read_dir(&remote).unwrap().next().expect("the image is mounted").unwrap().path();
     let pid: i32 = std::fs::read_to_string(mount_dir.join("pid")).unwrap().trim().parse().unwrap();
