@@ -66,11 +66,13 @@ pub enum Method {
     GetManifest,
     ReportTrace,
     GetTrace,
+    WantPieces,
+    ReportPieces,
 }
 
 impl Method {
     /// Every method, in `scheduler.proto`'s order.
-    pub const ALL: [Method; 11] = [
+    pub const ALL: [Method; 13] = [
         Method::AnnounceHost,
         Method::LeaveHost,
         Method::AnnouncePeer,
@@ -82,6 +84,8 @@ impl Method {
         Method::GetManifest,
         Method::ReportTrace,
         Method::GetTrace,
+        Method::WantPieces,
+        Method::ReportPieces,
     ];
 
     /// Its name in `scheduler.proto`.
@@ -98,6 +102,8 @@ impl Method {
             Method::GetManifest => "GetManifest",
             Method::ReportTrace => "ReportTrace",
             Method::GetTrace => "GetTrace",
+            Method::WantPieces => "WantPieces",
+            Method::ReportPieces => "ReportPieces",
         }
     }
 
@@ -119,7 +125,9 @@ impl Method {
             | Method::ReportJob
             | Method::GetManifest
             | Method::ReportTrace
-            | Method::GetTrace => HOSTS,
+            | Method::GetTrace
+            | Method::WantPieces
+            | Method::ReportPieces => HOSTS,
             Method::StatTask => &[Role::Agent, Role::Seed, Role::Preheat],
             Method::Preheat | Method::JobStatus => &[Role::Preheat],
         }
@@ -403,7 +411,19 @@ mod tests {
         let allowed =
             |token: &str| -> Vec<Method> { Method::ALL.into_iter().filter(|m| a.admit(&path(*m), Some(&header(token))).is_ok()).collect() };
         use Method::*;
-        let hosts = vec![AnnounceHost, LeaveHost, AnnouncePeer, StatTask, WatchJobs, ReportJob, GetManifest, ReportTrace, GetTrace];
+        let hosts = vec![
+            AnnounceHost,
+            LeaveHost,
+            AnnouncePeer,
+            StatTask,
+            WatchJobs,
+            ReportJob,
+            GetManifest,
+            ReportTrace,
+            GetTrace,
+            WantPieces,
+            ReportPieces,
+        ];
         assert_eq!(allowed(AGENT), hosts);
         assert_eq!(allowed(SEED), hosts);
         assert_eq!(allowed(PREHEAT), vec![StatTask, Preheat, JobStatus]);

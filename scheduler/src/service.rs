@@ -444,6 +444,14 @@ impl Scheduler for Api {
         let (paths, traces) = self.traces().merged(&req.into_inner().image);
         Ok(Response::new(pb::GetTraceResponse { paths, traces: traces as u32 }))
     }
+
+    async fn want_pieces(&self, _req: Request<pb::WantPiecesRequest>) -> Result<Response<pb::WantPiecesResponse>, Status> {
+        Err(Status::unimplemented("sparse reads are not scheduled yet"))
+    }
+
+    async fn report_pieces(&self, _req: Request<pb::ReportPiecesRequest>) -> Result<Response<pb::ReportPiecesResponse>, Status> {
+        Err(Status::unimplemented("sparse reads are not scheduled yet"))
+    }
 }
 
 /// The peer said Done or Failed: its stream is over.
