@@ -1,6 +1,7 @@
 //! The scheduler's gRPC service: a thin shell feeding announcements into [`Cluster`] and sending
-//! its decisions back, plus the piece digests sources report, to every peer of the task. Every
-//! call passes [`Guarded`] first, which lets it through only as [`Access`] allows.
+//! its decisions back, plus the piece digests sources report, to every peer of the task; and
+//! feeding sparse reads' wants and reports into [`SparseBook`], holding a want until some piece
+//! is decided. Every call passes [`Guarded`] first, which lets it through only as [`Access`] allows.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use futures_util::Stream;
 use shoal_core::TaskId;
 use shoal_proto::scheduler as pb;
 use shoal_proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -23,6 +24,7 @@ use crate::hosts::{HostId, HostInfo};
 use crate::jobs::{Job, JobState};
 use crate::manifests::{Manifest, ManifestBook};
 use crate::parents::Limits;
+use crate::sparse::{PieceSource, Report, SparseBook, SparseError};
 use crate::traces::TraceBook;
 
 /// Hosts silent for this long are dropped (they announce every few seconds).
@@ -33,6 +35,12 @@ const MANIFEST_BUDGET: usize = 64 << 20;
 const TRACE_BUDGET: usize = 64 << 20;
 /// How long a peer told to wait should wait before registering again.
 const WAIT_MS: u32 = 200;
+/// How long a want waits for some piece to be decided before every piece is decided at once
+/// (busy holders handed out anyway, claimed pieces fetched from the origin too). Below the
+/// agents' call timeout, and long enough for a claimant to fetch a piece from a near registry.
+const WANT_WAIT: Duration = Duration::from_secs(3);
+/// A waiting want looks again at least this often, so that leases ending by time are noticed.
+const WANT_RECHECK: Duration = Duration::from_millis(100);
 /// Refused calls are logged as a warning at most this often (a misconfigured host retries
 /// every few seconds); the others are debug lines, counted in the next warning.
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
@@ -59,6 +67,10 @@ pub struct Service {
     manifests: Mutex<ManifestBook>,
     /// Access traces of mounted images, merged per image for cluster-learned prefetch.
     traces: Mutex<TraceBook>,
+    /// Sparse reads: who holds and who fetches single pieces. Locked after `cluster` when both are.
+    sparse: Mutex<SparseBook>,
+    /// Woken on every sparse report and host removal, for the wants waiting on them.
+    sparse_changed: Notify,
     started: Instant,
 }
 
@@ -72,6 +84,8 @@ impl Service {
             notes: Mutex::new(HashMap::new()),
             manifests: Mutex::new(ManifestBook::new(MANIFEST_BUDGET)),
             traces: Mutex::new(TraceBook::new(TRACE_BUDGET)),
+            sparse: Mutex::new(SparseBook::new()),
+            sparse_changed: Notify::new(),
             started: Instant::now(),
         })
     }
@@ -86,6 +100,17 @@ impl Service {
 
     fn cluster(&self) -> MutexGuard<'_, Cluster> {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sparse(&self) -> MutexGuard<'_, SparseBook> {
+        self.sparse.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops host `id` from whole downloads and sparse reads, and wakes the wants waiting on it.
+    fn remove_host(&self, c: &mut Cluster, id: &HostId) {
+        c.leave_host(id);
+        self.sparse().forget_host(id);
+        self.sparse_changed.notify_waiters();
     }
 
     /// Listens for digests newly recorded for `task`, and for stripes shortened. Subscribing
@@ -125,7 +150,7 @@ impl Service {
         let mut c = self.cluster();
         for id in c.hosts().silent_since(now.saturating_sub(HOST_TIMEOUT.as_millis() as u64)) {
             info!(host = %id, "host stopped announcing; dropping it");
-            c.leave_host(&id);
+            self.remove_host(&mut c, &id);
         }
     }
 
@@ -228,7 +253,7 @@ impl Scheduler for Api {
         self.act_for(&req, &req.get_ref().host_id)?;
         let id = HostId(req.into_inner().host_id);
         info!(host = %id, "host left");
-        self.cluster().leave_host(&id);
+        self.remove_host(&mut self.cluster(), &id);
         Ok(Response::new(pb::LeaveHostResponse {}))
     }
 
@@ -445,19 +470,115 @@ impl Scheduler for Api {
         Ok(Response::new(pb::GetTraceResponse { paths, traces: traces as u32 }))
     }
 
-    async fn want_pieces(&self, _req: Request<pb::WantPiecesRequest>) -> Result<Response<pb::WantPiecesResponse>, Status> {
-        Err(Status::unimplemented("sparse reads are not scheduled yet"))
+    async fn want_pieces(&self, req: Request<pb::WantPiecesRequest>) -> Result<Response<pb::WantPiecesResponse>, Status> {
+        self.act_for(&req, &req.get_ref().host_id)?;
+        let r = req.into_inner();
+        let task = task_id(&r.task_id)?;
+        if r.host_id.is_empty() {
+            return Err(bad("host id is empty"));
+        }
+        let host = HostId(r.host_id);
+        let started = Instant::now();
+        loop {
+            // Listen before deciding, so a report landing in between still wakes this want.
+            let changed = self.sparse_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let last_chance = started.elapsed() >= WANT_WAIT;
+            let answer = self.want(&task, &host, r.length, &r.pieces, last_chance)?;
+            if !answer.decided.is_empty() || answer.pending.is_empty() || last_chance {
+                return Ok(Response::new(answer));
+            }
+            let _ = tokio::time::timeout(WANT_RECHECK, changed).await;
+        }
     }
 
-    async fn report_pieces(&self, _req: Request<pb::ReportPiecesRequest>) -> Result<Response<pb::ReportPiecesResponse>, Status> {
-        Err(Status::unimplemented("sparse reads are not scheduled yet"))
+    async fn report_pieces(&self, req: Request<pb::ReportPiecesRequest>) -> Result<Response<pb::ReportPiecesResponse>, Status> {
+        self.act_for(&req, &req.get_ref().host_id)?;
+        let r = req.into_inner();
+        let task = task_id(&r.task_id)?;
+        if r.host_id.is_empty() {
+            return Err(bad("host id is empty"));
+        }
+        let host = HostId(r.host_id);
+        let report = Report {
+            finished: r.finished.into_iter().map(|p| (p.number, p.blake3)).collect(),
+            invalid: r.invalid,
+            failed: r.failed.into_iter().map(|f| (f.number, HostId(f.holder_host_id))).collect(),
+        };
+        let now = self.now();
+        let reported = self.sparse().report(&task, &host, r.length, &report, now).map_err(sparse_status)?;
+        self.sparse_changed.notify_waiters();
+        debug!(
+            task = %task,
+            host = %host,
+            finished = report.finished.len(),
+            recorded = reported.recorded,
+            invalid = report.invalid.len(),
+            failed = report.failed.len(),
+            "pieces reported"
+        );
+        if !report.invalid.is_empty() {
+            info!(task = %task, host = %host, pieces = ?report.invalid, "pieces reported invalid; they come from the origin again");
+        }
+        if !reported.conflicting.is_empty() {
+            warn!(task = %task, host = %host, pieces = ?reported.conflicting, "piece digests differ from the recorded ones; report ignored");
+        }
+        Ok(Response::new(pb::ReportPiecesResponse {}))
     }
 }
 
 /// The peer said Done or Failed: its stream is over.
 struct Ended;
 
+/// The gRPC status of a refused want or report.
+fn sparse_status(e: SparseError) -> Status {
+    match e {
+        SparseError::UnknownHost(_) => Status::failed_precondition(e.to_string()),
+        e => bad(e),
+    }
+}
+
 impl Service {
+    /// Decides what it can of `host`'s want, with the holders' addresses.
+    fn want(&self, task: &TaskId, host: &HostId, length: u64, pieces: &[u32], last_chance: bool) -> Result<pb::WantPiecesResponse, Status> {
+        let now = self.now();
+        let c = self.cluster();
+        let wanted = self.sparse().want(task, host, length, pieces, now, c.hosts(), last_chance).map_err(sparse_status)?;
+        let origin = wanted.decided.iter().filter(|d| matches!(d, PieceSource::Origin { .. })).count();
+        if !wanted.decided.is_empty() || last_chance {
+            debug!(
+                task = %task,
+                host = %host,
+                from_holders = wanted.decided.len() - origin,
+                from_origin = origin,
+                pending = wanted.pending.len(),
+                last_chance,
+                "pieces decided"
+            );
+        }
+        let decided = wanted
+            .decided
+            .into_iter()
+            .map(|d| match d {
+                PieceSource::Origin { number } => pb::PieceSource { number, origin: true, ..Default::default() },
+                PieceSource::Holders { number, blake3, holders } => pb::PieceSource {
+                    number,
+                    blake3,
+                    holders: holders
+                        .into_iter()
+                        .filter_map(|id| {
+                            let h = c.hosts().get(&id)?;
+                            Some(pb::Parent { host_id: id.0, peer_addr: h.info.addr.to_string(), seed: h.info.seed })
+                        })
+                        .collect(),
+                    origin: false,
+                },
+            })
+            .collect();
+        Ok(pb::WantPiecesResponse { decided, pending: wanted.pending })
+    }
+
     fn on_event(&self, task: &TaskId, host: &HostId, event: pb::PeerEvent) -> Result<Option<pb::PeerCommand>, Ended> {
         use pb::peer_event::Event;
         let now = self.now();
