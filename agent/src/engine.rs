@@ -36,6 +36,9 @@ const WRITE_CHUNK: usize = 512 << 10;
 /// A private blob's registry is asked again whether it is public no more often than this, however
 /// many peers ask for it.
 const PUBLIC_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// A sparse task (pieces fetched for range reads only) that no read has wanted for this long
+/// leaves the active set: its pieces stay in the store, but peers are no longer served them.
+const SPARSE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Where a blob comes from and with whose credentials.
 #[derive(Clone, Debug)]
@@ -89,6 +92,7 @@ struct EngineMetrics {
     tasks_completed: Counter,
     tasks_failed: Counter,
     direct_reads: Counter,
+    pieces_forgotten: Counter,
     active_tasks: Gauge,
     peer_bytes_received: Counter,
     peer_bytes_sent: Counter,
@@ -125,8 +129,11 @@ struct TaskState {
     /// Pieces some fetch has claimed and not yet finished.
     inflight: Bitmap,
     status: Status,
-    /// Whether a fetch of every missing piece was started.
+    /// Whether a fetch of every missing piece was started. A running task that is not driving is
+    /// **sparse**: it fetches only the pieces range reads want ([`Engine::want`]).
     driving: bool,
+    /// When a range read last wanted pieces of this task.
+    last_want: std::time::Instant,
     /// The most recent requester's origin (credentials are used to fetch).
     origin: Origin,
 }
@@ -328,6 +335,11 @@ impl Engine {
         );
         metrics.register("peer_updates_sent", "Piece updates sent to subscribed hosts", m.peer_updates_sent.clone());
         metrics.register(
+            "pieces_forgotten",
+            "Stored pieces of range-read blobs dropped because a reader asked for them again with Cache-Control: no-cache (they did not verify downstream)",
+            m.pieces_forgotten.clone(),
+        );
+        metrics.register(
             "peer_updates_unneeded",
             "Piece updates received that named only pieces this host already had",
             m.peer_updates_unneeded.clone(),
@@ -403,8 +415,9 @@ impl Engine {
     }
 
     /// The task holding `origin`'s blob, complete or downloading the whole blob, if this host has
-    /// one from the same registry; never creates one. (A `Range` read of anything else goes to the
-    /// origin: bytes fetched for a range are not verified, so they are never kept.)
+    /// one from the same registry; never creates one. (A `Range` read of anything else by a reader
+    /// that does not check what it reads goes to the origin: a sparse task's pieces are not
+    /// checked against the blob's digest.)
     pub fn existing(&self, origin: &Origin) -> Option<Arc<Task>> {
         let id = TaskId::of_digest(&origin.digest);
         let running = self.tasks().get(&id).cloned();
@@ -415,6 +428,129 @@ impl Engine {
         let file = self.store.complete(&id).filter(|f| f.registry().as_deref() == Some(origin.registry.as_str()))?;
         let layout = file.layout();
         Some(Arc::new(self.new_task(id, origin, layout, file, true)))
+    }
+
+    /// The task for a checked `Range` read of `origin`'s blob of `len` bytes, with the pieces covering
+    /// `bytes` wanted: a complete or whole download as is; otherwise a **sparse** task that fetches
+    /// just those pieces (from peers the scheduler names, else the origin) and keeps them. `None`
+    /// when the range must come straight from the origin: the store cannot hold the blob, or holds
+    /// it from another registry.
+    ///
+    /// With `fresh` (the client sent `Cache-Control: no-cache`: a lazy mount whose chunk did not
+    /// match its digest), the pieces covering `bytes` of an incomplete task are forgotten here and
+    /// at the scheduler, and the range comes from the origin.
+    pub async fn open_for_range(
+        self: &Arc<Self>,
+        origin: &Origin,
+        len: u64,
+        bytes: Range<u64>,
+        public: bool,
+        fresh: bool,
+    ) -> Option<Arc<Task>> {
+        if fresh {
+            self.forget_range(origin, bytes).await;
+            return None;
+        }
+        match self.open_task(origin, len, false).await {
+            Opened::Task(task) => {
+                if public {
+                    self.mark_public(&task);
+                }
+                self.want(&task, bytes);
+                Some(task)
+            }
+            Opened::Direct(e) => {
+                debug!(digest = %origin.digest, error = %e, "range read straight from the origin");
+                None
+            }
+        }
+    }
+
+    /// Forgets the pieces covering `bytes` of `origin`'s blob if this host holds them in an
+    /// incomplete task (a complete one was checked against the blob's digest), and tells the
+    /// scheduler that they are bad.
+    async fn forget_range(self: &Arc<Self>, origin: &Origin, bytes: Range<u64>) {
+        let id = TaskId::of_digest(&origin.digest);
+        let Some(task) = self.tasks().get(&id).cloned() else { return };
+        if task.registry != origin.registry || bytes.is_empty() {
+            return;
+        }
+        let forgotten: Vec<u32> = {
+            let st = task.state();
+            if !matches!(st.status, Status::Running) {
+                return;
+            }
+            task.layout.covering(bytes).filter(|&n| task.file.has_piece(n) && !st.inflight.has(n)).collect()
+        };
+        if forgotten.is_empty() {
+            return;
+        }
+        let file = task.file.clone();
+        let dropped = forgotten.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || file.forget_pieces(&dropped)).await {
+            warn!(task = %task.id, error = %e, "cannot forget pieces a reader found bad");
+        }
+        warn!(task = %task.id, pieces = ?forgotten, "a reader found these pieces bad; forgotten, and read from the origin");
+        self.metrics.pieces_forgotten.inc_by(forgotten.len() as u64);
+        if let Some(p2p) = self.p2p.get() {
+            let invalid = forgotten.to_vec();
+            crate::sparse::report(p2p, &task, Vec::new(), invalid, Vec::new()).await;
+        }
+    }
+
+    /// Wants the pieces covering `bytes` of a sparse task: those neither here nor being fetched
+    /// are claimed and fetched in the background (see [`crate::sparse`]). A complete task or a
+    /// whole download needs nothing.
+    pub(crate) fn want(self: &Arc<Self>, task: &Arc<Task>, bytes: Range<u64>) {
+        let wanted: Vec<u32> = {
+            let mut st = task.state();
+            if !matches!(st.status, Status::Running) || st.driving {
+                return;
+            }
+            st.last_want = std::time::Instant::now();
+            let have = task.file.bitmap();
+            let wanted: Vec<u32> = task.layout.covering(bytes).filter(|&n| !have.has(n) && !st.inflight.has(n)).collect();
+            for &n in &wanted {
+                st.inflight.set(n);
+            }
+            wanted
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let (engine, task2) = (self.clone(), task.clone());
+        let span = tracing::info_span!("sparse", task = %task.id);
+        tokio::spawn(
+            async move {
+                crate::sparse::fetch(&engine, &task2, wanted).await;
+                engine.retire_when_idle(task2);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Retires a sparse task once no read has wanted it for [`SPARSE_IDLE`] and nothing fetches
+    /// it: its store handle closes, so its pieces count as evictable again.
+    fn retire_when_idle(self: &Arc<Self>, task: Arc<Task>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let wait = {
+                    let st = task.state();
+                    if !matches!(st.status, Status::Running) || st.driving || st.inflight.count() > 0 {
+                        return;
+                    }
+                    SPARSE_IDLE.checked_sub(st.last_want.elapsed())
+                };
+                match wait {
+                    Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                    _ => break,
+                }
+            }
+            let _ = task.file.flush();
+            debug!(task = %task.id, pieces = task.file.bitmap().count(), "sparse task idle; retired");
+            engine.retire(&task);
+        });
     }
 
     /// Records that `task`'s registry answered its digest without credentials.
@@ -449,6 +585,7 @@ impl Engine {
                 inflight: Bitmap::new(layout.count()),
                 status: if complete { Status::Complete } else { Status::Running },
                 driving: complete,
+                last_want: std::time::Instant::now(),
                 origin: origin.clone(),
             }),
             file,
@@ -477,10 +614,20 @@ impl Engine {
         self.probe_public(task).await
     }
 
-    /// Opens the task for `origin`'s blob of `len` bytes: a completed one from the store, the one
-    /// already downloading (singleflight), or a new one resuming whatever pieces are on disk.
+    /// Opens the task for `origin`'s blob of `len` bytes, to be read or fetched whole: a completed
+    /// one from the store, the one already downloading (singleflight), or a new one resuming
+    /// whatever pieces are on disk. A sparse task of the same digest from another registry gives
+    /// way: its pieces were never checked against the digest, and this download's will be.
     pub async fn open(self: &Arc<Self>, origin: &Origin, len: u64) -> Opened {
+        self.open_task(origin, len, true).await
+    }
+
+    /// [`Engine::open`]; with `displace`, a sparse task from another registry is dropped for a new one.
+    async fn open_task(self: &Arc<Self>, origin: &Origin, len: u64, displace: bool) -> Opened {
         let id = TaskId::of_digest(&origin.digest);
+        if displace {
+            self.displace_sparse(&id, &origin.registry);
+        }
         let other_registry = |held: &str| {
             Opened::Direct(DirectReason::OtherRegistry { digest: origin.digest.clone(), held: held.into(), asked: origin.registry.clone() })
         };
@@ -502,7 +649,7 @@ impl Engine {
         let store = self.store.clone();
         let open_id = id.clone();
         let registry = origin.registry.clone();
-        let file = tokio::task::spawn_blocking(move || open_file(&store, &open_id, layout, &registry)).await;
+        let file = tokio::task::spawn_blocking(move || open_file(&store, &open_id, layout, &registry, displace)).await;
         let file = match file {
             Ok(Ok(Ok(f))) => f,
             Ok(Ok(Err(held))) => return other_registry(&held),
@@ -532,10 +679,23 @@ impl Engine {
         Opened::Task(task)
     }
 
+    /// Drops the running sparse task `id` if it is from a registry other than `registry`.
+    fn displace_sparse(&self, id: &TaskId, registry: &str) {
+        let Some(t) = self.tasks().get(id).cloned() else { return };
+        let sparse = {
+            let st = t.state();
+            matches!(st.status, Status::Running) && !st.driving
+        };
+        if sparse && t.registry != registry {
+            info!(task = %id, held = %t.registry, asked = registry, "a whole download from another registry replaces a sparse task");
+            self.stop(&t, EngineError::origin(format!("replaced by a whole download of the blob from {registry}")), true);
+        }
+    }
+
     /// A reader of `range` of the task's blob. With `whole`, fetches the whole blob and holds back
     /// the last piece until the digest is checked, so a client never receives a complete body with
-    /// wrong content. Without, the task must be complete or downloading whole ([`Engine::existing`]):
-    /// the reader waits for the pieces the range needs.
+    /// wrong content. Without, the reader waits for the pieces the range needs (wanted with
+    /// [`Engine::want`] on a sparse task); one that nothing fetches any more sends it to the origin.
     pub fn reader(self: &Arc<Self>, task: Arc<Task>, range: Range<u64>, whole: bool) -> BlobReader {
         if whole {
             self.start(&task);
@@ -603,15 +763,25 @@ impl Engine {
         tokio::spawn(async move { engine.fetch_run(task, run).await }.instrument(span))
     }
 
-    /// Fetches a run of consecutive pieces from the origin with one ranged request, resuming after
-    /// the last finished piece when the connection breaks, up to the configured retries.
+    /// Fetches a run of consecutive pieces from the origin (see [`Engine::fetch_from_origin`]);
+    /// failing fails the task.
     pub(crate) async fn fetch_run(self: Arc<Self>, task: Arc<Task>, run: Range<u32>) {
+        if let Err((_, err)) = self.fetch_from_origin(&task, run).await {
+            let store_failed = matches!(err, OriginError::Store(_));
+            self.fail(&task, err.to_engine(), store_failed);
+        }
+    }
+
+    /// Fetches a run of consecutive pieces (claimed by the caller) from the origin with one ranged
+    /// request, resuming after the last finished piece when the connection breaks, up to the
+    /// configured retries. On failure, returns the first piece not fetched and why.
+    pub(crate) async fn fetch_from_origin(self: &Arc<Self>, task: &Arc<Task>, run: Range<u32>) -> Result<(), (u32, OriginError)> {
         let mut next = run.start;
         let mut failures = 0u32;
         let retries = self.registry.retries();
         while next < run.end {
-            match self.fetch_pieces(&task, next..run.end).await {
-                Ok(()) => return,
+            match self.fetch_pieces(task, next..run.end).await {
+                Ok(()) => return Ok(()),
                 Err((done_up_to, err)) => {
                     task.rewind_hash(task.layout.range(done_up_to).start);
                     if done_up_to > next {
@@ -620,13 +790,11 @@ impl Engine {
                     next = done_up_to;
                     failures += 1;
                     let give_up = match &err {
-                        FetchError::Retry(_) => failures > retries,
-                        FetchError::Fatal(_) | FetchError::Store(_) => true,
+                        OriginError::Retry(_) => failures > retries,
+                        OriginError::Fatal(_) | OriginError::Store(_) => true,
                     };
                     if give_up {
-                        let store_failed = matches!(err, FetchError::Store(_));
-                        self.fail(&task, err.to_engine(), store_failed);
-                        return;
+                        return Err((next, err));
                     }
                     let delay = shoal_core::registry::backoff(failures);
                     debug!(task = %task.id, error = %err.to_engine(), ?delay, "origin stream broke; resuming");
@@ -634,23 +802,38 @@ impl Engine {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Gives up the claims on `pieces` of a sparse task that could not be fetched: the readers
+    /// waiting for them go to the origin themselves.
+    pub(crate) fn release(&self, task: &Task, pieces: impl IntoIterator<Item = u32>) {
+        {
+            let mut st = task.state();
+            for n in pieces {
+                if !task.file.has_piece(n) {
+                    st.inflight.unset(n);
+                }
+            }
+        }
+        task.notify();
     }
 
     /// One ranged GET for `pieces`. On error, returns the first piece not finished.
-    async fn fetch_pieces(self: &Arc<Self>, task: &Arc<Task>, pieces: Range<u32>) -> Result<(), (u32, FetchError)> {
+    async fn fetch_pieces(self: &Arc<Self>, task: &Arc<Task>, pieces: Range<u32>) -> Result<(), (u32, OriginError)> {
         let layout = task.layout;
         let start = layout.range(pieces.start).start;
         let end = layout.range(pieces.end - 1).end;
         let mut req = task.state().origin.request();
         req.range = Some((start, end));
-        let resp = self.registry.send(&req).await.map_err(|e| (pieces.start, FetchError::Retry(e.to_string())))?;
+        let resp = self.registry.send(&req).await.map_err(|e| (pieces.start, OriginError::Retry(e.to_string())))?;
         let status = resp.status();
         // A registry that ignores Range answers 200 with the whole blob: skip to where we are.
         let mut skip = match status {
             StatusCode::PARTIAL_CONTENT => 0,
             StatusCode::OK => start,
-            s if s.is_client_error() => return Err((pieces.start, FetchError::Fatal(RegistryError::from_status(&req, s).to_string()))),
-            s => return Err((pieces.start, FetchError::Retry(RegistryError::from_status(&req, s).to_string()))),
+            s if s.is_client_error() => return Err((pieces.start, OriginError::Fatal(RegistryError::from_status(&req, s).to_string()))),
+            s => return Err((pieces.start, OriginError::Retry(RegistryError::from_status(&req, s).to_string()))),
         };
         let mut body = resp.bytes_stream();
         // Two stages: this loop receives while the blocking pool writes and hashes the previous
@@ -666,11 +849,11 @@ impl Engine {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    let err = FetchError::Retry(format!("origin stream for {}: {}", task.digest, shoal_core::registry::error_chain(&e)));
+                    let err = OriginError::Retry(format!("origin stream for {}: {}", task.digest, shoal_core::registry::error_chain(&e)));
                     return Err(self.settle(task, in_flight, &mut confirmed).await.map_or_else(|e| e, |()| (confirmed, err)));
                 }
                 None => {
-                    let err = FetchError::Retry(format!("origin closed the stream for {} early", task.digest));
+                    let err = OriginError::Retry(format!("origin closed the stream for {} early", task.digest));
                     return Err(self.settle(task, in_flight, &mut confirmed).await.map_or_else(|e| e, |()| (confirmed, err)));
                 }
             };
@@ -723,7 +906,7 @@ impl Engine {
         task: &Arc<Task>,
         job: Option<tokio::task::JoinHandle<Result<Option<u32>, StoreError>>>,
         confirmed: &mut u32,
-    ) -> Result<(), (u32, FetchError)> {
+    ) -> Result<(), (u32, OriginError)> {
         let Some(job) = job else { return Ok(()) };
         match job.await {
             Ok(Ok(Some(piece))) => {
@@ -733,8 +916,8 @@ impl Engine {
                 Ok(())
             }
             Ok(Ok(None)) => Ok(()),
-            Ok(Err(e)) => Err((*confirmed, FetchError::Store(e.to_string()))),
-            Err(e) => Err((*confirmed, FetchError::Store(e.to_string()))),
+            Ok(Err(e)) => Err((*confirmed, OriginError::Store(e.to_string()))),
+            Err(e) => Err((*confirmed, OriginError::Store(e.to_string()))),
         }
     }
 
@@ -842,15 +1025,21 @@ impl Engine {
     /// Marks the task failed, wakes its readers (who fall back to the origin unless the content
     /// was bad), and deletes its bytes when they cannot be trusted or kept.
     pub(crate) fn fail(&self, task: &Arc<Task>, err: EngineError, delete: bool) {
+        warn!(task = %task.id, error = %err, "task failed");
+        if self.stop(task, err, delete) {
+            self.metrics.tasks_failed.inc();
+        }
+    }
+
+    /// Ends a running task with `err` (see [`Engine::fail`]); false if it was not running.
+    fn stop(&self, task: &Arc<Task>, err: EngineError, delete: bool) -> bool {
         {
             let mut st = task.state();
             if !matches!(st.status, Status::Running) {
-                return;
+                return false;
             }
-            warn!(task = %task.id, error = %err, "task failed");
             st.status = Status::Failed(err);
         }
-        self.metrics.tasks_failed.inc();
         self.retire(task);
         if delete {
             self.store.remove(&task.id);
@@ -859,6 +1048,7 @@ impl Engine {
             let _ = task.file.flush();
         }
         task.notify();
+        true
     }
 }
 
@@ -866,7 +1056,16 @@ impl Engine {
 /// complete one as is, an incomplete one re-checked piece by piece (pieces written before a crash
 /// may be torn). A stored task whose registry is unknown was kept by an older version: it starts
 /// over. `Ok(Err(held))` when the store holds the blob from registry `held`, not `registry`.
-fn open_file(store: &Store, id: &TaskId, layout: PieceLayout, registry: &str) -> Result<Result<Arc<TaskFile>, String>, StoreError> {
+///
+/// With `displace`, an incomplete task from another registry (sparse reads: pieces never checked
+/// against the digest) is dropped and this one starts over.
+fn open_file(
+    store: &Store,
+    id: &TaskId,
+    layout: PieceLayout,
+    registry: &str,
+    displace: bool,
+) -> Result<Result<Arc<TaskFile>, String>, StoreError> {
     if let Some(f) = store.complete(id).filter(|f| f.layout() == layout) {
         match f.registry() {
             Some(held) if held == registry => return Ok(Ok(f)),
@@ -880,6 +1079,12 @@ fn open_file(store: &Store, id: &TaskId, layout: PieceLayout, registry: &str) ->
     // Stored under another piece size: cut anew (open_task does), not fetched again.
     let mut f = store.open_task(id, layout)?;
     match f.registry() {
+        Some(held) if held != registry && displace && !f.is_complete() => {
+            info!(task = %id, %held, asked = registry, "a whole download from another registry replaces stored sparse pieces");
+            drop(f);
+            store.remove(id);
+            f = store.open_task(id, layout)?;
+        }
         Some(held) if held != registry => return Ok(Err(held)),
         Some(_) => {}
         None if f.bitmap().count() > 0 => {
@@ -915,8 +1120,8 @@ fn finish_hash(file: &TaskFile, mut off: u64, mut hasher: sha2::Sha256) -> Resul
     Ok(Digest::from_hasher(hasher))
 }
 
-/// How one ranged fetch failed.
-enum FetchError {
+/// How one ranged fetch from the origin failed.
+pub(crate) enum OriginError {
     /// Worth another try from where it stopped.
     Retry(String),
     /// The origin refused (4xx): retrying will not help.
@@ -925,11 +1130,11 @@ enum FetchError {
     Store(String),
 }
 
-impl FetchError {
-    fn to_engine(&self) -> EngineError {
+impl OriginError {
+    pub(crate) fn to_engine(&self) -> EngineError {
         match self {
-            FetchError::Retry(m) | FetchError::Fatal(m) => EngineError::Origin(m.as_str().into()),
-            FetchError::Store(m) => EngineError::Store(m.as_str().into()),
+            OriginError::Retry(m) | OriginError::Fatal(m) => EngineError::Origin(m.as_str().into()),
+            OriginError::Store(m) => EngineError::Store(m.as_str().into()),
         }
     }
 }
@@ -1055,6 +1260,10 @@ fn ready_bytes(task: &Task, pos: u64, end: u64, whole: bool) -> Ready {
     match &st.status {
         Status::Complete => {}
         Status::Failed(e) if !present || (whole && last) => return Ready::Failed(e.clone()),
+        // A sparse fetch of this piece gave up (it went to the origin for its own reader).
+        Status::Running if !present && !st.driving && !st.inflight.has(n) => {
+            return Ready::Failed(EngineError::origin(format!("task {}: piece {n} is not being fetched", task.id)))
+        }
         // The last piece of a whole-blob read waits for the digest check.
         _ if !present || (whole && last) => return Ready::Wait,
         _ => {}

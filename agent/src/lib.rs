@@ -10,5 +10,6 @@ pub mod peer;
 mod ratelimit;
 pub mod schedulers;
 pub mod serve;
+mod sparse;
 
 pub use daemon::{run, StartError};

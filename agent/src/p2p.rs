@@ -56,7 +56,7 @@ const ENDGAME_AFTER: Duration = Duration::from_millis(700);
 const ENDGAME_SLOWER: f64 = 2.5;
 /// Why a piece fetch from a parent did not store the piece.
 #[derive(Debug)]
-enum FetchError {
+pub(crate) enum FetchError {
     /// The parent has no free upload slot: not a failure, try later.
     Busy,
     /// The parent does not serve this task to this host (see [`REFUSED_BACKOFF`]).
@@ -136,6 +136,27 @@ impl P2p {
     pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
         let schedulers = Schedulers::new(&config.schedulers, config.credential.clone());
         Arc::new(P2p { config, schedulers, peers })
+    }
+
+    /// The scheduler's replicas.
+    pub(crate) fn schedulers(&self) -> &Schedulers {
+        &self.schedulers
+    }
+
+    /// The client this host fetches pieces from peers with.
+    pub(crate) fn peers(&self) -> &PeerClient {
+        &self.peers
+    }
+
+    /// This host's id in the cluster.
+    pub(crate) fn host_id(&self) -> &str {
+        &self.config.host_id
+    }
+
+    /// Whether `task`'s pieces may go between this host and others: always under mutual TLS,
+    /// otherwise only when its registry answers its digest without credentials.
+    pub(crate) async fn may_share(&self, engine: &Engine, task: &Task) -> bool {
+        self.peers.authenticated() || engine.probe_public(task).await
     }
 
     /// Replicas for `task`, best first.
@@ -1028,7 +1049,7 @@ async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, skip: &HashSet<u32>
 
 /// Fetches piece `n` from a parent, checks it against the relayed digest, and stores it. False
 /// when another fetch of the piece stored it first.
-async fn fetch_piece(
+pub(crate) async fn fetch_piece(
     peers: &PeerClient,
     addr: SocketAddr,
     engine: &Arc<Engine>,

@@ -117,7 +117,7 @@ impl Schedulers {
 
     /// Calls `rpc` on `key`'s replica, or on the next ones in order when one fails; `what`
     /// names the call in logs and errors.
-    async fn call<T, F>(&self, key: &str, what: &str, rpc: impl Fn(Client) -> F) -> Result<T, String>
+    pub(crate) async fn call<T, F>(&self, key: &str, what: &str, rpc: impl Fn(Client) -> F) -> Result<T, String>
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {

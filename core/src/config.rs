@@ -334,6 +334,13 @@ impl Default for MirrorConfig {
     }
 }
 
+/// Request header by which a client of the mirror says it checks every byte of a `Range` it reads
+/// against digests of its own (a lazy mount checks each chunk's blake3): the agent may then serve
+/// it pieces not yet checked against the blob's digest (fetched for earlier ranges, or from
+/// peers), and keep the pieces it fetches for it. Other range readers get only bytes of a blob
+/// checked whole, or the origin's.
+pub const CHECKED_RANGES_HEADER: &str = "x-shoal-checked-ranges";
+
 /// The base URL of a mirror given as `host:port` or as a URL (`http://host:port`).
 pub fn mirror_url(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {

@@ -618,20 +618,31 @@ impl TaskFile {
                 bad.push(n);
             }
         }
-        if !bad.is_empty() {
-            let mut m = self.meta();
-            let mut freed = 0;
-            for &n in &bad {
-                if m.meta.bitmap.has(n) {
-                    freed += piece_len(m.meta.layout, n);
-                }
-                m.meta.bitmap.unset(n);
-                m.meta.piece_blake3[n as usize].clear();
-            }
-            self.uncharge(freed);
-            self.flush_locked(&mut m)?;
-        }
+        self.forget_pieces(&bad)?;
         Ok(bad.len() as u32)
+    }
+
+    /// Forgets pieces `pieces` of an incomplete task (their bytes turned out not to be wanted:
+    /// torn, or found bad by a reader that checks them), so they are fetched again.
+    pub fn forget_pieces(&self, pieces: &[u32]) -> Result<(), StoreError> {
+        let mut m = self.meta();
+        if m.meta.complete {
+            return Ok(());
+        }
+        let mut freed = 0;
+        for &n in pieces {
+            if !m.meta.bitmap.has(n) {
+                continue;
+            }
+            freed += piece_len(m.meta.layout, n);
+            m.meta.bitmap.unset(n);
+            m.meta.piece_blake3[n as usize].clear();
+        }
+        if freed == 0 {
+            return Ok(());
+        }
+        self.uncharge(freed);
+        self.flush_locked(&mut m)
     }
 
     /// Cuts a complete task into pieces of another size: each new piece's blake3 is computed from

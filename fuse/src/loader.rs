@@ -494,6 +494,8 @@ impl Batch {
             }
         };
         let stored = tokio::task::spawn_blocking(move || {
+            // Chunks that did not verify are fetched once more, bypassing the source's cache.
+            let mut again = Vec::new();
             for (chunk, index, tx) in self.chunks.drain(..) {
                 let from = (chunk.compressed_offset - first.compressed_offset) as usize;
                 let outcome = match compressed.get(from..from + chunk.compressed_len as usize) {
@@ -503,13 +505,52 @@ impl Batch {
                         reason: format!("the source sent {} bytes for a range of {span}", compressed.len()),
                     }),
                 };
-                let outcome = self.loader.stored(&chunk, started, outcome);
-                self.loader.finish(index, tx, outcome);
+                match outcome {
+                    Err(LoadError::Verify(e)) => {
+                        debug!(chunk = %hex::encode(chunk.digest), error = %e, "chunk failed verification; fetching it again, fresh");
+                        again.push((chunk, index, tx));
+                    }
+                    outcome => {
+                        let outcome = self.loader.stored(&chunk, started, outcome);
+                        self.loader.finish(index, tx, outcome);
+                    }
+                }
             }
+            self.chunks = again;
+            self
         })
         .await;
-        if let Err(e) = stored {
-            warn!(error = %e, "the task storing a batch of chunks failed; later reads fetch them again");
+        match stored {
+            Ok(batch) => batch.fetch_fresh(started).await,
+            Err(e) => warn!(error = %e, "the task storing a batch of chunks failed; later reads fetch them again"),
+        }
+    }
+
+    /// Fetches each chunk left in the batch (they failed verification) on its own, bypassing the
+    /// source's cache, then verifies and stores it; a second failure is final for this read.
+    async fn fetch_fresh(mut self, started: Instant) {
+        let loader = self.loader.clone();
+        while !self.chunks.is_empty() {
+            // Taken one at a time: if this task ends early, the rest are released on drop.
+            let (chunk, index, tx) = self.chunks.remove(0);
+            let fetched = match loader.blob_of(&chunk) {
+                Ok(blob) => {
+                    let fetched = loader.source.fetch_fresh(blob, chunk.compressed_offset, chunk.compressed_len).await;
+                    loader.fetched(&chunk, fetched)
+                }
+                Err(e) => Err(e),
+            };
+            let outcome = match fetched {
+                Ok(bytes) => {
+                    let cache = loader.cache.clone();
+                    tokio::task::spawn_blocking(move || store(&cache, &chunk, &bytes).map(drop))
+                        .await
+                        .unwrap_or_else(|e| Err(LoadError::Cache { digest: hex::encode(chunk.digest), reason: e.to_string() }))
+                }
+                Err(e) => Err(e),
+            };
+            let outcome = loader.stored(&chunk, started, outcome);
+            loader.finish(index, tx, outcome);
         }
     }
 }

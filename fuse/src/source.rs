@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::header::RANGE;
+use http::header::{CACHE_CONTROL, RANGE};
 use http::StatusCode;
+use shoal_core::config::CHECKED_RANGES_HEADER;
 use shoal_core::registry::{backoff, error_chain, RegistryClient, Request};
 use shoal_core::Digest;
 use thiserror::Error;
@@ -56,6 +57,12 @@ pub enum SourceError {
 pub trait ChunkSource: Send + Sync + 'static {
     /// Fetches `len` bytes at `offset` of chunk blob `blob`.
     fn fetch(&self, blob: Blob, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, SourceError>>;
+
+    /// Fetches like [`fetch`](Self::fetch), bypassing whatever cache the source keeps: for a
+    /// range whose bytes did not match their digest. The default fetches again.
+    fn fetch_fresh(&self, blob: Blob, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        self.fetch(blob, offset, len)
+    }
 
     /// Where the bytes come from, for logs.
     fn describe(&self) -> String;
@@ -154,17 +161,23 @@ impl MirrorBlobs {
         Ok(MirrorBlobs { http, base: base.trim_end_matches('/').to_string(), registry: registry.into(), repository: repository.into() })
     }
 
-    async fn fetch_once(&self, blob: Blob, offset: u64, len: u32) -> Result<Bytes, (bool, String)> {
+    /// One range request, saying that this reader checks what it reads (so the agent may serve
+    /// and keep pieces of a blob it has not checked whole); with `fresh`, `Cache-Control:
+    /// no-cache` tells the agent to forget the pieces it holds for the range and read it from the
+    /// origin.
+    async fn fetch_once(&self, blob: Blob, offset: u64, len: u32, fresh: bool) -> Result<Bytes, (bool, String)> {
         let end = offset + u64::from(len) - 1;
         let url = format!("{}/v2/{}/blobs/{}", self.base, self.repository, blob.digest());
-        let resp = self
+        let mut req = self
             .http
             .get(url)
             .query(&[("ns", &self.registry)])
             .header(RANGE, format!("bytes={offset}-{end}"))
-            .send()
-            .await
-            .map_err(|e| (true, error_chain(&e)))?;
+            .header(CHECKED_RANGES_HEADER, "blake3");
+        if fresh {
+            req = req.header(CACHE_CONTROL, "no-cache");
+        }
+        let resp = req.send().await.map_err(|e| (true, error_chain(&e)))?;
         let status = resp.status();
         if status != StatusCode::PARTIAL_CONTENT {
             return Err((status.is_server_error(), format!("answered {status} to a range request")));
@@ -172,32 +185,39 @@ impl MirrorBlobs {
         let body = resp.bytes().await.map_err(|e| (true, error_chain(&e)))?;
         check_len(body, len).map_err(|reason| (false, reason))
     }
+
+    /// A range, tried up to [`HTTP_ATTEMPTS`] times while the failure may pass.
+    async fn fetch_range(&self, blob: Blob, offset: u64, len: u32, fresh: bool) -> Result<Bytes, SourceError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.fetch_once(blob, offset, len, fresh).await {
+                Ok(bytes) => return Ok(bytes),
+                Err((true, reason)) if attempt < HTTP_ATTEMPTS => {
+                    debug!(blob = %blob.digest(), offset, len, attempt, %reason, "retrying a chunk range from the mirror");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err((_, reason)) => {
+                    return Err(SourceError::Http {
+                        digest: blob.digest(),
+                        start: offset,
+                        end: offset + u64::from(len) - 1,
+                        from: format!("the mirror at {}", self.base),
+                        reason,
+                    })
+                }
+            }
+        }
+    }
 }
 
 impl ChunkSource for MirrorBlobs {
     fn fetch(&self, blob: Blob, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, SourceError>> {
-        Box::pin(async move {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match self.fetch_once(blob, offset, len).await {
-                    Ok(bytes) => return Ok(bytes),
-                    Err((true, reason)) if attempt < HTTP_ATTEMPTS => {
-                        debug!(blob = %blob.digest(), offset, len, attempt, %reason, "retrying a chunk range from the mirror");
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    Err((_, reason)) => {
-                        return Err(SourceError::Http {
-                            digest: blob.digest(),
-                            start: offset,
-                            end: offset + u64::from(len) - 1,
-                            from: format!("the mirror at {}", self.base),
-                            reason,
-                        })
-                    }
-                }
-            }
-        })
+        Box::pin(self.fetch_range(blob, offset, len, false))
+    }
+
+    fn fetch_fresh(&self, blob: Blob, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        Box::pin(self.fetch_range(blob, offset, len, true))
     }
 
     fn describe(&self) -> String {

@@ -186,13 +186,14 @@ async fn image_from_a_registry_mounts_through_the_mirror_exactly_as_its_merged_l
     let mut mount = setup.mount_through(&agent, "lazy/app:v1-shoal", &cache).await;
     assert!(mount.log().contains("through the mirror"), "{}", mount.log());
     assert_mounted_as(&mount.mountpoint, &layers());
-    // The chunks came from the registry through the agent, as ranges it streamed without keeping
-    // (bytes fetched for a range cannot be checked against the blob's digest).
+    // The chunks came from the registry through the agent as ranges, and the agent kept the
+    // pieces they covered (each chunk is checked against its blake3 by the mount).
     let chunk_blobs = setup.chunk_blobs("lazy/app", "v1-shoal").await;
+    let fetched: Vec<u64> = chunk_blobs.iter().map(|(digest, _)| setup.registry.blob_bytes(digest)).collect();
     for (digest, _) in &chunk_blobs {
         assert!(setup.registry.blob_bytes(digest) > 0, "chunk blob {digest} was never fetched");
         let task = agent.data_dir().join("tasks").join(task_dir(digest));
-        assert!(!task.exists(), "range bytes of chunk blob {digest} were kept ({})", task.display());
+        assert!(task.exists(), "the pieces read of chunk blob {digest} were not kept ({})", task.display());
     }
     let metrics = agent.metrics().await.unwrap();
     let ranges = metrics.lines().find(|l| l.starts_with("shoal_mirror_requests_total{kind=\"blob\",status=\"206\"}"));
@@ -200,6 +201,15 @@ async fn image_from_a_registry_mounts_through_the_mirror_exactly_as_its_merged_l
     assert!(ranges >= chunk_blobs.len() as f64, "{ranges} range requests through the agent:\n{metrics}");
     let status = mount.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
+
+    // A second mount with an empty chunk cache reads the whole image again: from the agent's
+    // store, not the registry.
+    let mut again = setup.mount_through(&agent, "lazy/app:v1-shoal", &setup.path("cache-2")).await;
+    assert_mounted_as(&again.mountpoint, &layers());
+    let refetched: Vec<u64> = chunk_blobs.iter().map(|(digest, _)| setup.registry.blob_bytes(digest)).collect();
+    assert_eq!(refetched, fetched, "the second mount's chunks came from the registry again");
+    let status = again.stop().await.unwrap();
+    assert!(status.success(), "shoal mount exited with {status}:\n{}", again.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +356,10 @@ async fn a_corrupt_chunk_read_through_the_agent_heals_once_the_registry_is_repai
     std::fs::write(&stored, &good).unwrap();
     let healed = std::fs::read(mount.path("data/big.bin"));
     assert!(healed.as_ref().is_ok_and(|b| *b == big), "still {:?} after the registry was repaired:\n{}", healed.err(), agent.log());
+    // The agent kept the pieces the mount read; the corrupt chunk's were forgotten when the mount
+    // asked for them again with no-cache, else the repair could not have reached the mount.
+    let forgotten = shoal_tests::metric_value(&agent.metrics().await.unwrap(), "shoal_pieces_forgotten_total").unwrap_or(0.0);
+    assert!(forgotten >= 1.0, "no stored piece was forgotten:\n{}", agent.log());
     let status = mount.stop().await.unwrap();
     assert!(status.success(), "shoal mount exited with {status}:\n{}", mount.log());
 }

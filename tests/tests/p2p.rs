@@ -350,3 +350,91 @@ async fn preheat_imports_into_containerd_so_a_run_needs_no_pull() {
     assert!(String::from_utf8_lossy(&snapshots.stdout).lines().count() > 1, "the layers must be unpacked already");
     assert_eq!(ctd.run(&image, &["/bin/busybox", "cat", "/hello.txt"]).unwrap(), "imported ahead of time\n");
 }
+
+/// `range` of `digest` through `agent`, as a reader that checks what it reads (a lazy mount).
+async fn checked_range(agent: &Agent, registry: &Registry, digest: &str, range: std::ops::Range<usize>) -> Vec<u8> {
+    let resp = reqwest::Client::new()
+        .get(agent.blob_url(registry, "team/sparse", digest))
+        .header("Range", format!("bytes={}-{}", range.start, range.end - 1))
+        .header(shoal_core::config::CHECKED_RANGES_HEADER, "blake3")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert_eq!(resp.status(), 206, "{}", agent.log());
+    resp.bytes().await.unwrap_or_else(|e| panic!("the body broke off: {e}\n{}", agent.log())).to_vec()
+}
+
+/// Bytes of the pieces of a `len`-byte blob that cover `ranges`, each piece counted once.
+fn piece_bytes(len: usize, ranges: &[std::ops::Range<usize>]) -> u64 {
+    let layout = shoal_core::piece::PieceLayout::for_len(len as u64);
+    let pieces: std::collections::BTreeSet<u32> = ranges.iter().flat_map(|r| layout.covering(r.start as u64..r.end as u64)).collect();
+    pieces.iter().map(|&n| layout.range(n).end - layout.range(n).start).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_range_reads_come_from_nodes_that_read_them_before_and_each_piece_leaves_the_registry_once() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(16 * MIB + 5, 45);
+    let digest = registry.push_blob("team/sparse", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let mut agents = vec![];
+    for _ in 0..3 {
+        agents.push(Agent::start(&p2p_config(&[&scheduler])).await.unwrap());
+    }
+    settle().await;
+    let first = [100..70_000, 5 * MIB..5 * MIB + 300_000];
+    for r in &first {
+        assert!(checked_range(&agents[0], &registry, &digest, r.clone()).await == blob[r.clone()], "{r:?} on the first node");
+    }
+    assert_eq!(registry.blob_bytes(&digest), piece_bytes(blob.len(), &first), "{:?}", registry.blob_fetches(&digest));
+
+    // Two more nodes read the same ranges and, at the same time, one nobody read yet: the first
+    // node's pieces come from it, and the new range leaves the registry once for both.
+    let later = [first[0].clone(), first[1].clone(), 12 * MIB..12 * MIB + 1000];
+    let reads = join_all(agents[1..].iter().map(|a| async {
+        let mut got = Vec::new();
+        for r in &later {
+            got.push(checked_range(a, &registry, &digest, r.clone()).await);
+        }
+        got
+    }))
+    .await;
+    for got in reads {
+        for (r, bytes) in later.iter().zip(got) {
+            assert!(bytes == blob[r.clone()], "{r:?} read wrong on a later node");
+        }
+    }
+    let sent = registry.blob_bytes(&digest);
+    assert_eq!(sent, piece_bytes(blob.len(), &later), "each piece leaves the registry once: {:?}", registry.blob_fetches(&digest));
+    for a in &agents[1..] {
+        assert!(metric(a, "shoal_peer_bytes_received_total").await > 0, "a later node got nothing from peers:\n{}", a.log());
+    }
+    // A reader that does not check what it reads gets the origin's bytes: unchecked pieces are
+    // not for it.
+    let resp = reqwest::Client::new()
+        .get(agents[1].blob_url(&registry, "team/sparse", &digest))
+        .header("Range", "bytes=100-69999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert!(resp.bytes().await.unwrap() == blob[100..70_000]);
+    assert_eq!(registry.blob_bytes(&digest), sent + 69_900, "an unchecked range reader is served by the origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_holder_of_range_pieces_is_caught_and_the_reader_gets_correct_bytes() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(6 * MIB, 46);
+    let digest = registry.push_blob("team/sparse", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let liar = Agent::start_with_env(&p2p_config(&[&scheduler]), &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await.unwrap();
+    let honest = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    let range = MIB..2 * MIB;
+    assert!(checked_range(&liar, &registry, &digest, range.clone()).await == blob[range.clone()]);
+    assert!(checked_range(&honest, &registry, &digest, range.clone()).await == blob[range.clone()], "the reader must get correct bytes");
+    assert!(honest.log().contains("does not match its digest"), "the bad piece must be noticed:\n{}", honest.log());
+    // The liar's pieces were refused, so the honest node fetched them from the registry itself.
+    assert_eq!(registry.blob_bytes(&digest), 2 * piece_bytes(blob.len(), &[range]), "{:?}", registry.blob_fetches(&digest));
+}

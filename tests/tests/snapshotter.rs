@@ -198,7 +198,10 @@ async fn shoal_image(registry: &Registry, hello: &str) -> String {
         .await
         .unwrap();
     let image = format!("{}/team/app:v1-shoal", registry.host());
-    shoal(&["build", &format!("{}/team/app:v1", registry.host()), &image]);
+    // The registry speaks plain HTTP, also when it is not on loopback.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), format!("[registry.\"{}\"]\nplain_http = true\n", registry.host())).unwrap();
+    shoal(&["build", "-c", &config.path().display().to_string(), &format!("{}/team/app:v1", registry.host()), &image]);
     image
 }
 
@@ -406,4 +409,71 @@ async fn a_lazy_mount_whose_process_died_is_mounted_again_for_the_next_container
     ctr_ok(&ctd, &["images", "rm", "--sync", &image]);
     wait_unmounted(&agent.data_dir()).await;
     assert!(mounts_under(&agent.data_dir()).is_empty(), "{:?}", mounts_under(&agent.data_dir()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_nodes_lazy_container_reads_its_chunks_from_the_first_node_not_the_registry() {
+    use shoal_tests::netns::Lab;
+    use shoal_tests::{lab_p2p_config, metric_value, CriConfig, Scheduler};
+    // Two nodes, each its own network namespace with containerd (CRI), agent and snapshotter;
+    // the registry and the scheduler at the gateway.
+    let lab = Lab::new(2).unwrap();
+    let registry = Registry::start_on(lab.gateway()).await.unwrap();
+    let image = shoal_image(&registry, "from a peer\n").await;
+    let sandbox = shoal_tests::cri::push_sandbox_image(&registry).await.unwrap();
+    let scheduler = Scheduler::start_on(lab.gateway()).await.unwrap();
+    let chunk_blobs: Vec<String> = {
+        let blobs = registry.image_blobs("team/app", "v1-shoal").await.unwrap();
+        blobs[1..blobs.len() - 1].iter().map(|(d, _)| d.clone()).collect()
+    };
+    let chunk_bytes = || -> u64 { chunk_blobs.iter().map(|d| registry.blob_bytes(d)).sum() };
+    let want = shoal_tests::digest_of(&random_bytes(8 << 20, 3)).trim_start_matches("sha256:").to_string();
+
+    let mut nodes = Vec::new();
+    let mut fetched = Vec::new();
+    for i in 0..2 {
+        let dir = tempfile::Builder::new().prefix("shoal-snap-").tempdir().unwrap();
+        let socket = dir.path().join("snapshotter.sock");
+        let config =
+            format!("{}[snapshotter]\nenabled = true\nsocket = \"{}\"\n", lab_p2p_config(&[&scheduler], &registry), socket.display());
+        let agent = Agent::start_in_net(&lab, i, "agent", &config, &[]).await.unwrap();
+        let guard = SnapshotterDir { dir, root: agent.data_dir() };
+        let start = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(start.elapsed().as_secs() < 20, "the snapshotter did not bind its socket:\n{}", agent.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let cri_config = CriConfig::new(&sandbox).proxy_snapshotter("shoal", &socket);
+        let ctd = Containerd::start_cri_in(&lab, i, &registry.host(), &agent.mirror(), &cri_config).await.unwrap();
+        let cri = ctd.cri().await.unwrap();
+        let pod = cri.run_pod(&format!("node-{i}")).await.unwrap();
+        let image_id = cri.pull_image(&image).await.unwrap();
+        let c = cri.run_container(&pod, "sum", &image_id, &["/bin/busybox", "sha256sum", "/big.bin"]).await.unwrap();
+        let code = cri.wait_exit(&c, std::time::Duration::from_secs(60)).await.unwrap();
+        let out = cri.output(&c).unwrap_or_default();
+        assert_eq!(code, 0, "node {i}: {out}\n{}", agent.log());
+        assert!(out.starts_with(&want), "node {i} read the big file wrong: {out}");
+        fetched.push(chunk_bytes());
+        nodes.push((guard, agent, ctd, cri, pod, c, image_id));
+    }
+
+    // The first start read the big file's chunks from the registry (ranges through its agent);
+    // the second read the same chunks from the first node: the registry sent them about once.
+    assert!(fetched[0] >= 8 << 20, "the first node's start fetched only {} bytes of chunks", fetched[0]);
+    let again = fetched[1] - fetched[0];
+    assert!(again * 20 <= fetched[0], "the second node's start cost the registry {again} more chunk bytes (the first: {})", fetched[0]);
+    let received = metric_value(&nodes[1].1.metrics().await.unwrap(), "shoal_peer_bytes_received_total").unwrap_or(0.0) as u64;
+    assert!(received >= 8 << 20, "the second node received {received} bytes from peers:\n{}", nodes[1].1.log());
+    let sent = metric_value(&nodes[0].1.metrics().await.unwrap(), "shoal_peer_bytes_sent_total").unwrap_or(0.0) as u64;
+    assert!(sent >= 8 << 20, "the first node sent {sent} bytes to peers:\n{}", nodes[0].1.log());
+
+    for (_guard, agent, ctd, cri, pod, c, image_id) in &nodes {
+        cri.remove_container(c).await.unwrap();
+        cri.remove_pod(pod).await.unwrap();
+        cri.remove_image(image_id).await.unwrap();
+        let root = agent.data_dir().join("snapshotter");
+        wait_unmounted(&root).await;
+        assert!(mounts_under(&root).is_empty(), "the lazy mount goes with the image: {:?}", mounts_under(&root));
+        assert_eq!(ctd.mounts(), Vec::<String>::new());
+    }
 }

@@ -1,10 +1,11 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: access check with the origin, then bytes from the engine.
 
 use futures_util::stream;
-use http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
+use http::header::{ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use shoal_core::config::CHECKED_RANGES_HEADER;
 use shoal_core::registry::{header_len, Request};
 use shoal_core::{Digest, TaskId};
 use tracing::warn;
@@ -92,8 +93,12 @@ impl Mirror {
 
     /// Answers with `len` bytes of `origin`'s blob (or the requested range). A whole blob goes
     /// through the engine's task (stored, shared, checked against its digest before its last byte
-    /// is sent); a range comes from a task complete or downloading whole here, else straight from
-    /// the origin, never kept: bytes fetched for a range cannot be checked against the digest.
+    /// is sent). A range comes from the task if one is complete or downloading whole here. Else,
+    /// for a reader that checks what it reads ([`CHECKED_RANGES_HEADER`]: a lazy mount checks
+    /// each chunk's blake3), the pieces it covers are fetched sparsely (from peers, else the
+    /// origin) and kept, unchecked against the digest until the whole blob is read one day; such a
+    /// reader asks again with `Cache-Control: no-cache`, which forgets them, when they do not
+    /// match. Any other range comes straight from the origin and is not kept.
     async fn serve_blob(&self, call: &Call, origin: Origin, len: u64, public: bool) -> Result<Response<Body>, ApiError> {
         let digest = origin.digest.clone();
         let range = byte_range(call.headers.get(RANGE).and_then(|v| v.to_str().ok()), len);
@@ -129,7 +134,13 @@ impl Mirror {
                 }
             }
         } else {
-            match self.engine.existing(&origin) {
+            let task = if call.headers.contains_key(CHECKED_RANGES_HEADER) {
+                let fresh = call.headers.get(CACHE_CONTROL).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("no-cache"));
+                self.engine.open_for_range(&origin, len, bytes.clone(), public, fresh).await
+            } else {
+                self.engine.existing(&origin)
+            };
+            match task {
                 Some(task) => self.engine.reader(task, bytes, false),
                 None => self.engine.direct_reader(origin, bytes),
             }
