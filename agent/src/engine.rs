@@ -806,14 +806,25 @@ impl Engine {
     }
 
     /// Gives up the claims on `pieces` of a sparse task that could not be fetched: the readers
-    /// waiting for them go to the origin themselves.
-    pub(crate) fn release(&self, task: &Task, pieces: impl IntoIterator<Item = u32>) {
-        {
+    /// waiting for them go to the origin themselves. If a whole read has started the task since,
+    /// it counts on every claimed piece arriving: they stay claimed and are fetched from the
+    /// origin for it.
+    pub(crate) fn release(self: &Arc<Self>, task: &Arc<Task>, pieces: impl IntoIterator<Item = u32>) {
+        let mut released: Vec<u32> = pieces.into_iter().filter(|&n| !task.file.has_piece(n)).collect();
+        released.sort_unstable();
+        let driving = {
             let mut st = task.state();
-            for n in pieces {
-                if !task.file.has_piece(n) {
+            let driving = st.driving && matches!(st.status, Status::Running);
+            if !driving {
+                for &n in &released {
                     st.inflight.unset(n);
                 }
+            }
+            driving
+        };
+        if driving {
+            for run in crate::sparse::runs(&released) {
+                self.spawn_fetch_run(task, run);
             }
         }
         task.notify();

@@ -58,7 +58,7 @@ async fn from_origin(engine: &Arc<Engine>, task: &Arc<Task>, mut pieces: Vec<u32
 }
 
 /// Runs of consecutive numbers in sorted `pieces`.
-fn runs(pieces: &[u32]) -> Vec<Range<u32>> {
+pub(crate) fn runs(pieces: &[u32]) -> Vec<Range<u32>> {
     let mut runs: Vec<Range<u32>> = Vec::new();
     for &n in pieces {
         match runs.last_mut() {

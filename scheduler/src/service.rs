@@ -473,11 +473,7 @@ impl Scheduler for Api {
     async fn want_pieces(&self, req: Request<pb::WantPiecesRequest>) -> Result<Response<pb::WantPiecesResponse>, Status> {
         self.act_for(&req, &req.get_ref().host_id)?;
         let r = req.into_inner();
-        let task = task_id(&r.task_id)?;
-        if r.host_id.is_empty() {
-            return Err(bad("host id is empty"));
-        }
-        let host = HostId(r.host_id);
+        let (task, host) = sparse_caller(&r.task_id, &r.host_id)?;
         let started = Instant::now();
         loop {
             // Listen before deciding, so a report landing in between still wakes this want.
@@ -496,11 +492,7 @@ impl Scheduler for Api {
     async fn report_pieces(&self, req: Request<pb::ReportPiecesRequest>) -> Result<Response<pb::ReportPiecesResponse>, Status> {
         self.act_for(&req, &req.get_ref().host_id)?;
         let r = req.into_inner();
-        let task = task_id(&r.task_id)?;
-        if r.host_id.is_empty() {
-            return Err(bad("host id is empty"));
-        }
-        let host = HostId(r.host_id);
+        let (task, host) = sparse_caller(&r.task_id, &r.host_id)?;
         let report = Report {
             finished: r.finished.into_iter().map(|p| (p.number, p.blake3)).collect(),
             invalid: r.invalid,
@@ -530,6 +522,14 @@ impl Scheduler for Api {
 
 /// The peer said Done or Failed: its stream is over.
 struct Ended;
+
+/// The task and host a sparse want or report names.
+fn sparse_caller(task: &str, host: &str) -> Result<(TaskId, HostId), Status> {
+    if host.is_empty() {
+        return Err(bad("host id is empty"));
+    }
+    Ok((task_id(task)?, HostId(host.to_string())))
+}
 
 /// The gRPC status of a refused want or report.
 fn sparse_status(e: SparseError) -> Status {

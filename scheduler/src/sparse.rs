@@ -5,10 +5,10 @@
 //!
 //! Each piece has at most one claim on the origin at a time: the first asker fetches it and
 //! reports its digest, and others wait for that report rather than fetching it again. Each
-//! hand-out of a holder to an asker is a lease, and a holder serves at most
-//! [`LEASES_PER_HOLDER`] leases at once across every task (its upload is what they share), so a
-//! piece's first source serves four children, each of those four more, and so on: a fan-out tree
-//! grows as children report.
+//! hand-out of a holder to an asker is a lease, and a holder serves at most as many leases at
+//! once, across every task, as it has upload slots (`[peer] upload_slots`, announced with the
+//! host; its peer server turns away requests beyond them), so a piece's first source serves a few
+//! children, each of those a few more, and so on: a fan-out tree grows as children report.
 //!
 //! This book is separate from the whole downloads of [`Cluster`](crate::Cluster): a whole
 //! download's peers are not yet offered as holders of sparse reads, nor are sparse holders
@@ -30,10 +30,6 @@ pub const MAX_PIECES_PER_CALL: usize = 4096;
 /// Holders remembered per piece, newest kept: enough to spread children, few enough to stay
 /// small.
 pub const MAX_HOLDERS: usize = 32;
-/// Children one holder serves at once, across every task. Four is the fan-out of whole downloads'
-/// parents (`upload_slots` defaults to four): more children only split the same uplink thinner
-/// and delay every copy, fewer leave the tree shallow-growing.
-pub const LEASES_PER_HOLDER: usize = 4;
 /// How long a hand-out counts against a holder when the child never reports: long enough for a
 /// 16 MiB piece over a busy gigabit link, short enough that a child gone quiet frees the slot.
 pub const LEASE_TTL_MS: u64 = 2_000;
@@ -199,17 +195,23 @@ impl Task {
                 piece.holders.iter().filter(|h| *h != asker && hosts.get(h).is_some_and(|host| host.healthy(now))).collect();
             if !alive.is_empty() {
                 let turn = self.turn % alive.len();
-                let mut ranked: Vec<(usize, usize, &HostId)> = alive
+                // Holders with a free upload slot first, the least loaded first among them, then
+                // by turn.
+                let slots = |h: &HostId| hosts.get(h).map_or(1, |host| host.info.upload_slots.max(1) as usize);
+                let mut ranked: Vec<(bool, usize, usize, &HostId)> = alive
                     .iter()
                     .enumerate()
-                    .map(|(i, h)| (loads.get(*h).copied().unwrap_or(0), (i + alive.len() - turn) % alive.len(), *h))
+                    .map(|(i, h)| {
+                        let load = loads.get(*h).copied().unwrap_or(0);
+                        (load >= slots(h), load, (i + alive.len() - turn) % alive.len(), *h)
+                    })
                     .collect();
                 ranked.sort();
-                let (load, _, first) = ranked[0];
-                if load >= LEASES_PER_HOLDER && !last_chance {
+                let (full, _, _, first) = ranked[0];
+                if full && !last_chance {
                     return None;
                 }
-                let holders: Vec<HostId> = ranked.iter().take(1 + ALTERNATIVES).map(|(_, _, h)| (*h).clone()).collect();
+                let holders: Vec<HostId> = ranked.iter().take(1 + ALTERNATIVES).map(|(_, _, _, h)| (*h).clone()).collect();
                 let decided = PieceSource::Holders { number: n, blake3: digest.clone(), holders };
                 let first = first.clone();
                 self.turn = self.turn.wrapping_add(1);
@@ -461,13 +463,16 @@ mod tests {
         blake3::hash(s.as_bytes()).to_hex().to_string()
     }
 
+    /// Upload slots of every test host.
+    const SLOTS: usize = 4;
+
     fn hosts(names: &[&str]) -> Hosts {
         let mut hosts = Hosts::default();
         for n in names {
             let info = HostInfo {
                 id: id(n),
                 addr: "127.0.0.1:1".parse().unwrap(),
-                upload_slots: 4,
+                upload_slots: SLOTS as u32,
                 zone: String::new(),
                 idc: String::new(),
                 seed: false,
@@ -517,7 +522,7 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_serves_four_children_at_once_and_new_holders_take_the_rest() {
+    fn a_holder_serves_as_many_children_as_its_upload_slots_and_new_holders_take_the_rest() {
         let names = ["src", "c1", "c2", "c3", "c4", "c5", "c6"];
         let hosts = hosts(&names);
         let mut s = SparseBook::new();
@@ -555,6 +560,26 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_with_one_upload_slot_serves_one_child_at_a_time() {
+        let mut hosts = hosts(&["c1", "c2"]);
+        let info = HostInfo {
+            id: id("src"),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            upload_slots: 1,
+            zone: String::new(),
+            idc: String::new(),
+            seed: false,
+        };
+        hosts.announce(info, 0);
+        let mut s = SparseBook::new();
+        let t = task();
+        s.want(&t, &id("src"), LEN, &[0], 0, &hosts, false).unwrap();
+        s.report(&t, &id("src"), LEN, &finished(0, "p0"), 0).unwrap();
+        assert!(s.want(&t, &id("c1"), LEN, &[0], 10, &hosts, false).unwrap().pending.is_empty());
+        assert_eq!(s.want(&t, &id("c2"), LEN, &[0], 10, &hosts, false).unwrap().pending, vec![0]);
+    }
+
+    #[test]
     fn a_holders_leases_span_every_task() {
         let hosts = hosts(&["src", "c"]);
         let mut s = SparseBook::new();
@@ -566,7 +591,7 @@ mod tests {
         }
         assert!(s.want(&a, &id("c"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap().pending.is_empty());
         let w = s.want(&b, &id("c"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap();
-        assert_eq!((w.decided.len(), w.pending), (1, vec![1, 2]), "src serves four children in all, not four per task");
+        assert_eq!((w.decided.len(), w.pending), (1, vec![1, 2]), "src serves its four slots' worth of children in all, not per task");
     }
 
     #[test]
@@ -591,7 +616,7 @@ mod tests {
         let t = task();
         s.want(&t, &id("src"), LEN, &[0], 0, &hosts, false).unwrap();
         s.report(&t, &id("src"), LEN, &finished(0, "p0"), 0).unwrap();
-        for _ in 0..LEASES_PER_HOLDER {
+        for _ in 0..SLOTS {
             assert!(s.want(&t, &id("c1"), LEN, &[0], 10, &hosts, false).unwrap().pending.is_empty());
         }
         assert!(s.want(&t, &id("c2"), LEN, &[0], 10, &hosts, false).unwrap().pending.is_empty());
