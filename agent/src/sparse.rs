@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_proto::scheduler as pb;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
@@ -77,6 +78,8 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
     let key = task.id.to_string();
     let mut pending = pieces;
     let mut fetches: JoinSet<Option<u32>> = JoinSet::new();
+    let (notes, unsent) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(report_batches(p2p.clone(), task.clone(), unsent));
     let started = Instant::now();
     while !pending.is_empty() && started.elapsed() < CLUSTER_PATIENCE {
         let want = pb::WantPiecesRequest {
@@ -105,17 +108,18 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
             if decided.origin {
                 sourced.push(decided.number);
             } else {
-                let (p2p, engine, task) = (p2p.clone(), engine.clone(), task.clone());
-                fetches.spawn(async move { from_holders(&p2p, &engine, &task, decided).await });
+                let (p2p, engine, task, notes) = (p2p.clone(), engine.clone(), task.clone(), notes.clone());
+                fetches.spawn(async move { from_holders(&p2p, &engine, &task, decided, &notes).await });
             }
         }
         if !sourced.is_empty() {
-            let (p2p, engine, task) = (p2p.clone(), engine.clone(), task.clone());
+            let (engine, task, notes) = (engine.clone(), task.clone(), notes.clone());
             fetches.spawn(async move {
-                let fetched = from_origin(&engine, &task, sourced).await;
-                let finished =
-                    fetched.iter().filter_map(|&n| Some(pb::PieceDigest { number: n, blake3: task.file.piece_blake3(n)? })).collect();
-                report(&p2p, &task, finished, Vec::new(), Vec::new()).await;
+                for n in from_origin(&engine, &task, sourced).await {
+                    if let Some(blake3) = task.file.piece_blake3(n) {
+                        let _ = notes.send(pb::PieceDigest { number: n, blake3 });
+                    }
+                }
                 None
             });
         }
@@ -130,21 +134,42 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
     while let Some(done) = fetches.join_next().await {
         pending.extend(done.ok().flatten());
     }
+    drop(notes);
+    let _ = reporter.await;
     pending
+}
+
+/// Tells the scheduler of the pieces this host now holds (`notes`, with their digests) as they
+/// come: whatever arrived while a report was on its way goes in the next one, so a busy fetch
+/// makes few calls and an idle one reports at once (a piece helps others only once the scheduler
+/// knows it is here).
+async fn report_batches(p2p: Arc<P2p>, task: Arc<Task>, mut notes: mpsc::UnboundedReceiver<pb::PieceDigest>) {
+    while let Some(first) = notes.recv().await {
+        let mut finished = vec![first];
+        while let Ok(note) = notes.try_recv() {
+            finished.push(note);
+        }
+        report(&p2p, &task, finished, Vec::new(), Vec::new()).await;
+    }
 }
 
 /// Fetches the piece `decided` names from its holders in turn, each copy checked against the
 /// digest. Returns the piece when no holder gave it (after [`BUSY_PAUSE`] if only because they
-/// were busy). Holders that failed are reported; busy ones are not at fault.
-async fn from_holders(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, decided: pb::PieceSource) -> Option<u32> {
+/// were busy). Holders that failed are noted for the scheduler; busy ones are not at fault.
+async fn from_holders(
+    p2p: &Arc<P2p>,
+    engine: &Arc<Engine>,
+    task: &Arc<Task>,
+    decided: pb::PieceSource,
+    notes: &mpsc::UnboundedSender<pb::PieceDigest>,
+) -> Option<u32> {
     let n = decided.number;
     let mut failed = Vec::new();
     for holder in &decided.holders {
         let Ok(addr) = holder.peer_addr.parse() else { continue };
         match fetch_piece(p2p.peers(), addr, engine, task, n, &decided.blake3).await {
             Ok(_) => {
-                let finished = vec![pb::PieceDigest { number: n, blake3: decided.blake3.clone() }];
-                report(p2p, task, finished, Vec::new(), failed).await;
+                let _ = notes.send(pb::PieceDigest { number: n, blake3: decided.blake3.clone() });
                 return None;
             }
             Err(FetchError::Busy) => debug!(task = %task.id, piece = n, holder = %holder.host_id, "a holder was busy"),
@@ -156,8 +181,10 @@ async fn from_holders(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, de
     }
     if failed.is_empty() {
         tokio::time::sleep(BUSY_PAUSE).await;
+    } else {
+        // At once, not batched: the scheduler must know before this piece is wanted again.
+        report(p2p, task, Vec::new(), Vec::new(), failed).await;
     }
-    report(p2p, task, Vec::new(), Vec::new(), failed).await;
     Some(n)
 }
 
