@@ -485,6 +485,8 @@ impl Engine {
         if forgotten.is_empty() {
             return;
         }
+        // The running sha256 may have seen the forgotten bytes: it starts again before them.
+        task.rewind_hash(task.layout.range(forgotten[0]).start);
         let file = task.file.clone();
         let dropped = forgotten.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || file.forget_pieces(&dropped)).await {

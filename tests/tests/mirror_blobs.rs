@@ -107,3 +107,45 @@ async fn raw_get(port: u16, path: &str) -> (u16, String) {
     let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, out)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_range_found_bad_is_forgotten_and_the_whole_blob_then_verifies() {
+    use shoal_core::config::CHECKED_RANGES_HEADER;
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(1 << 20, 11);
+    let digest = registry.push_blob("team/bad", &blob).await.unwrap();
+    // The registry's copy has a wrong byte in the first piece.
+    let stored = registry.blob_data_path(&digest);
+    let mut damaged = blob.clone();
+    damaged[100] ^= 0xff;
+    std::fs::write(&stored, &damaged).unwrap();
+    let agent = Agent::start("").await.unwrap();
+    let url = agent.blob_url(&registry, "team/bad", &digest);
+    let http = reqwest::Client::new();
+    let range = |fresh: bool| {
+        let mut req = http.get(&url).header("Range", "bytes=0-999").header(CHECKED_RANGES_HEADER, "blake3");
+        if fresh {
+            req = req.header("Cache-Control", "no-cache");
+        }
+        req.send()
+    };
+
+    // A lazy mount reads the range, kept by the agent, and finds it bad.
+    let got = range(false).await.unwrap().bytes().await.unwrap();
+    assert!(got == damaged[..1000], "the agent serves what the registry sent");
+    // It asks again with no-cache once the registry is repaired: the agent forgets the bad piece.
+    std::fs::write(&stored, &blob).unwrap();
+    let got = range(true).await.unwrap().bytes().await.unwrap();
+    assert!(got == blob[..1000], "a no-cache range comes from the registry");
+    let got = range(false).await.unwrap().bytes().await.unwrap();
+    assert!(got == blob[..1000], "the forgotten piece was fetched again");
+    // A whole pull of the blob verifies: nothing of the forgotten bytes stayed in its digest check.
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let whole = resp.bytes().await.unwrap_or_else(|e| panic!("the whole pull broke off: {e}\n{}", agent.log()));
+    assert_eq!(digest_of(&whole), digest, "{}", agent.log());
+    agent.wait_stored(&digest).await.unwrap();
+    let metrics = agent.metrics().await.unwrap();
+    assert_eq!(shoal_tests::metric_value(&metrics, "shoal_pieces_forgotten_total"), Some(1.0), "{metrics}");
+    assert_eq!(shoal_tests::metric_value(&metrics, "shoal_tasks_failed_total"), Some(0.0), "{metrics}");
+}
