@@ -102,9 +102,9 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
                 break;
             }
         };
-        let asked: HashSet<u32> = pending.drain(..).collect();
+        let mut asked: HashSet<u32> = pending.drain(..).collect();
         let mut sourced = Vec::new();
-        for decided in answer.decided.into_iter().filter(|d| asked.contains(&d.number)) {
+        for decided in answer.decided.into_iter().filter(|d| asked.remove(&d.number)) {
             if decided.origin {
                 sourced.push(decided.number);
             } else {
@@ -123,7 +123,10 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
                 None
             });
         }
-        pending = answer.pending.into_iter().filter(|n| asked.contains(n)).collect();
+        // Pieces the answer left out are asked for again, like the pending ones: a piece nobody
+        // fetches would keep its readers waiting.
+        pending = asked.into_iter().collect();
+        pending.sort_unstable();
         if pending.is_empty() {
             // Everything was decided: pieces whose holders all failed or were busy go round again.
             while let Some(done) = fetches.join_next().await {
