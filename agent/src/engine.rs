@@ -134,6 +134,8 @@ struct TaskState {
     driving: bool,
     /// When a range read last wanted pieces of this task.
     last_want: std::time::Instant,
+    /// Whether a watch for this sparse task going idle runs ([`Engine::retire_when_idle`]).
+    idle_watched: bool,
     /// The most recent requester's origin (credentials are used to fetch).
     origin: Origin,
 }
@@ -495,8 +497,7 @@ impl Engine {
         warn!(task = %task.id, pieces = ?forgotten, "a reader found these pieces bad; forgotten, and read from the origin");
         self.metrics.pieces_forgotten.inc_by(forgotten.len() as u64);
         if let Some(p2p) = self.p2p.get() {
-            let invalid = forgotten.to_vec();
-            crate::sparse::report(p2p, &task, Vec::new(), invalid, Vec::new()).await;
+            crate::sparse::report(p2p, &task, Vec::new(), forgotten, Vec::new()).await;
         }
     }
 
@@ -510,6 +511,9 @@ impl Engine {
                 return;
             }
             st.last_want = std::time::Instant::now();
+            if !std::mem::replace(&mut st.idle_watched, true) {
+                self.retire_when_idle(task.clone());
+            }
             let have = task.file.bitmap();
             let wanted: Vec<u32> = task.layout.covering(bytes).filter(|&n| !have.has(n) && !st.inflight.has(n)).collect();
             for &n in &wanted {
@@ -522,32 +526,29 @@ impl Engine {
         }
         let (engine, task2) = (self.clone(), task.clone());
         let span = tracing::info_span!("sparse", task = %task.id);
-        tokio::spawn(
-            async move {
-                crate::sparse::fetch(&engine, &task2, wanted).await;
-                engine.retire_when_idle(task2);
-            }
-            .instrument(span),
-        );
+        tokio::spawn(async move { crate::sparse::fetch(&engine, &task2, wanted).await }.instrument(span));
     }
 
     /// Retires a sparse task once no read has wanted it for [`SPARSE_IDLE`] and nothing fetches
-    /// it: its store handle closes, so its pieces count as evictable again.
+    /// it: its store handle closes, so its pieces count as evictable again. One watch per task,
+    /// started by its first want; it ends when the task completes, fails or is read whole.
     fn retire_when_idle(self: &Arc<Self>, task: Arc<Task>) {
         let engine = self.clone();
         tokio::spawn(async move {
             loop {
                 let wait = {
                     let st = task.state();
-                    if !matches!(st.status, Status::Running) || st.driving || st.inflight.count() > 0 {
+                    if !matches!(st.status, Status::Running) || st.driving {
                         return;
                     }
-                    SPARSE_IDLE.checked_sub(st.last_want.elapsed())
+                    match SPARSE_IDLE.checked_sub(st.last_want.elapsed()) {
+                        Some(wait) if !wait.is_zero() => wait,
+                        // Idle, but a fetch still runs: look again shortly.
+                        _ if st.inflight.count() > 0 => std::time::Duration::from_secs(1),
+                        _ => break,
+                    }
                 };
-                match wait {
-                    Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
-                    _ => break,
-                }
+                tokio::time::sleep(wait).await;
             }
             let _ = task.file.flush();
             debug!(task = %task.id, pieces = task.file.bitmap().count(), "sparse task idle; retired");
@@ -588,6 +589,7 @@ impl Engine {
                 status: if complete { Status::Complete } else { Status::Running },
                 driving: complete,
                 last_want: std::time::Instant::now(),
+                idle_watched: false,
                 origin: origin.clone(),
             }),
             file,
