@@ -125,6 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 advertise,
                 schedulers: p.schedulers.clone(),
                 max_children: (p.upload_slots * crate::p2p::CHILDREN_PER_UPLOAD_SLOT) as u32,
+                sending_slots: p.upload_slots as u32,
                 zone: p.zone.clone(),
                 idc: p.idc.clone(),
                 seed: p.seed,

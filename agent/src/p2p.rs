@@ -116,6 +116,8 @@ pub struct P2pConfig {
     pub schedulers: Vec<String>,
     /// Children the scheduler may give this host at once (they share its upload slots).
     pub max_children: u32,
+    /// Pieces the peer server sends at once (`[peer] upload_slots`).
+    pub sending_slots: u32,
     pub zone: String,
     pub idc: String,
     pub seed: bool,
@@ -169,6 +171,7 @@ impl P2p {
             id: self.config.host_id.clone(),
             peer_addr: self.config.advertise.to_string(),
             upload_slots: self.config.max_children,
+            sending_slots: self.config.sending_slots,
             zone: self.config.zone.clone(),
             idc: self.config.idc.clone(),
             seed: self.config.seed,
@@ -855,7 +858,7 @@ impl Download {
             let from = parent.clone();
             let handle = self.fetches.spawn(async move {
                 let started = Instant::now();
-                let result = fetch_piece(&p2p.peers, addr, &engine, &task, n, &digest).await;
+                let result = fetch_piece(&p2p.peers, addr, &engine, &task, n, &digest, false).await;
                 let took = started.elapsed();
                 debug!(piece = n, %parent, ms = took.as_millis() as u64, ok = result.is_ok(), "piece fetch ended");
                 (n, parent, took, result)
@@ -1056,10 +1059,11 @@ pub(crate) async fn fetch_piece(
     task: &Arc<Task>,
     n: u32,
     digest: &str,
+    queued: bool,
 ) -> Result<bool, FetchError> {
     let range = task.layout.range(n);
     let (_header, bytes) =
-        peers.get_piece(addr, &task.id, &task.registry, n, range.end - range.start).await.map_err(FetchError::of_peer)?;
+        peers.get_piece(addr, &task.id, &task.registry, n, range.end - range.start, queued).await.map_err(FetchError::of_peer)?;
     let got = blake3::hash(&bytes).to_hex().to_string();
     if got != digest {
         return Err(FetchError::Bad(format!("piece {n} does not match its digest (got {got}, want {digest})")));

@@ -7,11 +7,12 @@
 //! reader checks what it gets (a lazy mount checks each chunk's blake3) and asks again with
 //! `Cache-Control: no-cache` when it does not match ([`Engine::open_for_range`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use shoal_proto::scheduler as pb;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -24,6 +25,9 @@ use crate::p2p::{fetch_piece, FetchError, P2p};
 /// origin without asking. The scheduler holds an undecided piece for a few seconds at most, and a
 /// piece comes back for another round only when every holder it was given failed or was busy.
 const CLUSTER_PATIENCE: Duration = Duration::from_secs(10);
+/// Pieces of one holder's queue in flight at once: enough to hide the round trip of each
+/// request, few enough that the first arrive while the rest are still asked for.
+const QUEUE_DEPTH: usize = 4;
 /// A piece whose holders were all busy (their upload slots also serve whole downloads, which the
 /// scheduler's leases do not count) is asked for again after this pause.
 const BUSY_PAUSE: Duration = Duration::from_millis(30);
@@ -77,7 +81,7 @@ pub(crate) fn runs(pieces: &[u32]) -> Vec<Range<u32>> {
 async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pieces: Vec<u32>) -> Vec<u32> {
     let key = task.id.to_string();
     let mut pending = pieces;
-    let mut fetches: JoinSet<Option<u32>> = JoinSet::new();
+    let mut fetches: JoinSet<Vec<u32>> = JoinSet::new();
     let (notes, unsent) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(report_batches(p2p.clone(), task.clone(), unsent));
     let started = Instant::now();
@@ -104,13 +108,19 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
         };
         let mut asked: HashSet<u32> = pending.drain(..).collect();
         let mut sourced = Vec::new();
+        // The pieces each holder was chosen for, fetched there one after another: the scheduler
+        // counts one upload slot of the holder per child, not per piece.
+        let mut queues: HashMap<String, Vec<pb::PieceSource>> = HashMap::new();
         for decided in answer.decided.into_iter().filter(|d| asked.remove(&d.number)) {
             if decided.origin {
                 sourced.push(decided.number);
-            } else {
-                let (p2p, engine, task, notes) = (p2p.clone(), engine.clone(), task.clone(), notes.clone());
-                fetches.spawn(async move { from_holders(&p2p, &engine, &task, decided, &notes).await });
+            } else if let Some(first) = decided.holders.first() {
+                queues.entry(first.host_id.clone()).or_default().push(decided);
             }
+        }
+        for queue in queues.into_values() {
+            let (p2p, engine, task, notes) = (p2p.clone(), engine.clone(), task.clone(), notes.clone());
+            fetches.spawn(async move { from_holder_queue(&p2p, &engine, &task, queue, &notes).await });
         }
         if !sourced.is_empty() {
             let (engine, task, notes) = (engine.clone(), task.clone(), notes.clone());
@@ -120,7 +130,7 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
                         let _ = notes.send(pb::PieceDigest { number: n, blake3 });
                     }
                 }
-                None
+                Vec::new()
             });
         }
         // Pieces the answer left out are asked for again, like the pending ones: a piece nobody
@@ -130,12 +140,12 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
         if pending.is_empty() {
             // Everything was decided: pieces whose holders all failed or were busy go round again.
             while let Some(done) = fetches.join_next().await {
-                pending.extend(done.ok().flatten());
+                pending.extend(done.unwrap_or_default());
             }
         }
     }
     while let Some(done) = fetches.join_next().await {
-        pending.extend(done.ok().flatten());
+        pending.extend(done.unwrap_or_default());
     }
     drop(notes);
     let _ = reporter.await;
@@ -156,24 +166,66 @@ async fn report_batches(p2p: Arc<P2p>, task: Arc<Task>, mut notes: mpsc::Unbound
     }
 }
 
+/// Fetches the pieces the scheduler chose one holder for (`queue`), in order, [`QUEUE_DEPTH`]
+/// at a time, as [`from_holders`] does each; they share one upload slot of the holder. Once
+/// every holder of a piece was busy, the pieces not started yet are not tried now. Returns the
+/// pieces not fetched, to ask for again.
+async fn from_holder_queue(
+    p2p: &Arc<P2p>,
+    engine: &Arc<Engine>,
+    task: &Arc<Task>,
+    queue: Vec<pb::PieceSource>,
+    notes: &mpsc::UnboundedSender<pb::PieceDigest>,
+) -> Vec<u32> {
+    let busy = std::sync::atomic::AtomicBool::new(false);
+    let busy = &busy;
+    let outcomes: Vec<(u32, Got)> = futures_util::stream::iter(queue)
+        .map(|decided| async move {
+            if busy.load(std::sync::atomic::Ordering::Relaxed) {
+                return (decided.number, Got::Busy);
+            }
+            let got = from_holders(p2p, engine, task, &decided, notes).await;
+            if matches!(got, Got::Busy) {
+                busy.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (decided.number, got)
+        })
+        .buffered(QUEUE_DEPTH)
+        .collect()
+        .await;
+    if busy.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(BUSY_PAUSE).await;
+    }
+    outcomes.into_iter().filter(|(_, got)| !matches!(got, Got::Yes)).map(|(n, _)| n).collect()
+}
+
+/// What came of asking a piece's holders.
+enum Got {
+    Yes,
+    /// Some holder failed (reported to the scheduler).
+    Failed,
+    /// Every holder was busy.
+    Busy,
+}
+
 /// Fetches the piece `decided` names from its holders in turn, each copy checked against the
-/// digest. Returns the piece when no holder gave it (after [`BUSY_PAUSE`] if only because they
-/// were busy). Holders that failed are noted for the scheduler; busy ones are not at fault.
+/// digest. Holders that failed are reported to the scheduler at once; busy ones are not at
+/// fault.
 async fn from_holders(
     p2p: &Arc<P2p>,
     engine: &Arc<Engine>,
     task: &Arc<Task>,
-    decided: pb::PieceSource,
+    decided: &pb::PieceSource,
     notes: &mpsc::UnboundedSender<pb::PieceDigest>,
-) -> Option<u32> {
+) -> Got {
     let n = decided.number;
     let mut failed = Vec::new();
     for holder in &decided.holders {
         let Ok(addr) = holder.peer_addr.parse() else { continue };
-        match fetch_piece(p2p.peers(), addr, engine, task, n, &decided.blake3).await {
+        match fetch_piece(p2p.peers(), addr, engine, task, n, &decided.blake3, true).await {
             Ok(_) => {
                 let _ = notes.send(pb::PieceDigest { number: n, blake3: decided.blake3.clone() });
-                return None;
+                return Got::Yes;
             }
             Err(FetchError::Busy) => debug!(task = %task.id, piece = n, holder = %holder.host_id, "a holder was busy"),
             Err(e) => {
@@ -183,12 +235,11 @@ async fn from_holders(
         }
     }
     if failed.is_empty() {
-        tokio::time::sleep(BUSY_PAUSE).await;
-    } else {
-        // At once, not batched: the scheduler must know before this piece is wanted again.
-        report(p2p, task, Vec::new(), Vec::new(), failed).await;
+        return Got::Busy;
     }
-    Some(n)
+    // At once, not batched: the scheduler must know before this piece is wanted again.
+    report(p2p, task, Vec::new(), Vec::new(), failed).await;
+    Got::Failed
 }
 
 /// Tells `task`'s scheduler replica which pieces this host now holds, which it found bad, and

@@ -27,12 +27,15 @@ pub struct Args {
     /// Link rate of every node (both ways) and of the registry's uplink, Mbit/s.
     #[arg(long, default_value_t = 100, display_order = 2)]
     rate_mbit: u32,
+    /// Which ways of starting the pod to measure, in this order (all three by default).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = MODES, display_order = 3)]
+    modes: Vec<Mode>,
     #[command(flatten)]
     image: ImageArgs,
 }
 
 /// How the nodes start the pod.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Mode {
     /// CRI on Shoal's snapshotter, starting the converted image lazily.
     Lazy,
@@ -147,6 +150,7 @@ async fn run_pods(nodes: &[Node], mode: Mode, registry: &Registry, images: &Imag
     }
     drop_page_cache()?;
     let before = registry.hits().len();
+    eprintln!("  {} nodes, {}: starting the pods at once", nodes.len(), mode.label());
     let started = SystemTime::now();
     let starts = cris.iter().zip(&pods).map(|(cri, pod)| cri.cold_start(pod, "app", &image, &[], START_TIMEOUT));
     let colds = futures_util::future::try_join_all(starts).await?;
@@ -206,7 +210,7 @@ pub async fn run_scenario(args: Args, out: &Path) -> anyhow::Result<()> {
     let mut sizes = Vec::new();
     for &n in &args.nodes {
         let mut modes = Vec::new();
-        for mode in MODES {
+        for &mode in &args.modes {
             let result = cluster_start(&lab, n, mode, &registry, &images, &logs).await?;
             eprintln!(
                 "  {n} nodes, {}: every first line in {:.2} s (median {:.2} s), {:.1} MiB from the registry",
@@ -294,6 +298,13 @@ fn report(args: &Args, out: &Path, images: &Images, single: &Start, sizes: &[(us
         mib(one),
         single.seconds,
     );
+    let over_floor: Vec<String> = sizes
+        .iter()
+        .filter_map(|(n, modes)| {
+            let of = |mode: Mode| modes.iter().find(|(m, _)| *m == mode).map(|(_, r)| r.max_seconds());
+            Some(format!("{:+.2} s at {n} nodes", of(Mode::Lazy)? - of(Mode::Local)?))
+        })
+        .collect();
     for (n, modes) in sizes {
         for (mode, r) in modes {
             md.push_str(&format!(
@@ -305,6 +316,12 @@ fn report(args: &Args, out: &Path, images: &Images, single: &Start, sizes: &[(us
                 r.registry_bytes as f64 / one
             ));
         }
+    }
+    if !over_floor.is_empty() {
+        md.push_str(&format!(
+            "\nShoal lazy's every-first-line time over the floor's (what getting the image lazily adds to starting the containers): {}.\n",
+            over_floor.join(", ")
+        ));
     }
     md.push_str(&format!(
         "\nThe image: {}, plus {:.0} MiB of data files it never reads; {:.1} MiB unpacked, {:.1} MiB as pushed (gzip layers), {:.1} MiB as converted by `shoal build`. \
@@ -324,7 +341,7 @@ fn report(args: &Args, out: &Path, images: &Images, single: &Start, sizes: &[(us
     let groups: Vec<String> = sizes.iter().map(|(n, _)| format!("{n} nodes")).collect();
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     let mut series = Vec::new();
-    for mode in MODES {
+    for &mode in &args.modes {
         let pick = |f: &dyn Fn(&ClusterStart) -> f64| -> Vec<f64> {
             sizes.iter().map(|(_, modes)| modes.iter().find(|(m, _)| *m == mode).map_or(f64::NAN, |(_, r)| f(r))).collect()
         };

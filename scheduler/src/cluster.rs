@@ -528,6 +528,7 @@ mod tests {
             id: HostId(name.into()),
             addr: "127.0.0.1:1".parse().unwrap(),
             upload_slots: 4,
+            sending_slots: 1,
             zone: String::new(),
             idc: String::new(),
             seed,

@@ -22,8 +22,10 @@ pub struct HostInfo {
     pub id: HostId,
     /// Where its peer server (QUIC) listens.
     pub addr: SocketAddr,
-    /// How many children it is willing to upload to at once.
+    /// How many children it is willing to upload to at once (whole downloads).
     pub upload_slots: u32,
+    /// Pieces its peer server sends at once: the children sparse reads may send to it at once.
+    pub sending_slots: u32,
     /// Availability zone (`topology.kubernetes.io/zone`); empty when unknown.
     pub zone: String,
     /// Data centre; empty when unknown.

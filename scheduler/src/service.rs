@@ -242,7 +242,11 @@ impl Scheduler for Api {
         }
         caller.may_announce(&h.id, h.seed, self.is_seed(&h.id)).map_err(refused)?;
         let addr: SocketAddr = h.peer_addr.parse().map_err(|_| bad(format!("peer_addr {:?} is not ip:port", h.peer_addr)))?;
-        let info = HostInfo { id: HostId(h.id), addr, upload_slots: h.upload_slots.max(1), zone: h.zone, idc: h.idc, seed: h.seed };
+        // An agent that does not say how many pieces it sends at once announced four children per
+        // sending slot.
+        let sending_slots = if h.sending_slots > 0 { h.sending_slots } else { h.upload_slots / 4 }.max(1);
+        let info =
+            HostInfo { id: HostId(h.id), addr, upload_slots: h.upload_slots.max(1), sending_slots, zone: h.zone, idc: h.idc, seed: h.seed };
         debug!(host = %info.id, seed = info.seed, "host announced");
         let now = self.now();
         self.cluster().announce_host(info, now);

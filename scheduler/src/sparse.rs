@@ -5,10 +5,13 @@
 //!
 //! Each piece has at most one claim on the origin at a time: the first asker fetches it and
 //! reports its digest, and others wait for that report rather than fetching it again. Each
-//! hand-out of a holder to an asker is a lease, and a holder serves at most as many leases at
-//! once, across every task, as it has upload slots (`[peer] upload_slots`, announced with the
-//! host; its peer server turns away requests beyond them), so a piece's first source serves a few
-//! children, each of those a few more, and so on: a fan-out tree grows as children report.
+//! hand-out of a holder to an asker for one piece is a lease. A child fetches the pieces one
+//! holder gave it as queued requests sharing one of that holder's upload slots, so a holder
+//! serves at most as many children at once, across every task, as it has upload slots (`[peer]
+//! upload_slots`, announced with the host as `sending_slots`; its peer server turns away requests
+//! beyond them), and a child's further pieces go to a holder already serving it where they can. A piece's first
+//! source serves a few children, each of those a few more, and so on: a fan-out tree grows as
+//! children report.
 //!
 //! This book is separate from the whole downloads of [`Cluster`](crate::Cluster): a whole
 //! download's peers are not yet offered as holders of sparse reads, nor are sparse holders
@@ -32,7 +35,11 @@ pub const MAX_PIECES_PER_CALL: usize = 4096;
 pub const MAX_HOLDERS: usize = 32;
 /// How long a hand-out counts against a holder when the child never reports: long enough for a
 /// 16 MiB piece over a busy gigabit link, short enough that a child gone quiet frees the slot.
+/// A child's k-th piece from the same holder waits for the ones before it, so its lease lasts k
+/// times this, up to [`MAX_LEASE_MS`].
 pub const LEASE_TTL_MS: u64 = 2_000;
+/// The longest any lease lasts.
+pub const MAX_LEASE_MS: u64 = 30_000;
 /// How long a claim on the origin keeps other askers waiting for its digest. After that another
 /// asker claims the piece too: the first source may be gone or stuck.
 pub const CLAIM_TTL_MS: u64 = 5_000;
@@ -139,13 +146,20 @@ struct Lease {
 struct Leases(Vec<Lease>);
 
 impl Leases {
-    /// Live leases per holder.
+    /// Per holder, the children it is serving (those with a live lease on it): each takes one
+    /// upload slot, however many pieces it fetches there.
     fn loads(&self) -> HashMap<HostId, usize> {
+        let pairs: std::collections::HashSet<(&HostId, &HostId)> = self.0.iter().map(|l| (&l.holder, &l.child)).collect();
         let mut loads = HashMap::new();
-        for l in &self.0 {
-            *loads.entry(l.holder.clone()).or_default() += 1;
+        for (holder, _) in pairs {
+            *loads.entry(holder.clone()).or_default() += 1;
         }
         loads
+    }
+
+    /// Live leases `child` has on `holder`, every task.
+    fn serving(&self, holder: &HostId, child: &HostId) -> usize {
+        self.0.iter().filter(|l| &l.holder == holder && &l.child == child).count()
     }
 
     /// Ends the leases that `keep` says no to.
@@ -195,35 +209,43 @@ impl Task {
                 piece.holders.iter().filter(|h| *h != asker && hosts.get(h).is_some_and(|host| host.healthy(now))).collect();
             if !alive.is_empty() {
                 let turn = self.turn % alive.len();
-                // Holders with a free upload slot first, the least loaded first among them, then
-                // by turn.
-                let slots = |h: &HostId| hosts.get(h).map_or(1, |host| host.info.upload_slots.max(1) as usize);
-                let mut ranked: Vec<(bool, usize, usize, &HostId)> = alive
+                // A holder already serving the asker first (the piece joins what the asker fetches
+                // there, at no further slot), then holders with a free upload slot, the least
+                // loaded first among them, then by turn.
+                let slots = |h: &HostId| hosts.get(h).map_or(1, |host| host.info.sending_slots.max(1) as usize);
+                let mut ranked: Vec<(bool, bool, usize, usize, &HostId)> = alive
                     .iter()
                     .enumerate()
                     .map(|(i, h)| {
                         let load = loads.get(*h).copied().unwrap_or(0);
-                        (load >= slots(h), load, (i + alive.len() - turn) % alive.len(), *h)
+                        let serves = leases.serving(h, asker) > 0;
+                        (!serves && load >= slots(h), !serves, load, (i + alive.len() - turn) % alive.len(), *h)
                     })
                     .collect();
                 ranked.sort();
-                let (full, _, _, first) = ranked[0];
+                let (full, _, _, _, first) = ranked[0];
                 if full && !last_chance {
                     return None;
                 }
-                let holders: Vec<HostId> = ranked.iter().take(1 + ALTERNATIVES).map(|(_, _, _, h)| (*h).clone()).collect();
+                let holders: Vec<HostId> = ranked.iter().take(1 + ALTERNATIVES).map(|r| r.4.clone()).collect();
                 let decided = PieceSource::Holders { number: n, blake3: digest.clone(), holders };
                 let first = first.clone();
                 self.turn = self.turn.wrapping_add(1);
                 // One lease per child and piece: asking again replaces the earlier hand-out.
                 if let Some(old) = leases.0.iter().position(|l| &l.task == id && l.piece == n && &l.child == asker) {
                     let old = leases.0.swap_remove(old);
-                    if let Some(c) = loads.get_mut(&old.holder) {
-                        *c = c.saturating_sub(1);
+                    if leases.serving(&old.holder, asker) == 0 {
+                        if let Some(c) = loads.get_mut(&old.holder) {
+                            *c = c.saturating_sub(1);
+                        }
                     }
                 }
-                *loads.entry(first.clone()).or_default() += 1;
-                leases.0.push(Lease { task: id.clone(), piece: n, holder: first, child: asker.clone(), until: now + LEASE_TTL_MS });
+                let queued = leases.serving(&first, asker);
+                if queued == 0 {
+                    *loads.entry(first.clone()).or_default() += 1;
+                }
+                let until = now + (LEASE_TTL_MS * (queued as u64 + 1)).min(MAX_LEASE_MS);
+                leases.0.push(Lease { task: id.clone(), piece: n, holder: first, child: asker.clone(), until });
                 return Some(decided);
             }
         }
@@ -472,7 +494,8 @@ mod tests {
             let info = HostInfo {
                 id: id(n),
                 addr: "127.0.0.1:1".parse().unwrap(),
-                upload_slots: SLOTS as u32,
+                upload_slots: 4 * SLOTS as u32,
+                sending_slots: SLOTS as u32,
                 zone: String::new(),
                 idc: String::new(),
                 seed: false,
@@ -546,17 +569,40 @@ mod tests {
     }
 
     #[test]
-    fn a_holders_leases_span_every_piece_of_the_task() {
-        let hosts = hosts(&["src", "c"]);
+    fn a_child_fetches_every_piece_one_holder_has_over_one_upload_slot() {
+        let hosts = hosts(&["src", "c1", "c2", "c3", "c4", "c5"]);
         let mut s = SparseBook::new();
         let t = task();
         let pieces: Vec<u32> = (0..6).collect();
         s.want(&t, &id("src"), LEN, &pieces, 0, &hosts, false).unwrap();
         let report = Report { finished: pieces.iter().map(|&n| (n, digest(&n.to_string()))).collect(), ..Report::default() };
         s.report(&t, &id("src"), LEN, &report, 0).unwrap();
-        let w = s.want(&t, &id("c"), LEN, &pieces, 10, &hosts, false).unwrap();
-        assert_eq!(w.decided.iter().map(PieceSource::number).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        assert_eq!(w.pending, vec![4, 5]);
+        // Every piece goes to one child, one slot: src still serves three more children.
+        for c in ["c1", "c2", "c3", "c4"] {
+            let w = s.want(&t, &id(c), LEN, &pieces, 10, &hosts, false).unwrap();
+            assert_eq!(w.decided.iter().map(PieceSource::number).collect::<Vec<_>>(), pieces, "{c}");
+            assert!(holders(&w).iter().all(|h| h[0] == id("src")), "{c}");
+        }
+        assert_eq!(s.want(&t, &id("c5"), LEN, &pieces, 10, &hosts, false).unwrap().pending, pieces);
+        // A child queues its pieces one after another: the sixth piece's lease lasts six TTLs.
+        assert_eq!(s.want(&t, &id("c5"), LEN, &pieces, 10 + 6 * LEASE_TTL_MS - 1, &hosts, false).unwrap().pending, pieces);
+        assert!(s.want(&t, &id("c5"), LEN, &pieces, 10 + 6 * LEASE_TTL_MS, &hosts, false).unwrap().pending.is_empty());
+    }
+
+    #[test]
+    fn a_child_is_sent_where_it_is_already_served_before_a_less_loaded_holder() {
+        let hosts = hosts(&["src", "h", "c"]);
+        let mut s = SparseBook::new();
+        let t = task();
+        s.want(&t, &id("src"), LEN, &[0, 1], 0, &hosts, false).unwrap();
+        let report = Report { finished: vec![(0, digest("0")), (1, digest("1"))], ..Report::default() };
+        s.report(&t, &id("src"), LEN, &report, 0).unwrap();
+        s.report(&t, &id("h"), LEN, &finished(1, &digest("1")), 0).unwrap();
+        let w = s.want(&t, &id("c"), LEN, &[0], 10, &hosts, false).unwrap();
+        assert_eq!(holders(&w), vec![vec![id("src")]]);
+        // h serves nobody, src serves c already: piece 1 joins c's queue at src.
+        let w = s.want(&t, &id("c"), LEN, &[1], 10, &hosts, false).unwrap();
+        assert_eq!(holders(&w)[0][0], id("src"));
     }
 
     #[test]
@@ -565,7 +611,8 @@ mod tests {
         let info = HostInfo {
             id: id("src"),
             addr: "127.0.0.1:1".parse().unwrap(),
-            upload_slots: 1,
+            upload_slots: 4,
+            sending_slots: 1,
             zone: String::new(),
             idc: String::new(),
             seed: false,
@@ -580,8 +627,8 @@ mod tests {
     }
 
     #[test]
-    fn a_holders_leases_span_every_task() {
-        let hosts = hosts(&["src", "c"]);
+    fn a_holders_children_span_every_task() {
+        let hosts = hosts(&["src", "c1", "c2", "c3", "c4", "c5"]);
         let mut s = SparseBook::new();
         let (a, b) = (task(), TaskId::of_digest(&Digest::of(b"another blob")));
         for t in [&a, &b] {
@@ -589,9 +636,13 @@ mod tests {
             let report = Report { finished: (0..3).map(|n| (n, digest(&format!("{t}{n}")))).collect(), ..Report::default() };
             s.report(t, &id("src"), LEN, &report, 0).unwrap();
         }
-        assert!(s.want(&a, &id("c"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap().pending.is_empty());
-        let w = s.want(&b, &id("c"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap();
-        assert_eq!((w.decided.len(), w.pending), (1, vec![1, 2]), "src serves its four slots' worth of children in all, not per task");
+        for (c, t) in [("c1", &a), ("c2", &a), ("c3", &b), ("c4", &b)] {
+            assert!(s.want(t, &id(c), LEN, &[0, 1, 2], 10, &hosts, false).unwrap().pending.is_empty(), "{c}");
+        }
+        let w = s.want(&b, &id("c5"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap();
+        assert_eq!(w.pending, vec![0, 1, 2], "src serves its four slots' worth of children in all, not per task");
+        // A child src serves for one task is served for the other too.
+        assert!(s.want(&b, &id("c1"), LEN, &[0, 1, 2], 10, &hosts, false).unwrap().pending.is_empty());
     }
 
     #[test]

@@ -49,17 +49,17 @@ async fn a_peer_serves_verified_pieces_and_tells_which_it_has() {
     for n in [0u32, 2, 5] {
         let start = n as usize * PIECE;
         let end = (start + PIECE).min(blob.len());
-        let (header, bytes) = client.get_piece(addr, &task, &registry.host(), n, (end - start) as u64).await.unwrap();
+        let (header, bytes) = client.get_piece(addr, &task, &registry.host(), n, (end - start) as u64, false).await.unwrap();
         assert_eq!(&bytes[..], &blob[start..end], "piece {n}");
         assert_eq!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "piece {n}");
         assert_eq!(header.offset, start as u64);
     }
     let unknown = TaskId::of_digest(&Digest::of(b"unknown"));
-    let err = client.get_piece(addr, &unknown, &registry.host(), 0, 1).await.unwrap_err();
+    let err = client.get_piece(addr, &unknown, &registry.host(), 0, 1, false).await.unwrap_err();
     assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotFound, .. }), "{err}");
-    let err = client.get_piece(addr, &task, &registry.host(), 99, 1).await.unwrap_err();
+    let err = client.get_piece(addr, &task, &registry.host(), 99, 1, false).await.unwrap_err();
     assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotPresent, .. }), "{err}");
-    let err = client.get_piece(addr, &task, &registry.host(), 1, 10).await.unwrap_err();
+    let err = client.get_piece(addr, &task, &registry.host(), 1, 10, false).await.unwrap_err();
     assert!(matches!(err, PeerError::Length { .. }), "a wrong length is caught before reading");
 
     // The agent counts the piece bytes it sent and the one connection (the slot of a piece is
@@ -97,7 +97,7 @@ async fn a_lying_peer_sends_bytes_that_do_not_match_the_digest() {
     let digest = registry.push_blob("team/liar", &blob).await.unwrap();
     let (_agent, addr) = agent_with_blob(&registry, "team/liar", &digest, "", &[("SHOAL_FAULT_CORRUPT_PIECES", "1")]).await;
     let client = PeerClient::new(None).unwrap();
-    let (header, bytes) = client.get_piece(addr, &task_of(&digest), &registry.host(), 1, PIECE as u64).await.unwrap();
+    let (header, bytes) = client.get_piece(addr, &task_of(&digest), &registry.host(), 1, PIECE as u64, false).await.unwrap();
     assert_ne!(&bytes[..], &blob[PIECE..], "the fault switch must corrupt the bytes");
     assert_eq!(header.blake3, blake3::hash(&blob[PIECE..]).to_hex().as_str(), "the header still names the true digest");
     assert_ne!(header.blake3, blake3::hash(&bytes).to_hex().as_str(), "so a receiver's check fails");
@@ -131,17 +131,17 @@ async fn with_a_cluster_ca_only_hosts_it_signed_may_fetch() {
     let task = task_of(&digest);
 
     let member = PeerClient::new(Some(&tls("cluster", "member"))).unwrap();
-    let (_, bytes) = member.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.unwrap();
+    let (_, bytes) = member.get_piece(addr, &task, &registry.host(), 0, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &blob[..]);
 
     let stranger = PeerClient::new(Some(&tls("other", "stranger"))).unwrap();
     assert!(
-        stranger.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.is_err(),
+        stranger.get_piece(addr, &task, &registry.host(), 0, PIECE as u64, false).await.is_err(),
         "a certificate from another CA must be refused"
     );
     let anonymous = PeerClient::new(None).unwrap();
     assert!(
-        anonymous.get_piece(addr, &task, &registry.host(), 0, PIECE as u64).await.is_err(),
+        anonymous.get_piece(addr, &task, &registry.host(), 0, PIECE as u64, false).await.is_err(),
         "a host without a certificate must be refused"
     );
 }
@@ -155,20 +155,57 @@ async fn a_seed_holding_a_whole_task_sends_a_piece_again_only_after_a_while() {
     let task = task_of(&digest);
     let client = PeerClient::new(None).unwrap();
 
-    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
     // Another child asking for the piece just sent is turned away (it gets it from the first),
     // while the seed's other pieces still go out.
-    let err = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap_err();
+    let err = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64, false).await.unwrap_err();
     assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Busy, .. }), "{err}");
-    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 3, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 3, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &blob[3 * PIECE..]);
     // Later it is sent again, for a child that cannot get it elsewhere.
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
-    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task, &registry.host(), 2, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &blob[2 * PIECE..3 * PIECE]);
     let metrics = seed.metrics().await.unwrap();
     assert!(metrics.contains("shoal_peer_busy_refusals_total 1\n"), "the one refusal is counted:\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_childs_queued_requests_share_one_upload_slot_and_other_children_find_it_taken() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(4 * PIECE, 35);
+    let digest = registry.push_blob("team/queued", &blob).await.unwrap();
+    // One slot, and pieces paced at 64 KiB/s: each piece holds the slot for about a second.
+    let env = [("SHOAL_PEER__UPLOAD_SLOTS", "1"), ("SHOAL_PEER__UPLOAD_RATE_LIMIT", "64KiB")];
+    let (agent, addr) = agent_with_blob(&registry, "team/queued", &digest, "", &env).await;
+    let task = task_of(&digest);
+    let (child, other) = (PeerClient::new(None).unwrap(), PeerClient::new(None).unwrap());
+
+    // Three pieces at once from one child, queued: they share the one slot, none is turned away.
+    let queued = futures_util::future::join_all((0..3u32).map(|n| {
+        let (child, task, host) = (&child, &task, registry.host());
+        async move { child.get_piece(addr, task, &host, n, PIECE as u64, true).await }
+    }));
+    let others = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Meanwhile the slot is taken: another child, and the same child's unqueued request,
+        // are turned away.
+        let err = other.get_piece(addr, &task, &registry.host(), 3, PIECE as u64, true).await.unwrap_err();
+        assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Busy, .. }), "{err}");
+        let err = child.get_piece(addr, &task, &registry.host(), 3, PIECE as u64, false).await.unwrap_err();
+        assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Busy, .. }), "{err}");
+    };
+    let (pieces, ()) = tokio::join!(queued, others);
+    for (n, piece) in pieces.into_iter().enumerate() {
+        let (_, bytes) = piece.unwrap_or_else(|e| panic!("queued piece {n}: {e}"));
+        assert_eq!(&bytes[..], &blob[n * PIECE..(n + 1) * PIECE], "piece {n}");
+    }
+    // Once the queue is done the slot is free again.
+    let (_, bytes) = other.get_piece(addr, &task, &registry.host(), 3, PIECE as u64, false).await.unwrap();
+    assert_eq!(&bytes[..], &blob[3 * PIECE..]);
+    let metrics = agent.metrics().await.unwrap();
+    assert!(metrics.contains("shoal_peer_busy_refusals_total 2\n"), "the two refusals are counted:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +236,7 @@ async fn without_mutual_tls_a_private_blob_is_never_served_to_peers() {
     let client = PeerClient::new(None).unwrap();
 
     // Anyone who reaches the peer port asks for the private pieces: refused, no byte sent.
-    let err = client.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64).await.unwrap_err();
+    let err = client.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64, false).await.unwrap_err();
     assert!(matches!(&err, PeerError::Refused { refusal: Refusal::Forbidden, .. }), "{err}");
     let mut sub =
         client.subscribe(addr, &task_of(&digest), SubscribePieces { registry: private.host(), ..Default::default() }).await.unwrap();
@@ -208,9 +245,9 @@ async fn without_mutual_tls_a_private_blob_is_never_served_to_peers() {
     assert!(first.numbers.is_empty() && !first.done, "a refused subscription names no piece: {first:?}");
 
     // A public blob is served, but only to a request naming the registry it came from.
-    let (_, bytes) = client.get_piece(addr, &task_of(&open_digest), &public.host(), 1, PIECE as u64).await.unwrap();
+    let (_, bytes) = client.get_piece(addr, &task_of(&open_digest), &public.host(), 1, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &open[PIECE..]);
-    let err = client.get_piece(addr, &task_of(&open_digest), "registry.attacker.example", 1, PIECE as u64).await.unwrap_err();
+    let err = client.get_piece(addr, &task_of(&open_digest), "registry.attacker.example", 1, PIECE as u64, false).await.unwrap_err();
     assert!(matches!(&err, PeerError::Refused { refusal: Refusal::NotFound, .. }), "{err}");
 
     let metrics = agent.metrics().await.unwrap();
@@ -249,7 +286,7 @@ async fn with_mutual_tls_private_pieces_go_to_members_and_only_a_seed_certificat
         agent_with_blob(&private, "private/app", &digest, &format!("seed = true\n{}{credentials}", peer_tls("seed")), &[]).await;
 
     let member = PeerClient::new(Some(&tls("member"))).unwrap();
-    let (_, bytes) = member.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64).await.unwrap();
+    let (_, bytes) = member.get_piece(addr, &task_of(&digest), &private.host(), 0, PIECE as u64, false).await.unwrap();
     assert_eq!(&bytes[..], &secret[..], "a cluster member gets the private piece");
     assert!(!member.certified_seed(addr).await, "a host whose certificate does not name it a seed is not trusted as one");
     assert!(member.certified_seed(seed_addr).await, "a certificate with OU=seed proves a seed");

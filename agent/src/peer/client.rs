@@ -151,7 +151,9 @@ impl PeerClient {
         }
     }
 
-    /// Fetches piece `n` of `task`: the sender's header and the bytes (not yet checked).
+    /// Fetches piece `n` of `task`: the sender's header and the bytes (not yet checked). With
+    /// `queued`, the request is one of several to this host at once that share one upload slot
+    /// there (a range read's pieces).
     ///
     /// Once the bytes are here the stream is dropped without reading its end: the STOP_SENDING
     /// that QUIC then sends is what tells the parent at once that its upload slot is free (an
@@ -163,8 +165,9 @@ impl PeerClient {
         registry: &str,
         n: u32,
         expected_len: u64,
+        queued: bool,
     ) -> Result<(PieceHeader, Bytes), PeerError> {
-        let get = GetPiece { task_id: task.to_string(), number: n, registry: registry.into() };
+        let get = GetPiece { task_id: task.to_string(), number: n, registry: registry.into(), queued };
         let (_send, mut recv) = self.open(addr, Request::GetPiece(get)).await?;
         let header: PieceHeader = wire::read(&mut recv).await.map_err(|source| PeerError::Wire { addr, source })?;
         if header.refusal() != Refusal::None || !header.error.is_empty() {

@@ -116,7 +116,7 @@ impl PeerServer {
             warn!("FAULT INJECTION: this host corrupts every piece it serves (testing only)");
         }
         let uploads = Arc::new(Uploads {
-            slots: Semaphore::new(config.upload_slots.max(1)),
+            slots: Arc::new(Semaphore::new(config.upload_slots.max(1))),
             rate: (config.upload_rate > 0).then(|| RateLimiter::new(config.upload_rate)),
             started: Default::default(),
         });
@@ -175,10 +175,11 @@ impl Serving {
     async fn connection(self, conn: quinn::Connection) {
         let remote = conn.remote_address();
         self.traffic.opened(&conn);
+        let queue = QueueSlot::default();
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let s = self.clone();
+            let (s, queue) = (self.clone(), queue.clone());
             tokio::spawn(async move {
-                match serve_stream(&s, send, recv).await {
+                match serve_stream(&s, &queue, send, recv).await {
                     // The child stopped reading: it ended a subscription to a parent it dropped,
                     // or gave up on a piece. Routine, not an error.
                     Ok(()) | Err(wire::WireError::Write(quinn::WriteError::Stopped(_))) => {}
@@ -190,9 +191,27 @@ impl Serving {
     }
 }
 
+/// The upload slot the queued requests of one connection share (`GetPiece.queued`): taken by
+/// the first, freed when the last of those in flight at once ends.
+#[derive(Clone, Default)]
+struct QueueSlot(Arc<std::sync::Mutex<std::sync::Weak<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl QueueSlot {
+    /// The shared slot, taken now if no queued request holds it; `None` when every slot is taken.
+    fn join(&self, slots: &Arc<Semaphore>) -> Option<Arc<tokio::sync::OwnedSemaphorePermit>> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(permit) = held.upgrade() {
+            return Some(permit);
+        }
+        let permit = Arc::new(slots.clone().try_acquire_owned().ok()?);
+        *held = Arc::downgrade(&permit);
+        Some(permit)
+    }
+}
+
 /// What the uploads of this host share: its slots and its rate cap.
 struct Uploads {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     rate: Option<RateLimiter>,
     /// When a seed last started sending each piece of a task several children fetch (see
     /// [`RESEND_AFTER`]).
@@ -248,7 +267,12 @@ async fn refusal(serving: &Serving, task_id: &str, registry: &str) -> Result<Sha
     Ok(shared)
 }
 
-async fn serve_stream(serving: &Serving, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), wire::WireError> {
+async fn serve_stream(
+    serving: &Serving,
+    queue: &QueueSlot,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), wire::WireError> {
     let (engine, uploads, subscribers, corrupt, seed) =
         (&serving.engine, &serving.uploads, &serving.subscribers, serving.corrupt, serving.seed);
     let req: PeerRequest = wire::read(&mut recv).await?;
@@ -281,7 +305,8 @@ async fn serve_stream(serving: &Serving, mut send: quinn::SendStream, mut recv: 
             // a 32-node fan-out finish about 3 % later, and waiting 1.5 s about 8 %.)
             // A seed holding the whole task also turns away a piece it has just sent (only once
             // it has a slot, so a piece is noted as sent only when it goes out).
-            let permit = uploads.slots.try_acquire().ok();
+            // Queued requests (a range read's pieces) share one slot per connection.
+            let permit = if g.queued { queue.join(&uploads.slots) } else { uploads.slots.clone().try_acquire_owned().ok().map(Arc::new) };
             let Some(_permit) = permit.filter(|_| !(seed && shared.is_complete()) || uploads.may_resend(file.id(), g.number)) else {
                 engine.peer_busy_refusal();
                 wire::write(&mut send, &refuse(Refusal::Busy, "busy")).await?;

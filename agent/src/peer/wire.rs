@@ -85,6 +85,7 @@ mod tests {
                 task_id: "t".into(),
                 number: 7,
                 registry: "r".into(),
+                queued: true,
             })),
         };
         let f = encode(&m);
