@@ -128,6 +128,8 @@ pub struct P2pConfig {
 /// Peer-to-peer state shared by every download of this host.
 pub struct P2p {
     config: P2pConfig,
+    /// Random for this start of the agent (`Host.incarnation`).
+    incarnation: u64,
     /// The scheduler's replicas.
     schedulers: Schedulers,
     peers: PeerClient,
@@ -137,7 +139,14 @@ impl P2p {
     /// P2P for this host.
     pub fn new(config: P2pConfig, peers: PeerClient) -> Arc<P2p> {
         let schedulers = Schedulers::new(&config.schedulers, config.credential.clone());
-        Arc::new(P2p { config, schedulers, peers })
+        // A randomly keyed hash of the clock: random for each start, no other source needed.
+        let incarnation = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+            h.finish().max(1)
+        };
+        Arc::new(P2p { config, incarnation, schedulers, peers })
     }
 
     /// The scheduler's replicas.
@@ -172,6 +181,7 @@ impl P2p {
             peer_addr: self.config.advertise.to_string(),
             upload_slots: self.config.max_children,
             sending_slots: self.config.sending_slots,
+            incarnation: self.incarnation,
             zone: self.config.zone.clone(),
             idc: self.config.idc.clone(),
             seed: self.config.seed,

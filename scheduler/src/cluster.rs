@@ -223,8 +223,27 @@ impl Cluster {
     }
 
     /// Adds or refreshes a host.
-    pub fn announce_host(&mut self, info: HostInfo, now: u64) {
-        self.hosts.announce(info, now);
+    /// A host announced itself. True when it restarted (a new incarnation): it is then no
+    /// longer a peer of any task, as after [`Cluster::leave_host`], since its store may be gone.
+    pub fn announce_host(&mut self, info: HostInfo, now: u64) -> bool {
+        let id = info.id.clone();
+        let restarted = self.hosts.announce(info, now);
+        if restarted {
+            let ids: Vec<TaskId> = self.tasks.keys().cloned().collect();
+            for t in &ids {
+                self.remove_peer(t, &id);
+            }
+            // Nor is it anyone's parent: its children reschedule when it refuses them.
+            for t in self.tasks.values_mut() {
+                for peer in t.peers.values_mut() {
+                    if peer.parents.contains(&id) {
+                        peer.parents.retain(|p| p != &id);
+                        self.hosts.release_uploads([&id]);
+                    }
+                }
+            }
+        }
+        restarted
     }
 
     /// A host left (or stopped announcing): its peers are gone and its children must reschedule.
@@ -529,6 +548,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             upload_slots: 4,
             sending_slots: 1,
+            incarnation: 0,
             zone: String::new(),
             idc: String::new(),
             seed,
@@ -875,6 +895,27 @@ mod tests {
         c.leave_host(&id("a"));
         assert!(c.stat_task(&t).is_none());
         assert!(matches!(c.register(&t, MIB, &id("a"), 0), Err(ClusterError::UnknownHost(_))));
+    }
+
+    #[test]
+    fn a_host_announcing_a_new_incarnation_is_no_longer_a_peer_of_what_it_held() {
+        let mut c = Cluster::new(Limits::default());
+        let announce = |c: &mut Cluster, name: &str, incarnation: u64| c.announce_host(HostInfo { incarnation, ..host(name, false) }, 0);
+        assert!(!announce(&mut c, "a", 7));
+        assert!(!announce(&mut c, "b", 9));
+        let t = task();
+        c.register(&t, MIB, &id("a"), 0).unwrap();
+        c.register(&t, MIB, &id("b"), 0).unwrap();
+        assert_eq!(c.stat_task(&t).unwrap().peers, 2);
+        // The same incarnation again, or an agent that does not say: nothing changes.
+        assert!(!announce(&mut c, "a", 7));
+        assert!(!announce(&mut c, "a", 0));
+        assert_eq!(c.stat_task(&t).unwrap().peers, 2);
+        // a's agent restarted (its store may be empty): it is no longer b's parent or a peer.
+        assert!(announce(&mut c, "a", 8));
+        assert_eq!(c.stat_task(&t).unwrap().peers, 1);
+        assert_eq!(c.hosts().get(&id("a")).unwrap().uploads, 0);
+        assert!(c.hosts().get(&id("a")).is_some(), "it stays a known host");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct HostInfo {
     pub upload_slots: u32,
     /// Pieces its peer server sends at once: the children sparse reads may send to it at once.
     pub sending_slots: u32,
+    /// Random for each start of its agent (0: not said).
+    pub incarnation: u64,
     /// Availability zone (`topology.kubernetes.io/zone`); empty when unknown.
     pub zone: String,
     /// Data centre; empty when unknown.
@@ -77,14 +79,24 @@ pub struct Hosts {
 
 impl Hosts {
     /// Adds or refreshes a host.
-    pub fn announce(&mut self, info: HostInfo, now: u64) {
+    /// Records a host's announcement. True when it is known and now names another incarnation:
+    /// its agent restarted, and what it held before may be gone.
+    pub fn announce(&mut self, info: HostInfo, now: u64) -> bool {
         match self.hosts.get_mut(&info.id) {
             Some(h) => {
+                let mut info = info;
+                if info.incarnation == 0 {
+                    // An announcement that does not say keeps the incarnation known.
+                    info.incarnation = h.info.incarnation;
+                }
+                let restarted = h.info.incarnation != 0 && info.incarnation != h.info.incarnation;
                 h.info = info;
                 h.last_seen = now;
+                restarted
             }
             None => {
                 self.hosts.insert(info.id.clone(), Host { info, uploads: 0, failures: Vec::new(), last_seen: now });
+                false
             }
         }
     }

@@ -245,11 +245,23 @@ impl Scheduler for Api {
         // An agent that does not say how many pieces it sends at once announced four children per
         // sending slot.
         let sending_slots = if h.sending_slots > 0 { h.sending_slots } else { h.upload_slots / 4 }.max(1);
-        let info =
-            HostInfo { id: HostId(h.id), addr, upload_slots: h.upload_slots.max(1), sending_slots, zone: h.zone, idc: h.idc, seed: h.seed };
+        let info = HostInfo {
+            id: HostId(h.id),
+            addr,
+            upload_slots: h.upload_slots.max(1),
+            sending_slots,
+            incarnation: h.incarnation,
+            zone: h.zone,
+            idc: h.idc,
+            seed: h.seed,
+        };
         debug!(host = %info.id, seed = info.seed, "host announced");
         let now = self.now();
-        self.cluster().announce_host(info, now);
+        let id = info.id.clone();
+        if self.cluster().announce_host(info, now) {
+            self.sparse().forget_host(&id);
+            info!(host = %id, "host restarted; what it held before is forgotten");
+        }
         Ok(Response::new(pb::AnnounceHostResponse {}))
     }
 

@@ -438,3 +438,29 @@ async fn a_lying_holder_of_range_pieces_is_caught_and_the_reader_gets_correct_by
     // The liar's pieces were refused, so the honest node fetched them from the registry itself.
     assert_eq!(registry.blob_bytes(&digest), 2 * piece_bytes(blob.len(), &[range]), "{:?}", registry.blob_fetches(&digest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_with_an_empty_store_is_not_offered_for_what_it_lost() {
+    let registry = Registry::start(None).await.unwrap();
+    let blob = random_bytes(16 * MIB + 3, 47);
+    let digest = registry.push_blob("team/restart", &blob).await.unwrap();
+    let scheduler = Scheduler::start().await.unwrap();
+    let mut first = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    let second = Agent::start(&p2p_config(&[&scheduler])).await.unwrap();
+    settle().await;
+    assert_eq!(digest_of(&get(&first, &registry, "team/restart", &digest).await), digest);
+    // The first node crashes and comes back with the same host id and nothing in its store (a
+    // replaced pod with an empty volume). It pulls the blob again, from the registry.
+    first.kill();
+    std::fs::remove_dir_all(first.data_dir()).unwrap();
+    first.restart().await.unwrap();
+    settle().await;
+    assert_eq!(digest_of(&get(&first, &registry, "team/restart", &digest).await), digest);
+    assert_eq!(registry.blob_bytes(&digest), 2 * blob.len() as u64, "{:?}", registry.blob_fetches(&digest));
+    // The scheduler forgot what the first node held before its restart, so it does not count it
+    // as a peer that had the blob: the second node gets every byte from it, none from the registry.
+    assert_eq!(digest_of(&get(&second, &registry, "team/restart", &digest).await), digest);
+    assert_eq!(registry.blob_bytes(&digest), 2 * blob.len() as u64, "{:?}\n{}", registry.blob_fetches(&digest), second.log());
+    assert_eq!(metric(&second, "shoal_peer_bytes_received_total").await, blob.len() as u64);
+    assert!(scheduler.log().contains("host restarted"), "{}", scheduler.log());
+}
