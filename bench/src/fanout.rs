@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use shoal_tests::netns::Lab;
 use shoal_tests::{lab_p2p_config, random_bytes, require, Agent, Registry, Scheduler};
 
-use crate::report::{machine, write};
+use crate::report::{machine, peak_rss, process_cpu_seconds, write};
 use crate::{bittorrent, plot};
 
 /// A system the scenario measures.
@@ -98,26 +98,6 @@ fn cpu_times() -> (u64, u64) {
     let v: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (v.iter().sum(), idle)
-}
-
-/// CPU seconds a process has used (user + system).
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
-/// Peak resident memory of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Bytes host `i`'s shaped downlink has let through so far, as its `tc` qdisc counts them (the

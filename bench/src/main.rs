@@ -3,7 +3,7 @@
 //! JSON and a Markdown table.
 //!
 //! `cargo run --release -p shoal-bench -- mirror`, `-- fanout --nodes 8`, `-- scaling`, `-- fuse`,
-//! `-- coldstart`, `-- cri-coldstart` or `-- cri-cluster` (build the agent first: `cargo build --release -p shoal`).
+//! `-- coldstart`, `-- cri-coldstart`, `-- cri-cluster` or `-- datapath` (build the agent first: `cargo build --release -p shoal`).
 //! Run as root: scenarios make network namespaces, mount filesystems and drop the page cache.
 //! Ctrl-C tears everything down (namespaces, processes) before exiting.
 
@@ -11,9 +11,11 @@ mod bittorrent;
 mod coldstart;
 mod cri_cluster;
 mod cri_coldstart;
+mod datapath;
 mod fanout;
 mod fuse;
 mod mirror;
+mod nginx;
 mod plot;
 mod report;
 mod scaling;
@@ -60,6 +62,10 @@ enum Scenario {
     /// Shoal's snapshotter starting the converted image lazily and for containerd's pull
     /// through the Shoal mirror.
     CriCluster(cri_cluster::Args),
+    /// The data path: one blob over unshaped links between network namespaces, as GiB/s and
+    /// CPU-seconds per GiB of every process, for a cold miss, a cache hit and peer to peer,
+    /// against curl from the registry, nginx (`sendfile`) and nginx over TLS.
+    Datapath(datapath::Args),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Coldstart(args) => coldstart::run_scenario(args, &out).await,
             Scenario::CriColdstart(args) => cri_coldstart::run_scenario(args, &out).await,
             Scenario::CriCluster(args) => cri_cluster::run_scenario(args, &out).await,
+            Scenario::Datapath(args) => datapath::run(args, &out).await,
         }
     };
     // Scenarios block in places, so teardown on a signal does not wait for them: kill every

@@ -3,12 +3,13 @@
 //! miss, through to the same registry); then 64 concurrent cache-hit pulls, sampling the agent's RSS.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use shoal_tests::{free_port, random_bytes, require, Agent, Registry};
+use shoal_tests::{random_bytes, require, Agent, Registry};
 
+use crate::nginx::Nginx;
 use crate::report::{machine, median, write};
 
 #[derive(clap::Args)]
@@ -25,55 +26,6 @@ pub struct Args {
     /// Blob size for the concurrency run, in MiB.
     #[arg(long, default_value_t = 64)]
     concurrent_size_mib: usize,
-}
-
-/// nginx serving one directory.
-struct Nginx {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Nginx {
-    fn start(file_name: &str, bytes: &[u8]) -> anyhow::Result<Nginx> {
-        require("nginx");
-        let dir = tempfile::Builder::new().prefix("shoal-bench-nginx-").tempdir()?;
-        std::fs::create_dir_all(dir.path().join("www"))?;
-        std::fs::write(dir.path().join("www").join(file_name), bytes)?;
-        let port = free_port();
-        let d = dir.path().display();
-        let conf = format!(
-            "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; sendfile on; tcp_nopush on; keepalive_timeout 30;\n\
-             server {{ listen 127.0.0.1:{port}; root {d}/www; }} }}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf)?;
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let n = Nginx { dir, port, child };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("nginx did not start: {}", std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Seconds curl took to download `url` to /dev/null, checking the size.
@@ -124,7 +76,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     let digest = registry.push_blob("bench/blob", &blob).await?;
     let nginx = Nginx::start("blob", &blob)?;
     drop(blob);
-    let nginx_url = format!("http://127.0.0.1:{}/blob", nginx.port);
+    let nginx_url = nginx.url.clone();
     let direct_url = format!("{}/v2/bench/blob/blobs/{digest}", registry.url());
 
     let mut nginx_s = vec![];

@@ -202,6 +202,11 @@ impl Registry {
         self.spawn().await
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `<ip>:<port>`, the name containerd and the mirror use.
     pub fn host(&self) -> String {
         format!("{}:{}", self.ip, self.port)
