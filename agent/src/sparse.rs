@@ -108,8 +108,8 @@ async fn from_cluster(p2p: &Arc<P2p>, engine: &Arc<Engine>, task: &Arc<Task>, pi
         };
         let mut asked: HashSet<u32> = pending.drain(..).collect();
         let mut sourced = Vec::new();
-        // The pieces each holder was chosen for, fetched there one after another: the scheduler
-        // counts one upload slot of the holder per child, not per piece.
+        // The pieces each holder was chosen for, fetched there as one queue sharing one upload
+        // slot: the scheduler counts a slot of the holder per child, not per piece.
         let mut queues: HashMap<String, Vec<pb::PieceSource>> = HashMap::new();
         for decided in answer.decided.into_iter().filter(|d| asked.remove(&d.number)) {
             if decided.origin {
