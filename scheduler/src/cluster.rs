@@ -222,9 +222,9 @@ impl Cluster {
         &self.hosts
     }
 
-    /// Adds or refreshes a host.
-    /// A host announced itself. True when it restarted (a new incarnation): it is then no
-    /// longer a peer of any task, as after [`Cluster::leave_host`], since its store may be gone.
+    /// Adds or refreshes a host. True when it restarted (a new incarnation): it is then no
+    /// longer a peer or a parent in any task, as after [`Cluster::leave_host`], since its store
+    /// may be gone.
     pub fn announce_host(&mut self, info: HostInfo, now: u64) -> bool {
         let id = info.id.clone();
         let restarted = self.hosts.announce(info, now);
