@@ -9,9 +9,9 @@
 //! holder gave it as queued requests sharing one of that holder's upload slots, so a holder
 //! serves at most as many children at once, across every task, as it has upload slots (`[peer]
 //! upload_slots`, announced with the host as `sending_slots`; its peer server turns away requests
-//! beyond them), and a child's further pieces go to a holder already serving it where they can. A piece's first
-//! source serves a few children, each of those a few more, and so on: a fan-out tree grows as
-//! children report.
+//! beyond them), and a child's further pieces go to a holder already serving it where they can.
+//! A piece's first source serves a few children, each of those a few more, and so on: a fan-out
+//! tree grows as children report.
 //!
 //! This book is separate from the whole downloads of [`Cluster`](crate::Cluster): a whole
 //! download's peers are not yet offered as holders of sparse reads, nor are sparse holders
@@ -146,20 +146,17 @@ struct Lease {
 struct Leases(Vec<Lease>);
 
 impl Leases {
-    /// Per holder, the children it is serving (those with a live lease on it): each takes one
-    /// upload slot, however many pieces it fetches there.
-    fn loads(&self) -> HashMap<HostId, usize> {
+    /// The loads as `child` asking now sees them, counted once per want.
+    fn loads_for(&self, child: &HostId) -> Loads {
         let pairs: std::collections::HashSet<(&HostId, &HostId)> = self.0.iter().map(|l| (&l.holder, &l.child)).collect();
-        let mut loads = HashMap::new();
+        let mut loads = Loads::default();
         for (holder, _) in pairs {
-            *loads.entry(holder.clone()).or_default() += 1;
+            *loads.children.entry(holder.clone()).or_default() += 1;
+        }
+        for l in self.0.iter().filter(|l| &l.child == child) {
+            *loads.queued.entry(l.holder.clone()).or_default() += 1;
         }
         loads
-    }
-
-    /// Live leases `child` has on `holder`, every task.
-    fn serving(&self, holder: &HostId, child: &HostId) -> usize {
-        self.0.iter().filter(|l| &l.holder == holder && &l.child == child).count()
     }
 
     /// Ends the leases that `keep` says no to.
@@ -170,6 +167,46 @@ impl Leases {
     /// Ends the leases `child` has on piece `n` of `task`.
     fn end(&mut self, task: &TaskId, n: u32, child: &HostId) {
         self.0.retain(|l| !(&l.task == task && l.piece == n && &l.child == child));
+    }
+}
+
+/// What the leases put on holders, for one asker's want.
+#[derive(Debug, Default)]
+struct Loads {
+    /// Per holder, the children it is serving (those with a live lease on it): each takes one
+    /// upload slot, however many pieces it fetches there.
+    children: HashMap<HostId, usize>,
+    /// Per holder, the asker's live leases on it (every task): its queue there.
+    queued: HashMap<HostId, usize>,
+}
+
+impl Loads {
+    fn children(&self, holder: &HostId) -> usize {
+        self.children.get(holder).copied().unwrap_or(0)
+    }
+
+    fn queued(&self, holder: &HostId) -> usize {
+        self.queued.get(holder).copied().unwrap_or(0)
+    }
+
+    /// The asker takes a lease on `holder`: a child more for it if its queue there was empty.
+    fn add(&mut self, holder: &HostId) {
+        let queued = self.queued.entry(holder.clone()).or_default();
+        if *queued == 0 {
+            *self.children.entry(holder.clone()).or_default() += 1;
+        }
+        *queued += 1;
+    }
+
+    /// The asker's lease on `holder` ends: a child fewer for it if its queue there is now empty.
+    fn remove(&mut self, holder: &HostId) {
+        let Some(queued) = self.queued.get_mut(holder) else { return };
+        *queued = queued.saturating_sub(1);
+        if *queued == 0 {
+            if let Some(c) = self.children.get_mut(holder) {
+                *c = c.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -200,7 +237,7 @@ impl Task {
         asker: &HostId,
         now: u64,
         hosts: &Hosts,
-        loads: &mut HashMap<HostId, usize>,
+        loads: &mut Loads,
         last_chance: bool,
     ) -> Option<PieceSource> {
         let piece = self.pieces.entry(n).or_default();
@@ -217,8 +254,8 @@ impl Task {
                     .iter()
                     .enumerate()
                     .map(|(i, h)| {
-                        let load = loads.get(*h).copied().unwrap_or(0);
-                        let serves = leases.serving(h, asker) > 0;
+                        let load = loads.children(h);
+                        let serves = loads.queued(h) > 0;
                         (!serves && load >= slots(h), !serves, load, (i + alive.len() - turn) % alive.len(), *h)
                     })
                     .collect();
@@ -234,16 +271,10 @@ impl Task {
                 // One lease per child and piece: asking again replaces the earlier hand-out.
                 if let Some(old) = leases.0.iter().position(|l| &l.task == id && l.piece == n && &l.child == asker) {
                     let old = leases.0.swap_remove(old);
-                    if leases.serving(&old.holder, asker) == 0 {
-                        if let Some(c) = loads.get_mut(&old.holder) {
-                            *c = c.saturating_sub(1);
-                        }
-                    }
+                    loads.remove(&old.holder);
                 }
-                let queued = leases.serving(&first, asker);
-                if queued == 0 {
-                    *loads.entry(first.clone()).or_default() += 1;
-                }
+                let queued = loads.queued(&first);
+                loads.add(&first);
                 let until = now + (LEASE_TTL_MS * (queued as u64 + 1)).min(MAX_LEASE_MS);
                 leases.0.push(Lease { task: id.clone(), piece: n, holder: first, child: asker.clone(), until });
                 return Some(decided);
@@ -381,7 +412,7 @@ impl SparseBook {
         }
         self.leases.retain(|l| now < l.until);
         let t = SparseBook::task(&mut self.tasks, task, length, pieces.iter().copied(), now)?;
-        let mut loads = self.leases.loads();
+        let mut loads = self.leases.loads_for(asker);
         let mut out = Wanted::default();
         let mut seen = std::collections::HashSet::new();
         for &n in pieces {
