@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use shoal_tests::lazy::drop_page_cache;
 use shoal_tests::netns::Lab;
 use shoal_tests::{lab_p2p_config, random_bytes, require, Agent, Registry, Scheduler};
 
@@ -154,11 +155,6 @@ fn timed_to(lab: &Lab, i: usize, url: &str, file: &Path, size: usize, receivers:
     Ok(Sample { seconds, receiver_cpu: cpu_of(receivers) - r0 + curl_cpu, sender_cpu: cpu_of(senders) - s0 })
 }
 
-fn drop_caches() {
-    let _ = std::process::Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
 pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
     for tool in ["curl", "nginx", "openssl", "docker-registry", "ip"] {
         require(tool);
@@ -195,9 +191,9 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         let b = Agent::start_in(&lab, NODE_B, "agent", &config, &[]).await?;
         let (a_pid, b_pid) = (a.pid().context("agent A exited")?, b.pid().context("agent B exited")?);
         let a_url = a.blob_url(&registry, REPO, &digest);
-        drop_caches();
+        drop_page_cache()?;
         push(Way::Direct, timed(&lab, NODE_A, &direct_url, size, &[], &[registry_pid])?);
-        drop_caches();
+        drop_page_cache()?;
         let before = registry.blob_bytes(&digest);
         push(Way::ColdMiss, timed(&lab, NODE_A, &a_url, size, &[a_pid], &[registry_pid])?);
         a.wait_stored(&digest).await?;

@@ -7,10 +7,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use shoal_tests::lazy::drop_page_cache;
 use shoal_tests::{random_bytes, require, Agent, Registry};
 
 use crate::nginx::Nginx;
-use crate::report::{machine, median, write};
+use crate::report::{machine, median, peak_rss, write};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,17 +44,6 @@ fn curl(url: &str, expect: usize) -> anyhow::Result<f64> {
         bail!("{url}: got {size} bytes with status {code}, expected {expect} bytes: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(secs)
-}
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-/// Peak resident memory of a process, from `/proc/<pid>/status`.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn agent_pid(agent: &Agent) -> Option<u32> {
@@ -89,11 +79,11 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         // Cold: a fresh agent with an empty store; page cache dropped, as on a node that never saw the image.
         let agent = Agent::start("").await?;
         let mirror_url = agent.blob_url(&registry, "bench/blob", &digest);
-        drop_caches();
+        drop_page_cache()?;
         let before = registry.blob_bytes(&digest);
         cold_s.push(curl(&mirror_url, size)?);
         cold_egress.push((registry.blob_bytes(&digest) - before) as f64 / size as f64);
-        drop_caches();
+        drop_page_cache()?;
         direct_s.push(curl(&direct_url, size)?);
         // Warm: both read from the page cache.
         curl(&nginx_url, size)?;
@@ -122,7 +112,7 @@ pub async fn run(args: Args, out: &Path) -> anyhow::Result<()> {
         h.join().map_err(|_| anyhow::anyhow!("curl thread panicked"))??;
     }
     let conc_secs = start.elapsed().as_secs_f64();
-    let rss_kib = agent_pid(&agent).and_then(peak_rss_kib).unwrap_or(0);
+    let rss_kib = agent_pid(&agent).map_or(0, peak_rss) / 1024;
 
     let mib = size as f64 / (1 << 20) as f64;
     let (n, h, d, c) = (median(&nginx_s), median(&hit_s), median(&direct_s), median(&cold_s));

@@ -44,13 +44,19 @@ pub fn write(out: &Path, name: &str, json: &serde_json::Value, markdown: &str) -
     Ok(())
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces), from the
+/// state on: field `k` here is field `k + 3` of proc(5). Empty when the process is gone.
+fn stat_fields(pid: u32) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    // The state is a letter: 0 keeps the positions of the numbers after it.
+    rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect()
+}
+
 /// CPU seconds a process has used (user + system, every thread).
 pub fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let f = stat_fields(pid);
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     ticks as f64 / 100.0
 }
 
@@ -61,11 +67,7 @@ pub fn tree_cpu_seconds(pid: u32) -> f64 {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            rest.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
-        })
+        .filter(|&p| stat_fields(p).get(1) == Some(&u64::from(pid)))
         .collect();
     process_cpu_seconds(pid) + children.into_iter().map(process_cpu_seconds).sum::<f64>()
 }
